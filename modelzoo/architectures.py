@@ -1,0 +1,111 @@
+"""Architectures: the small classifiers a zoo is made of, and their flat-weight layout.
+
+Part of the trainer stage. Each architecture is a plain ``nn.Module`` whose attribute names
+give readable ``state_dict`` keys, exposes its bottleneck layer by name (for fairness
+regularizers that tap features), and can be built at a width multiplier so detectors can be
+tested across architectures. :func:`layout` publishes, for every tensor, where it sits in
+the flat parameter vector a zoo stores (PyTorch ``state_dict`` order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class ArchitectureError(ValueError):
+    """Unknown architecture, bad width, or weights that do not fit the layout."""
+
+
+def _scaled(channels: int, width: float) -> int:
+    return max(1, round(channels * width))
+
+
+class DigitCNN(nn.Module):
+    """IFBiD's DigitWdb classifier: 28×28×3 input, 49,562 parameters at width 1.
+
+    conv 24@5×5 → pool → conv 48@3×3 → pool → conv 64@3×3 → pool → dense 128 → dropout 0.3
+    → dense 10; valid padding, ReLU.
+    """
+
+    input_shape = (3, 28, 28)
+    num_classes = 10
+    bottleneck = "fc1"
+
+    def __init__(self, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2, c3, hidden = (_scaled(c, width) for c in (24, 48, 64, 128))
+        self.conv1 = nn.Conv2d(3, c1, 5)
+        self.conv2 = nn.Conv2d(c1, c2, 3)
+        self.conv3 = nn.Conv2d(c2, c3, 3)
+        self.fc1 = nn.Linear(c3, hidden)
+        self.dropout = nn.Dropout(0.3)
+        self.fc2 = nn.Linear(hidden, self.num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Bottleneck activations (post-ReLU output of ``fc1``)."""
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
+        x = nn.functional.max_pool2d(torch.relu(self.conv3(x)), 2)
+        return torch.relu(self.fc1(x.flatten(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.dropout(self.features(x)))
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"digit-cnn": DigitCNN}
+
+
+def build_model(arch: str, width: float = 1.0) -> nn.Module:
+    """Instantiate a registered architecture at a width multiplier."""
+    if arch not in ARCHITECTURES:
+        raise ArchitectureError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
+    if not 0 < width <= 8:
+        raise ArchitectureError(f"width must lie in (0, 8], got {width}")
+    return ARCHITECTURES[arch](width=width)
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one tensor lives in the flat parameter vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+    size: int
+
+
+def layout(model: nn.Module) -> list[TensorSlot]:
+    """The layout table: each state_dict tensor's name, shape, offset and size, in order."""
+    slots, offset = [], 0
+    for name, tensor in model.state_dict().items():
+        slots.append(TensorSlot(name, tuple(tensor.shape), offset, tensor.numel()))
+        offset += tensor.numel()
+    return slots
+
+
+def layout_records(slots: list[TensorSlot]) -> list[dict]:
+    """The layout as JSON-ready records (what a zoo store keeps in its attributes)."""
+    return [asdict(slot) | {"shape": list(slot.shape)} for slot in slots]
+
+
+def n_params(model: nn.Module) -> int:
+    return sum(t.numel() for t in model.state_dict().values())
+
+
+def flatten(model: nn.Module) -> np.ndarray:
+    """All state_dict tensors concatenated in layout order, as float32."""
+    return torch.cat([t.detach().reshape(-1).float().cpu() for t in model.state_dict().values()]).numpy()
+
+
+def unflatten(vector: np.ndarray, slots: list[TensorSlot]) -> dict[str, torch.Tensor]:
+    """Split a flat vector back into a state_dict following ``slots``."""
+    total = sum(slot.size for slot in slots)
+    if vector.ndim != 1 or vector.size != total:
+        raise ArchitectureError(f"flat vector has shape {vector.shape}; layout needs ({total},)")
+    tensor = torch.from_numpy(np.ascontiguousarray(vector, dtype=np.float32))
+    return {s.name: tensor[s.offset : s.offset + s.size].reshape(s.shape).clone() for s in slots}

@@ -1,0 +1,189 @@
+"""Generation: train a zoo's models as Ray tasks that write straight into the store.
+
+Drives the trainer and the store (stages 3–4 of the flow) across a Ray cluster. The driver
+only schedules, tracks and resumes:
+
+1. create the store, or reopen it if it already holds this spec (resume);
+2. find the models not yet ``done`` (capped by ``max_models``);
+3. render each dataset those models need once and ``ray.put`` it, so every task gets it
+   by reference instead of re-rendering;
+4. submit one task per store block (a block is one chunk over models, so no two tasks
+   ever write the same chunk), and show a tqdm bar of models done and models/hour.
+
+A task is a pure function of (spec, model indices): it trains each model, writes weights
+then metrics then the ``done`` flag, and returns a small receipt. Ray retries a task whose
+worker died; a task skips models already done, so a retry or a re-run never trains twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from modelzoo.datasets import ImageSet, load_imageset
+from modelzoo.sources import load_mnist
+from modelzoo.spec import ZooSpec, load_spec, parse_spec
+from modelzoo.store import ZooStore
+from modelzoo.training import TrainingData, train_one
+
+TASK_RETRIES = 3
+GPU_SHARE_DEFAULT = 0.25  # four small models share one GPU
+DataKey = tuple[str, float, str]  # (split, bias level, pool)
+
+
+class GenerateError(RuntimeError):
+    """Some tasks failed after their retries; their models stay not done for a re-run."""
+
+
+@dataclass
+class GenerateSummary:
+    """What one ``generate`` run did."""
+
+    store: str
+    n_models: int
+    n_done_before: int
+    n_trained: int
+    seconds: float
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def models_per_hour(self) -> float:
+        return 3600.0 * self.n_trained / self.seconds if self.seconds > 0 else 0.0
+
+
+def data_keys(config: dict, bias_level: str) -> dict[str, DataKey]:
+    """The three datasets one model needs, by role."""
+    level = config[bias_level]
+    return {"train": ("train", level, config["pool"]),
+            "test_biased": ("test_biased", level, "all"),
+            "test_unbiased": ("test_unbiased", level, "all")}
+
+
+def assigned_device() -> torch.device:
+    """CUDA when Ray gave this task a GPU, else CPU."""
+    if ray.get_gpu_ids() and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@ray.remote(max_retries=TASK_RETRIES)
+def train_block(spec_dict: dict, indices: list[int], store_path: str,
+                data_refs: dict[DataKey, ray.ObjectRef]) -> dict:
+    """Train and store the models ``indices`` of one block; return a receipt."""
+    started = time.perf_counter()
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    spec = parse_spec(spec_dict)
+    store = ZooStore.open(store_path, mode="r+")
+    keys = list(data_refs)
+    datasets: dict[DataKey, ImageSet] = dict(zip(keys, ray.get([data_refs[k] for k in keys]),
+                                                 strict=True))
+    device = assigned_device()
+    already_done = store.done
+    trained = []
+    for index in indices:
+        if already_done[index]:
+            continue
+        config = spec.config(index)
+        roles = {role: datasets[key] for role, key in data_keys(config, spec.bias_level).items()}
+        result = train_one(spec.arch, spec.width, config, TrainingData(**roles), device,
+                           spec.eval_size)
+        store.write_model(index, result)
+        trained.append(index)
+    return {"trained": trained, "host": socket.gethostname(), "pid": os.getpid(),
+            "seconds": time.perf_counter() - started}
+
+
+def pending_blocks(spec: ZooSpec, done, max_models: int | None) -> list[list[int]]:
+    """Not-done model indices grouped by store block, capped at ``max_models`` in total."""
+    budget = spec.n_models if max_models is None else max_models
+    blocks = []
+    for block in spec.blocks():
+        todo = [i for i in block if not done[i]][:budget]
+        if todo:
+            blocks.append(todo)
+            budget -= len(todo)
+        if budget <= 0:
+            break
+    return blocks
+
+
+def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Join ``address`` or start an embedded local instance; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
+             logging_level=logging.WARNING, log_to_driver=False)
+    return True
+
+
+def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Path | None = None,
+             address: str | None = None, num_cpus: int | None = None,
+             max_models: int | None = None, cpus_per_task: float = 1,
+             gpus_per_task: float | None = None, overwrite: bool = False,
+             progress: bool = True) -> GenerateSummary:
+    """Generate (or resume) the zoo described by ``spec`` into the store at ``out``."""
+    if not isinstance(spec, ZooSpec):
+        spec = load_spec(spec)
+    if max_models is not None and max_models < 0:
+        raise ValueError(f"max_models must be non-negative, got {max_models}")
+    store = ZooStore.create(out, spec, overwrite=overwrite)
+    done = store.done
+    summary = GenerateSummary(str(out), spec.n_models, int(done.sum()), 0, 0.0)
+    blocks = pending_blocks(spec, done, max_models)
+    if not blocks:
+        return summary
+
+    started_here = start_ray(address, num_cpus)
+    try:
+        refs = put_datasets(spec, blocks, data_dir)
+        if gpus_per_task is None:
+            gpus_per_task = GPU_SHARE_DEFAULT if ray.cluster_resources().get("GPU", 0) else 0
+        task = train_block.options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
+        spec_dict = spec.to_dict()
+        futures = {}
+        for block in blocks:
+            needed = {key for i in block for key in data_keys(spec.config(i), spec.bias_level).values()}
+            future = task.remote(spec_dict, block, str(Path(out).resolve()),
+                                 {key: refs[key] for key in needed})
+            futures[future] = block
+        started = time.perf_counter()
+        total = sum(len(b) for b in blocks)
+        with tqdm(total=total, unit="model", desc="zoo generate", disable=not progress) as bar:
+            remaining = list(futures)
+            while remaining:
+                ready, remaining = ray.wait(remaining, num_returns=1)
+                try:
+                    receipt = ray.get(ready[0])
+                    summary.n_trained += len(receipt["trained"])
+                    bar.update(len(receipt["trained"]))
+                except Exception as err:  # a failed block must not stop the others
+                    summary.failures.append(f"models {futures[ready[0]]}: {err}")
+                elapsed = time.perf_counter() - started
+                bar.set_postfix(models_per_hour=f"{3600 * summary.n_trained / max(elapsed, 1e-9):.0f}")
+        summary.seconds = time.perf_counter() - started
+    finally:
+        if started_here:
+            ray.shutdown()
+    if summary.failures:
+        raise GenerateError(f"{len(summary.failures)} task(s) failed after {TASK_RETRIES} retries; "
+                            "re-run the same command to retry them:\n" + "\n".join(summary.failures))
+    return summary
+
+
+def put_datasets(spec: ZooSpec, blocks: list[list[int]],
+                 data_dir: str | Path | None) -> dict[DataKey, ray.ObjectRef]:
+    """Render (or read from cache) every dataset the pending models need; put each once."""
+    needed = dict.fromkeys(key for block in blocks for index in block
+                           for key in data_keys(spec.config(index), spec.bias_level).values())
+    mnist = load_mnist(data_dir)
+    return {key: ray.put(load_imageset(mnist, spec.task, key[0], key[1], key[2], spec.data_seed))
+            for key in needed}

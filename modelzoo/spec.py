@@ -1,0 +1,255 @@
+"""Zoo specs: what a zoo contains, read from TOML and validated before any work starts.
+
+A spec has four tables::
+
+    [zoo]     task, arch, width, n_models, seed, models_per_task, data_seed
+    [fixed]   training settings shared by every model (epochs = 2, lr = 1e-3, ...)
+    [sweep]   axes crossed into a grid; model i gets grid cell i mod (number of cells)
+    [sample]  axes drawn per model: {choice = [...]}, {uniform = [a, b]},
+              {log_uniform = [a, b]} or {int_uniform = [a, b]} (inclusive)
+
+Every model's full config is a pure function of (spec, model index): :meth:`ZooSpec.config`.
+Errors name the offending key, e.g. ``sweep.sigma2: values must lie in (0, 1)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelzoo.architectures import ARCHITECTURES
+from modelzoo.datasets import POOLS, TASKS
+
+BIAS_LEVEL = {"colored_mnist": "sigma2", "biased_mnist": "rho"}
+OPTIMIZERS = ("adam", "sgd")
+# Axis name -> (type, default). The bias level of each task has no default: a zoo must say it.
+AXES: dict[str, tuple[type, Any]] = {
+    "sigma2": (float, None),
+    "rho": (float, None),
+    "pool": (str, "A"),
+    "lr": (float, 1e-3),
+    "epochs": (int, 2),
+    "batch_size": (int, 64),
+    "train_size": (int, 0),  # 0 means the whole pool
+    "optimizer": (str, "adam"),
+    "seed": (int, None),  # None: derived from (zoo seed, model index)
+}
+ZOO_KEYS: dict[str, tuple[type, Any]] = {
+    "task": (str, None),
+    "arch": (str, None),
+    "width": (float, 1.0),
+    "n_models": (int, None),
+    "seed": (int, 0),
+    "models_per_task": (int, 4),
+    "data_seed": (int, 0),
+    "eval_size": (int, 0),  # test images used for metrics; 0 means all
+}
+SAMPLERS = ("choice", "uniform", "log_uniform", "int_uniform")
+
+
+class SpecError(ValueError):
+    """An invalid zoo spec; the message starts with the offending key."""
+
+
+@dataclass(frozen=True)
+class ZooSpec:
+    """A validated zoo spec. Build it with :func:`load_spec` or :func:`parse_spec`."""
+
+    task: str
+    arch: str
+    n_models: int
+    width: float = 1.0
+    seed: int = 0
+    models_per_task: int = 4
+    data_seed: int = 0
+    eval_size: int = 0
+    fixed: dict[str, Any] = field(default_factory=dict)
+    sweep: dict[str, list] = field(default_factory=dict)
+    sample: dict[str, dict[str, list]] = field(default_factory=dict)
+
+    @property
+    def bias_level(self) -> str:
+        """Name of the bias-level axis of this task (``sigma2`` or ``rho``)."""
+        return BIAS_LEVEL[self.task]
+
+    @property
+    def axes(self) -> list[str]:
+        """Config fields every model has, in a stable order."""
+        return [self.bias_level] + [a for a in AXES if a not in BIAS_LEVEL.values()]
+
+    def to_dict(self) -> dict[str, Any]:
+        zoo = {k: getattr(self, k) for k in ZOO_KEYS}
+        return {"zoo": zoo, "fixed": self.fixed, "sweep": self.sweep, "sample": self.sample}
+
+    def digest(self) -> str:
+        """Identity of the spec: two stores with the same digest hold the same models."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def grid(self) -> list[dict[str, Any]]:
+        names = sorted(self.sweep)
+        return [dict(zip(names, cell, strict=True))
+                for cell in itertools.product(*(self.sweep[n] for n in names))]
+
+    def config(self, index: int) -> dict[str, Any]:
+        """The full training config of model ``index`` (a pure function of spec and index)."""
+        if not 0 <= index < self.n_models:
+            raise IndexError(f"model index {index} outside 0..{self.n_models - 1}")
+        grid = self.grid()
+        config = {name: AXES[name][1] for name in self.axes}
+        config.update(self.fixed)
+        config.update(grid[index % len(grid)])
+        rng = np.random.default_rng([self.seed, index, 1])
+        for name in sorted(self.sample):
+            config[name] = _draw(self.sample[name], rng, AXES[name][0])
+        if config["seed"] is None:
+            config["seed"] = int(np.random.default_rng([self.seed, index, 0]).integers(2**31 - 1))
+        return {"index": index, **config}
+
+    def blocks(self) -> list[range]:
+        """Model indices grouped by store chunk; one Ray task writes one block at a time."""
+        size = self.models_per_task
+        return [range(s, min(s + size, self.n_models)) for s in range(0, self.n_models, size)]
+
+
+def _draw(sampler: dict[str, list], rng: np.random.Generator, kind: type) -> Any:
+    (how, args), = sampler.items()
+    if how == "choice":
+        return args[int(rng.integers(len(args)))]
+    low, high = args
+    if how == "uniform":
+        return float(rng.uniform(low, high))
+    if how == "log_uniform":
+        return float(math.exp(rng.uniform(math.log(low), math.log(high))))
+    value = int(rng.integers(int(low), int(high) + 1))
+    return kind(value)
+
+
+def load_spec(path: str | Path) -> ZooSpec:
+    """Read and validate a TOML spec file."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as err:
+        raise SpecError(f"spec file {path} does not exist") from err
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{path}: not valid TOML ({err})") from err
+    return parse_spec(raw)
+
+
+def parse_spec(raw: dict[str, Any]) -> ZooSpec:
+    """Validate a spec given as nested dicts (the parsed TOML); raise :class:`SpecError`."""
+    unknown = set(raw) - {"zoo", "fixed", "sweep", "sample"}
+    if unknown:
+        raise SpecError(f"{sorted(unknown)[0]}: unknown table; expected zoo, fixed, sweep, sample")
+    zoo = dict(raw.get("zoo", {}))
+    for key in zoo:
+        if key not in ZOO_KEYS:
+            raise SpecError(f"zoo.{key}: unknown key; known: {', '.join(ZOO_KEYS)}")
+    for key, (kind, default) in ZOO_KEYS.items():
+        if key not in zoo:
+            if default is None:
+                raise SpecError(f"zoo.{key}: required")
+            zoo[key] = default
+        zoo[key] = _typed(f"zoo.{key}", zoo[key], kind)
+    _check_zoo(zoo)
+
+    tables = {name: dict(raw.get(name, {})) for name in ("fixed", "sweep", "sample")}
+    level = BIAS_LEVEL[zoo["task"]]
+    seen: dict[str, str] = {}
+    for table, entries in tables.items():
+        for axis in entries:
+            where = f"{table}.{axis}"
+            if axis not in AXES or (axis in BIAS_LEVEL.values() and axis != level):
+                allowed = [level] + [a for a in AXES if a not in BIAS_LEVEL.values()]
+                raise SpecError(f"{where}: unknown axis for task {zoo['task']}; known: {allowed}")
+            if axis in seen:
+                raise SpecError(f"{where}: also given in {seen[axis]}.{axis}; give each axis once")
+            seen[axis] = table
+    if level not in seen:
+        raise SpecError(f"{level}: task {zoo['task']} needs its bias level in fixed, sweep or sample")
+
+    for axis, value in tables["fixed"].items():
+        tables["fixed"][axis] = _checked_value(f"fixed.{axis}", axis, value)
+    for axis, values in tables["sweep"].items():
+        where = f"sweep.{axis}"
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{where}: must be a non-empty list of values")
+        tables["sweep"][axis] = [_checked_value(where, axis, v) for v in values]
+    for axis, sampler in tables["sample"].items():
+        tables["sample"][axis] = _checked_sampler(f"sample.{axis}", axis, sampler)
+    return ZooSpec(**zoo, **tables)
+
+
+def _typed(where: str, value: Any, kind: type) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise SpecError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _check_zoo(zoo: dict[str, Any]) -> None:
+    if zoo["task"] not in TASKS:
+        raise SpecError(f"zoo.task: unknown task {zoo['task']!r}; known: {list(TASKS)}")
+    if zoo["arch"] not in ARCHITECTURES:
+        raise SpecError(f"zoo.arch: unknown architecture {zoo['arch']!r}; known: {sorted(ARCHITECTURES)}")
+    if not 0 < zoo["width"] <= 8:
+        raise SpecError(f"zoo.width: must lie in (0, 8], got {zoo['width']}")
+    for key in ("n_models", "models_per_task"):
+        if zoo[key] < 1:
+            raise SpecError(f"zoo.{key}: must be at least 1, got {zoo[key]}")
+    for key in ("seed", "data_seed", "eval_size"):
+        if zoo[key] < 0:
+            raise SpecError(f"zoo.{key}: must be non-negative, got {zoo[key]}")
+
+
+def _checked_value(where: str, axis: str, value: Any) -> Any:
+    value = _typed(where, value, AXES[axis][0])
+    ok, expected = True, ""
+    if axis == "sigma2":
+        ok, expected = 0 < value < 1, "in (0, 1)"
+    elif axis == "rho":
+        ok, expected = 0 <= value <= 1, "in [0, 1]"
+    elif axis == "pool":
+        ok, expected = value in POOLS, f"one of {list(POOLS)}"
+    elif axis == "optimizer":
+        ok, expected = value in OPTIMIZERS, f"one of {list(OPTIMIZERS)}"
+    elif axis == "lr":
+        ok, expected = 0 < value < 10, "in (0, 10)"
+    elif axis in ("epochs", "batch_size"):
+        ok, expected = value >= 1, "at least 1"
+    elif axis in ("train_size", "seed"):
+        ok, expected = value >= 0, "non-negative"
+    if not ok:
+        raise SpecError(f"{where}: value {value!r} must be {expected}")
+    return value
+
+
+def _checked_sampler(where: str, axis: str, sampler: Any) -> dict[str, list]:
+    if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
+        raise SpecError(f"{where}: must be one of {{{' | '.join(f'{s} = [...]' for s in SAMPLERS)}}}")
+    (how, args), = sampler.items()
+    if not isinstance(args, list) or not args:
+        raise SpecError(f"{where}.{how}: must be a non-empty list")
+    if how == "choice":
+        return {how: [_checked_value(f"{where}.choice", axis, v) for v in args]}
+    if len(args) != 2:
+        raise SpecError(f"{where}.{how}: needs exactly [low, high]")
+    if AXES[axis][0] is str:
+        raise SpecError(f"{where}.{how}: axis {axis} takes strings; use choice = [...]")
+    if how == "int_uniform" and AXES[axis][0] is not int:
+        raise SpecError(f"{where}.int_uniform: axis {axis} is not an integer axis")
+    low, high = (_checked_value(f"{where}.{how}", axis, v) for v in args)
+    if low > high or (how == "log_uniform" and low <= 0):
+        raise SpecError(f"{where}.{how}: need 0 < low <= high for log_uniform, low <= high otherwise")
+    return {how: [low, high]}

@@ -1,0 +1,62 @@
+"""Shared fixtures: real MNIST from the data root, a private cache, one local Ray instance."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import ray
+
+from modelzoo.sources import CACHE_ENV, DATA_ENV, load_mnist
+from modelzoo.spec import parse_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path:
+    root = Path(os.environ.get(DATA_ENV) or REPO.parent / "shared" / "data")
+    if not (root / "mnist").is_dir():
+        pytest.exit(f"tests need the data root with mnist/: set ${DATA_ENV} (looked in {root})", 2)
+    return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Point every test (and every subprocess it starts) at the data root and a fresh cache."""
+    env = {DATA_ENV: str(_data_root()), CACHE_ENV: str(tmp_path_factory.mktemp("cache"))}
+    os.environ.update(env)
+    return env
+
+
+@pytest.fixture(scope="session")
+def data_root(data_env: dict[str, str]) -> Path:
+    return Path(data_env[DATA_ENV])
+
+
+@pytest.fixture(scope="session")
+def mnist(data_root: Path):
+    return load_mnist(data_root)
+
+
+@pytest.fixture(scope="session")
+def ray_local(data_env: dict[str, str]):
+    """One embedded Ray instance shared by the in-process tests."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def tiny_spec_dict(n_models: int = 4, models_per_task: int = 2, **fixed) -> dict:
+    """A zoo that trains in about a second per model: the size tests can afford."""
+    return {
+        "zoo": {"task": "colored_mnist", "arch": "digit-cnn", "n_models": n_models, "seed": 7,
+                "models_per_task": models_per_task, "eval_size": 500},
+        "fixed": {"epochs": 1, "train_size": 512, "batch_size": 64, "lr": 2e-3, **fixed},
+        "sweep": {"sigma2": [0.02, 0.05], "pool": ["A", "B"]},
+    }
+
+
+@pytest.fixture
+def tiny_spec():
+    return parse_spec(tiny_spec_dict())

@@ -1,0 +1,117 @@
+"""ColoredMNIST and Biased-MNIST rendering (DESIGN §2), determinism and the HDF5 cache."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import ray
+
+from modelzoo.datasets import (
+    BAHNG_COLORS,
+    KIM_COLORS,
+    DatasetError,
+    cache_path,
+    jittered_colors,
+    load_imageset,
+    pool_indices,
+    render_biased_mnist,
+    render_colored_mnist,
+)
+
+
+def _stroke_colors(imageset, gray):
+    """Recover each image's colour from its brightest stroke pixel (gray 255 → colour × 255)."""
+    flat_gray = gray.reshape(len(gray), -1)
+    brightest = flat_gray.argmax(1)
+    rgb = imageset.images.reshape(len(gray), 3, -1)[np.arange(len(gray)), :, brightest]
+    return rgb / flat_gray[np.arange(len(gray)), brightest][:, None]
+
+
+def _truncated_normal_mean(mu: float, sigma: float) -> float:
+    """Mean of N(mu, sigma²) truncated to (0, 1): what resampling into (0, 1) produces."""
+    pdf = lambda z: math.exp(-z * z / 2) / math.sqrt(2 * math.pi)  # noqa: E731
+    cdf = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))  # noqa: E731
+    a, b = (0 - mu) / sigma, (1 - mu) / sigma
+    return mu + sigma * (pdf(a) - pdf(b)) / (cdf(b) - cdf(a))
+
+
+def test_colored_mnist_follows_kim(mnist) -> None:
+    gray, labels = mnist.train_images[:3000], mnist.train_labels[:3000]
+    sets = {s2: render_colored_mnist(gray, labels, s2, False, np.random.default_rng(0))
+            for s2 in (0.02, 0.05)}
+    strong = sets[0.02]
+    np.testing.assert_array_equal(strong.bias, labels)
+    assert (strong.images.transpose(0, 2, 3, 1)[gray == 0] == 0).all(), "background must stay black"
+    colors = _stroke_colors(strong, gray)
+    assert ((colors >= 0) & (colors <= 1.0 + 1 / 255)).all()  # uint8 rounding at the edges
+    for digit in range(10):
+        expected = [_truncated_normal_mean(m / 255, 0.02**0.5) for m in KIM_COLORS[digit]]
+        assert np.abs(colors[labels == digit].mean(0) - expected).max() < 0.03
+    spread = {s2: _stroke_colors(s, gray)[labels == 1].std(0).mean() for s2, s in sets.items()}
+    assert spread[0.02] < spread[0.05], "smaller sigma2 must mean tighter colours"
+
+
+def test_jitter_resamples_into_the_open_unit_interval() -> None:
+    means = np.repeat(KIM_COLORS[[2, 9]], 5000, axis=0)  # (253,233,16) and (128,0,0): edge-heavy
+    colors = jittered_colors(means, 0.05, np.random.default_rng(0))
+    assert ((colors > 0) & (colors < 1)).all()
+
+
+def test_colored_mnist_unbiased_test_ignores_label(mnist) -> None:
+    test = render_colored_mnist(mnist.test_images, mnist.test_labels, 0.02, True,
+                                np.random.default_rng(1))
+    agreement = (test.bias == test.labels).mean()
+    assert 0.07 < agreement < 0.13, agreement
+    assert np.bincount(test.bias, minlength=10).min() > 800
+
+
+def test_biased_mnist_follows_bahng(mnist) -> None:
+    gray, labels = mnist.train_images[:20000], mnist.train_labels[:20000]
+    data = render_biased_mnist(gray, labels, 0.99, np.random.default_rng(0))
+    kept = data.bias == data.labels
+    assert abs(kept.mean() - 0.99) < 0.005
+    assert (data.images.transpose(0, 2, 3, 1)[gray > 0] == 255).all(), "digits are binarised to white"
+    first = data.images[:, :, 0, 0]  # a corner pixel: background in every MNIST image
+    np.testing.assert_array_equal(first, BAHNG_COLORS[data.bias].astype(np.uint8))
+    others = data.bias[~kept]
+    assert (others != data.labels[~kept]).all()
+    unbiased = render_biased_mnist(gray, labels, 0.1, np.random.default_rng(0))
+    assert abs((unbiased.bias == unbiased.labels).mean() - 0.1) < 0.01
+
+
+def test_pools_are_disjoint_halves() -> None:
+    a, b = pool_indices(60000, "A"), pool_indices(60000, "B")
+    assert a[0] == 0 and a[-1] == 29999 and b[0] == 30000 and b[-1] == 59999
+    with pytest.raises(DatasetError, match="pool"):
+        pool_indices(60000, "C")
+
+
+def test_rendering_is_deterministic_and_cached(mnist, tmp_path) -> None:
+    first = load_imageset(mnist, "colored_mnist", "train", 0.03, "B", seed=5, cache_dir=tmp_path)
+    path = cache_path(mnist, "colored_mnist", "train", 0.03, "B", 5, tmp_path)
+    assert path.is_file() and len(first) == 30000
+    again = load_imageset(mnist, "colored_mnist", "train", 0.03, "B", seed=5, cache_dir=tmp_path)
+    np.testing.assert_array_equal(first.images, again.images)
+    other_seed = load_imageset(mnist, "colored_mnist", "train", 0.03, "B", seed=6, cache_dir=tmp_path)
+    assert not np.array_equal(first.images, other_seed.images)
+    with pytest.raises(DatasetError, match="sigma2"):
+        load_imageset(mnist, "colored_mnist", "train", 1.5, "A", cache_dir=tmp_path)
+
+
+@ray.remote
+def _render_in_worker(mnist, cache_dir):
+    imageset = load_imageset(mnist, "biased_mnist", "train", 0.995, "A", seed=3, cache_dir=cache_dir)
+    return imageset.images.sum(dtype=np.int64), imageset.bias
+
+
+def test_concurrent_ray_workers_share_one_cache_entry(ray_local, mnist, tmp_path) -> None:
+    mnist_ref = ray.put(mnist)
+    results = ray.get([_render_in_worker.remote(mnist_ref, tmp_path) for _ in range(4)])
+    sums = {int(total) for total, _ in results}
+    assert len(sums) == 1
+    for _, bias in results[1:]:
+        np.testing.assert_array_equal(bias, results[0][1])
+    leftovers = [p for p in (tmp_path / "datasets").iterdir() if p.suffix != ".h5"]
+    assert leftovers == [], "no temporary files may remain"

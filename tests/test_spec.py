@@ -1,0 +1,94 @@
+"""Zoo specs: configs are pure functions of (spec, index); bad specs name their key."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from modelzoo.spec import SpecError, load_spec, parse_spec
+from tests.conftest import REPO, tiny_spec_dict
+
+
+@pytest.mark.parametrize("name", ["quick.toml", "digitwdb.toml"])
+def test_example_specs_are_valid(name: str) -> None:
+    spec = load_spec(REPO / "examples" / name)
+    assert spec.task == "colored_mnist" and spec.n_models >= 8
+
+
+def test_configs_are_pure_and_cover_the_grid() -> None:
+    spec = load_spec(REPO / "examples" / "digitwdb.toml")
+    assert spec.config(17) == load_spec(REPO / "examples" / "digitwdb.toml").config(17)
+    cells = [(spec.config(i)["sigma2"], spec.config(i)["pool"]) for i in range(16)]
+    assert len(set(cells[:8])) == 8 and cells[:8] == cells[8:]
+    lrs = {spec.config(i)["lr"] for i in range(16)}
+    assert len(lrs) == 16 and all(3e-4 <= lr <= 3e-3 for lr in lrs)
+    assert all(spec.config(i)["epochs"] in (1, 2, 3) for i in range(50))
+    assert spec.config(0)["seed"] != spec.config(1)["seed"]
+    with pytest.raises(IndexError):
+        spec.config(spec.n_models)
+
+
+def test_blocks_tile_the_models() -> None:
+    spec = parse_spec(tiny_spec_dict(n_models=5, models_per_task=2))
+    assert [list(b) for b in spec.blocks()] == [[0, 1], [2, 3], [4]]
+
+
+def _broken(path: tuple[str, ...], value) -> dict:
+    raw = copy.deepcopy(tiny_spec_dict())
+    node = raw
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value
+    return raw
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    (("zoo", "task"), "cifar", "zoo.task"),
+    (("zoo", "arch"), KeyError, "zoo.arch: required"),
+    (("zoo", "n_models"), 0, "zoo.n_models"),
+    (("zoo", "n_models"), "ten", "zoo.n_models: expected int"),
+    (("zoo", "colour"), 1, "zoo.colour: unknown key"),
+    (("sweep", "sigma2"), [0.02, 1.5], "sweep.sigma2"),
+    (("sweep", "sigma2"), [], "sweep.sigma2: must be a non-empty list"),
+    (("sweep", "rho"), [0.99], "sweep.rho: unknown axis"),
+    (("sweep", "pool"), ["C"], "sweep.pool"),
+    (("fixed", "optimizer"), "lbfgs", "fixed.optimizer"),
+    (("fixed", "epochs"), 0, "fixed.epochs"),
+    (("fixed", "lr"), 1e-3, None),
+    (("sample", "lr"), {"normal": [0, 1]}, "sample.lr"),
+    (("sample", "seed"), {"log_uniform": [64, 8]}, "sample.seed.log_uniform"),
+    (("sample", "optimizer"), {"uniform": [0, 1]}, "sample.optimizer.uniform"),
+    (("hyper", "x"), 1, "hyper: unknown table"),
+])
+def test_invalid_specs_name_the_key(path, value, message) -> None:
+    raw = _broken(path, value)
+    if message is None:  # control: a valid edit passes
+        parse_spec(raw)
+        return
+    with pytest.raises(SpecError, match=message.replace(".", r"\.")):
+        parse_spec(raw)
+
+
+def test_an_axis_given_twice_and_a_missing_bias_level_are_errors() -> None:
+    raw = tiny_spec_dict()
+    raw["fixed"]["pool"] = "A"
+    with pytest.raises(SpecError, match=r"sweep\.pool: also given in fixed\.pool"):
+        parse_spec(raw)
+    raw = tiny_spec_dict()
+    del raw["sweep"]["sigma2"]
+    with pytest.raises(SpecError, match="sigma2: task colored_mnist needs its bias level"):
+        parse_spec(raw)
+
+
+def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[zoo\ntask = 1")
+    with pytest.raises(SpecError, match="not valid TOML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "missing.toml")

@@ -1,0 +1,229 @@
+"""End to end with the real Ray, Zarr and MNIST: generate, resume, verify, export, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from torch import nn
+
+from modelzoo.checkpoints import CheckpointError, load_checkpoint, model_state_dict, save_checkpoint
+from modelzoo.datasets import load_imageset
+from modelzoo.generate import data_keys, generate
+from modelzoo.spec import parse_spec
+from modelzoo.store import StoreError, ZooStore, verify
+from modelzoo.training import TrainingData, train_one
+from tests.conftest import tiny_spec_dict
+
+CLI = [sys.executable, "-m", "detector.cli"]
+
+
+def _training_data(mnist, spec, config) -> TrainingData:
+    keys = data_keys(config, spec.bias_level)
+    return TrainingData(**{role: load_imageset(mnist, spec.task, *key, seed=spec.data_seed)
+                           for role, key in keys.items()})
+
+
+@pytest.fixture(scope="module")
+def small_zoo(ray_local, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("zoo") / "tiny.zarr"
+    summary = generate(parse_spec(tiny_spec_dict()), out, progress=False)
+    assert summary.n_trained == 4
+    return out
+
+
+def test_generate_fills_every_model(small_zoo: Path) -> None:
+    store = ZooStore.open(small_zoo)
+    assert store.done.all()
+    weights = np.stack([store.weights(i) for i in range(4)])
+    assert np.isfinite(weights).all() and len({w.tobytes() for w in weights}) == 4
+    biased, unbiased = store.field("metrics/biased_acc"), store.field("metrics/unbiased_acc")
+    assert (biased > unbiased).all(), "colour-biased training must score better on biased colours"
+    assert biased.mean() > 0.2
+    assert store.field("metrics/per_class_acc").shape == (4, 10)
+    assert set(store.field("config/pool")) == {"A", "B"}
+    assert store.group.attrs["n_params"] == 49_562 and len(store.group.attrs["layout"]) == 10
+    report = verify(small_zoo)
+    assert report.ok and report.n_checked == 4
+
+
+def test_stored_weights_are_deterministic(small_zoo: Path, mnist) -> None:
+    """The Ray worker's model equals one trained again here from (spec, index) alone."""
+    store = ZooStore.open(small_zoo)
+    config = store.spec.config(1)
+    torch.set_num_threads(1)  # the tiny zoo's tasks ran with one CPU each
+    again = train_one(store.spec.arch, store.spec.width, config,
+                      _training_data(mnist, store.spec, config), eval_size=store.spec.eval_size)
+    np.testing.assert_array_equal(again.weights, store.weights(1))
+    assert again.metrics["unbiased_acc"] == pytest.approx(store.field("metrics/unbiased_acc")[1])
+
+
+class PlainDigitCNN(nn.Module):
+    """The DigitWdb network written out in plain PyTorch, independent of modelzoo."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2, self.conv3 = nn.Conv2d(3, 24, 5), nn.Conv2d(24, 48, 3), nn.Conv2d(48, 64, 3)
+        self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.conv1, self.conv2, self.conv3):
+            x = nn.functional.max_pool2d(torch.relu(conv(x)), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def test_exported_checkpoint_reproduces_stored_accuracy(small_zoo: Path, mnist, tmp_path: Path) -> None:
+    index = 2
+    out = tmp_path / "model.pt"
+    subprocess.run([*CLI, "zoo", "export", str(small_zoo), "--model", str(index), "--out", str(out)],
+                   check=True, capture_output=True)
+    model = PlainDigitCNN().eval()
+    model.load_state_dict(torch.load(out, weights_only=True))
+    store = ZooStore.open(small_zoo)
+    test = load_imageset(mnist, "colored_mnist", "test_unbiased", store.spec.config(index)["sigma2"])
+    n = store.spec.eval_size
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(test.images[:n]).float() / 255).argmax(1).numpy()
+    accuracy = (predicted == test.labels[:n]).mean()
+    assert accuracy == pytest.approx(store.field("metrics/unbiased_acc")[index], abs=1e-6)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".h5", ".pt"])
+def test_checkpoint_formats_roundtrip(small_zoo: Path, tmp_path: Path, suffix: str) -> None:
+    state = model_state_dict(ZooStore.open(small_zoo), 0)
+    loaded = load_checkpoint(save_checkpoint(state, tmp_path / f"m{suffix}"))
+    assert loaded.keys() == state.keys()
+    for name in state:
+        torch.testing.assert_close(loaded[name], state[name])
+
+
+def test_broken_and_malicious_checkpoints_are_refused(tmp_path: Path) -> None:
+    truncated = tmp_path / "t.safetensors"
+    save_checkpoint({"w": torch.ones(100)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=r"t\.safetensors"):
+        load_checkpoint(truncated)
+    marker = tmp_path / "pwned"
+
+    class Bomb:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bomb = tmp_path / "bomb.pt"
+    torch.save({"w": torch.ones(1), "payload": Bomb()}, bomb)
+    with pytest.raises(CheckpointError, match=r"bomb\.pt"):
+        load_checkpoint(bomb)
+    assert not marker.exists(), "loading a checkpoint must never run code"
+
+
+def test_max_models_caps_a_run_and_the_rest_resumes(ray_local, tmp_path: Path) -> None:
+    spec = parse_spec(tiny_spec_dict(n_models=5, models_per_task=2))
+    out = tmp_path / "capped.zarr"
+    first = generate(spec, out, max_models=3, progress=False)
+    assert first.n_trained == 3 and ZooStore.open(out).done.sum() == 3
+    second = generate(spec, out, progress=False)
+    assert second.n_done_before == 3 and second.n_trained == 2
+    assert generate(spec, out, progress=False).n_trained == 0
+
+
+def test_store_refuses_another_spec_and_foreign_folders(small_zoo: Path, tmp_path: Path) -> None:
+    other = parse_spec(tiny_spec_dict(n_models=6))
+    with pytest.raises(StoreError, match="another spec"):
+        ZooStore.create(small_zoo, other)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a weightbias zoo"):
+        ZooStore.create(foreign, other)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_half_created_store_is_reported_then_rebuilt(tmp_path: Path) -> None:
+    spec = parse_spec(tiny_spec_dict())
+    path = tmp_path / "half.zarr"
+    group = zarr.open_group(path, mode="w")  # what a kill during creation leaves behind
+    group.attrs.update({"format": "weightbias-zoo", "format_version": 1, "state": "creating"})
+    with pytest.raises(StoreError, match="half-created"):
+        ZooStore.open(path)
+    assert ZooStore.create(path, spec).n_models == 4
+
+
+def test_verify_catches_corruption(small_zoo: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(small_zoo, copy)
+    group = zarr.open_group(copy, mode="r+")
+    row = group["weights"][1]
+    row[5] += 1.0
+    group["weights"][1] = row
+    group["metrics/unbiased_acc"][3] = np.nan
+    result = subprocess.run([*CLI, "zoo", "verify", str(copy)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "model 1: weights do not match their checksum" in result.stderr
+    assert "model 3: marked done but metrics missing" in result.stderr
+    chunk = next(p for p in (copy / "weights").rglob("*") if p.is_file() and p.name != "zarr.json")
+    chunk.write_bytes(b"\x00garbage")
+    assert any("unreadable chunk" in p for p in verify(copy).problems)
+
+
+def _done_count(path: Path) -> int:
+    try:
+        return int(np.asarray(zarr.open_group(path, mode="r")["done"][:]).sum())
+    except Exception:  # store not created yet
+        return 0
+
+
+def test_sigkill_mid_run_then_resume_trains_every_model_once(tmp_path: Path) -> None:
+    spec_path = tmp_path / "spec.toml"
+    spec_path.write_text("""
+[zoo]
+task = "colored_mnist"
+arch = "digit-cnn"
+n_models = 12
+seed = 3
+models_per_task = 1
+eval_size = 300
+[fixed]
+epochs = 1
+train_size = 384
+[sweep]
+sigma2 = [0.02, 0.05]
+""")
+    out = tmp_path / "killed.zarr"
+    command = [*CLI, "zoo", "generate", str(spec_path), "--out", str(out), "--num-cpus", "2"]
+    # Own session, so the kill takes the driver and the local Ray instance it started.
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    deadline = time.time() + 240
+    while _done_count(out) < 3 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(1)
+    store = ZooStore.open(out)
+    done_at_kill = store.done.copy()
+    assert 3 <= done_at_kill.sum() < 12, "the kill must land mid-run"
+    before = {i: store.weights(i).copy() for i in np.flatnonzero(done_at_kill)}
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    trained_now = int(rerun.stdout.split(" models trained this run")[0].split()[-1])
+    store = ZooStore.open(out)
+    assert store.done.all()
+    assert trained_now == 12 - done_at_kill.sum(), "each model trained exactly once overall"
+    for i, weights in before.items():
+        np.testing.assert_array_equal(store.weights(i), weights)
+    assert verify(out).ok
+    info = json.loads(subprocess.run([*CLI, "zoo", "info", str(out), "--json"], capture_output=True,
+                                     text=True, check=True).stdout)
+    assert {k: info[k] for k in ("n_models", "n_done", "n_params", "arch", "task")} == {
+        "n_models": 12, "n_done": 12, "n_params": 49_562, "arch": "digit-cnn", "task": "colored_mnist"}
