@@ -65,7 +65,7 @@ def _generate(args: argparse.Namespace) -> int:
                        overwrite=args.overwrite)
     print(f"{summary.store}: {summary.n_trained} models trained this run "
           f"({summary.models_per_hour:.0f} models/hour), "
-          f"{summary.n_done_before + summary.n_trained}/{summary.n_models} done")
+          f"{summary.n_done}/{summary.n_models} done")
     _print_info(zoo_info(ZooStore.open(args.out)))
     return 0
 

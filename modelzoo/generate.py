@@ -52,6 +52,7 @@ class GenerateSummary:
     n_done_before: int
     n_trained: int
     seconds: float
+    n_done: int = 0
     failures: list[str] = field(default_factory=list)
 
     @property
@@ -137,7 +138,7 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
         raise ValueError(f"max_models must be non-negative, got {max_models}")
     store = ZooStore.create(out, spec, overwrite=overwrite)
     done = store.done
-    summary = GenerateSummary(str(out), spec.n_models, int(done.sum()), 0, 0.0)
+    summary = GenerateSummary(str(out), spec.n_models, int(done.sum()), 0, 0.0, int(done.sum()))
     blocks = pending_blocks(spec, done, max_models)
     if not blocks:
         return summary
@@ -170,6 +171,8 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(models_per_hour=f"{3600 * summary.n_trained / max(elapsed, 1e-9):.0f}")
         summary.seconds = time.perf_counter() - started
+        # Counted from the store: a killed attempt may have finished models no receipt reports.
+        summary.n_done = int(store.done.sum())
     finally:
         if started_here:
             ray.shutdown()

@@ -92,3 +92,18 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
         load_spec(bad)
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "missing.toml")
+
+
+def test_cli_rejects_a_bad_spec_before_any_work(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[zoo]\ntask = "colored_mnist"\narch = "digit-cnn"\nn_models = 4\n'
+                   '[sweep]\nsigma2 = [0.02, 2.0]\n')
+    out = tmp_path / "never.zarr"
+    result = subprocess.run([sys.executable, "-m", "detector.cli", "zoo", "generate", str(bad),
+                             "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "weightbias: error: sweep.sigma2: value 2.0 must be in (0, 1)" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

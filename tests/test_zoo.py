@@ -182,15 +182,14 @@ def _done_count(path: Path) -> int:
         return 0
 
 
-def test_sigkill_mid_run_then_resume_trains_every_model_once(tmp_path: Path) -> None:
-    spec_path = tmp_path / "spec.toml"
-    spec_path.write_text("""
+def _write_spec(path: Path, n_models: int, models_per_task: int) -> Path:
+    path.write_text(f"""
 [zoo]
 task = "colored_mnist"
 arch = "digit-cnn"
-n_models = 12
+n_models = {n_models}
 seed = 3
-models_per_task = 1
+models_per_task = {models_per_task}
 eval_size = 300
 [fixed]
 epochs = 1
@@ -198,6 +197,38 @@ train_size = 384
 [sweep]
 sigma2 = [0.02, 0.05]
 """)
+    return path
+
+
+def _worker_pids(session: int) -> list[int]:
+    """Ray task workers of the driver that leads ``session`` (never another run's workers)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(maxsplit=2) for line in ps.splitlines()]
+    return [int(pid) for pid, sid, args in rows if int(sid) == session and "ray::train_block" in args]
+
+
+def test_killed_ray_worker_is_retried_and_nothing_is_lost(tmp_path: Path) -> None:
+    spec_path = _write_spec(tmp_path / "spec.toml", n_models=12, models_per_task=3)
+    out = tmp_path / "worker_killed.zarr"
+    command = [*CLI, "zoo", "generate", str(spec_path), "--out", str(out), "--num-cpus", "2"]
+    driver = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    deadline = time.time() + 240
+    while _done_count(out) < 1 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.1)
+    victims = _worker_pids(driver.pid)
+    assert victims and _done_count(out) < 12, "a worker must be busy when it is killed"
+    os.kill(victims[0], signal.SIGKILL)
+    stdout, stderr = driver.communicate(timeout=300)
+    assert driver.returncode == 0, stderr[-2000:]
+    assert "will be retried" in stdout + stderr, "Ray must have seen the worker die and retried"
+    store = ZooStore.open(out)
+    assert store.done.all() and verify(out).ok
+    assert "12/12 done" in stdout
+
+
+def test_sigkill_mid_run_then_resume_trains_every_model_once(tmp_path: Path) -> None:
+    spec_path = _write_spec(tmp_path / "spec.toml", n_models=12, models_per_task=1)
     out = tmp_path / "killed.zarr"
     command = [*CLI, "zoo", "generate", str(spec_path), "--out", str(out), "--num-cpus", "2"]
     # Own session, so the kill takes the driver and the local Ray instance it started.
