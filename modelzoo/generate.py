@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from modelzoo.datasets import ImageSet, load_imageset
 from modelzoo.sources import load_mnist
 from modelzoo.spec import ZooSpec, load_spec, parse_spec
-from modelzoo.store import ZooStore
+from modelzoo.store import StaleRunError, ZooStore
 from modelzoo.training import TrainingData, train_one
 
 TASK_RETRIES = 3
@@ -76,9 +76,9 @@ def assigned_device() -> torch.device:
 
 
 @ray.remote(max_retries=TASK_RETRIES)
-def train_block(spec_dict: dict, indices: list[int], store_path: str,
+def train_block(spec_dict: dict, indices: list[int], store_path: str, run_id: str,
                 data_refs: dict[DataKey, ray.ObjectRef]) -> dict:
-    """Train and store the models ``indices`` of one block; return a receipt."""
+    """Train and store the models ``indices`` of one block for run ``run_id``; return a receipt."""
     started = time.perf_counter()
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
@@ -97,7 +97,10 @@ def train_block(spec_dict: dict, indices: list[int], store_path: str,
         roles = {role: datasets[key] for role, key in data_keys(config, spec.bias_level).items()}
         result = train_one(spec.arch, spec.width, config, TrainingData(**roles), device,
                            spec.eval_size)
-        store.write_model(index, result)
+        try:
+            store.write_model(index, result, run_id)
+        except StaleRunError:
+            break  # a newer run owns the store now; it will train what is left
         trained.append(index)
     return {"trained": trained, "host": socket.gethostname(), "pid": os.getpid(),
             "seconds": time.perf_counter() - started}
@@ -150,10 +153,11 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
             gpus_per_task = GPU_SHARE_DEFAULT if ray.cluster_resources().get("GPU", 0) else 0
         task = train_block.options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
         spec_dict = spec.to_dict()
+        run_id = store.begin_run()
         futures = {}
         for block in blocks:
             needed = {key for i in block for key in data_keys(spec.config(i), spec.bias_level).values()}
-            future = task.remote(spec_dict, block, str(Path(out).resolve()),
+            future = task.remote(spec_dict, block, str(Path(out).resolve()), run_id,
                                  {key: refs[key] for key in needed})
             futures[future] = block
         started = time.perf_counter()

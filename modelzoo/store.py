@@ -15,12 +15,15 @@ Why it cannot show a half-written model as done: chunks over models are aligned 
 task blocks, so exactly one writer touches a chunk; zarr's local store replaces a chunk file
 atomically; and a model's ``done`` flag is written last. A kill between the writes leaves the
 model not done, and the next run trains it again (deterministically, to the same weights).
+Each generation run stamps a fresh ``run_id``; a worker orphaned by a killed driver checks it
+before writing and stops, so it never races the run that resumed the store.
 """
 
 from __future__ import annotations
 
 import platform
 import shutil
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -43,6 +46,10 @@ VERIFY_BLOCK = 512
 
 class StoreError(RuntimeError):
     """A store that is missing, not a zoo, half-created, or made from another spec."""
+
+
+class StaleRunError(StoreError):
+    """A worker of an earlier (killed) run tried to write after a newer run took the store."""
 
 
 def library_versions() -> dict[str, str]:
@@ -144,8 +151,22 @@ class ZooStore:
         return sorted(self.group["metrics"].array_keys())
 
     # -- writing ---------------------------------------------------------------------------
-    def write_model(self, index: int, result: ModelResult) -> None:
-        """Write one model; its ``done`` flag goes last."""
+    def begin_run(self) -> str:
+        """Claim the store for a new generation run; workers of older runs stop writing."""
+        run_id = uuid.uuid4().hex
+        self.group.attrs["run_id"] = run_id
+        return run_id
+
+    def check_run(self, run_id: str) -> None:
+        """Raise :class:`StaleRunError` unless ``run_id`` is still the store's current run."""
+        current = zarr.open_group(self.path, mode="r").attrs.get("run_id")  # fresh, not cached
+        if current != run_id:
+            raise StaleRunError(f"{self.path}: run {run_id} was superseded by run {current}")
+
+    def write_model(self, index: int, result: ModelResult, run_id: str | None = None) -> None:
+        """Write one model; its ``done`` flag goes last. With ``run_id``, only if still current."""
+        if run_id is not None:
+            self.check_run(run_id)
         if result.weights.shape != (self.n_params,):
             raise StoreError(f"model {index}: weights shape {result.weights.shape}, "
                              f"store expects ({self.n_params},)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,8 +22,8 @@ from modelzoo.checkpoints import CheckpointError, load_checkpoint, model_state_d
 from modelzoo.datasets import load_imageset
 from modelzoo.generate import data_keys, generate
 from modelzoo.spec import parse_spec
-from modelzoo.store import StoreError, ZooStore, verify
-from modelzoo.training import TrainingData, train_one
+from modelzoo.store import StaleRunError, StoreError, ZooStore, verify
+from modelzoo.training import ModelResult, TrainingData, train_one
 from tests.conftest import tiny_spec_dict
 
 CLI = [sys.executable, "-m", "detector.cli"]
@@ -200,6 +201,35 @@ sigma2 = [0.02, 0.05]
     return path
 
 
+def _session_pids(session: int) -> list[int]:
+    ps = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True).stdout
+    return [int(pid) for pid, sid in (line.split() for line in ps.splitlines()) if int(sid) == session]
+
+
+def _kill_session(driver: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started (Ray workers lead their own groups)."""
+    for pid in [driver.pid, *_session_pids(driver.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 30
+    while _session_pids(driver.pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _session_pids(driver.pid), "processes of the killed run survived"
+
+
+def test_orphaned_worker_of_a_superseded_run_cannot_write(small_zoo: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "fenced.zarr"
+    shutil.copytree(small_zoo, copy)
+    store = ZooStore.open(copy, mode="r+")
+    old_run = store.begin_run()
+    store.begin_run()  # a resumed run takes over
+    result = ModelResult(store.weights(0) + 1, {"unbiased_acc": 0.5})
+    with pytest.raises(StaleRunError):
+        store.write_model(0, result, old_run)
+    assert verify(copy).ok
+
+
 def _worker_pids(session: int) -> list[int]:
     """Ray task workers of the driver that leads ``session`` (never another run's workers)."""
     ps = subprocess.run(["ps", "-eo", "pid=,sid=,args="], capture_output=True, text=True).stdout
@@ -237,9 +267,7 @@ def test_sigkill_mid_run_then_resume_trains_every_model_once(tmp_path: Path) -> 
     deadline = time.time() + 240
     while _done_count(out) < 3 and time.time() < deadline and driver.poll() is None:
         time.sleep(0.2)
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
-    time.sleep(1)
+    _kill_session(driver)
     store = ZooStore.open(out)
     done_at_kill = store.done.copy()
     assert 3 <= done_at_kill.sum() < 12, "the kill must land mid-run"
