@@ -33,7 +33,7 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance (default: all)")
     gen.add_argument("--cpus-per-task", type=float, default=1, help="CPUs (torch threads) per task")
     gen.add_argument("--gpus-per-task", type=float, help="GPU share per task (default: 0.25 if GPUs exist)")
-    gen.add_argument("--max-models", type=int, help="train at most this many models in this run")
+    gen.add_argument("--max-models", type=_non_negative, help="train at most this many models in this run")
     gen.add_argument("--overwrite", action="store_true", help="delete an existing store first")
     gen.set_defaults(handler=_generate)
 
@@ -56,6 +56,13 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
                                 "checksums. Exit status 1 if anything is wrong.")
     check.add_argument("store", type=Path)
     check.set_defaults(handler=_verify)
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -68,6 +68,11 @@ def data_keys(config: dict, bias_level: str) -> dict[str, DataKey]:
             "test_unbiased": ("test_unbiased", level, "all")}
 
 
+def block_data_keys(spec: ZooSpec, block: list[int]) -> set[DataKey]:
+    """Every dataset the models of ``block`` need."""
+    return {key for index in block for key in data_keys(spec.config(index), spec.bias_level).values()}
+
+
 def assigned_device() -> torch.device:
     """CUDA when Ray gave this task a GPU, else CPU."""
     if ray.get_gpu_ids() and torch.cuda.is_available():
@@ -156,9 +161,8 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
         run_id = store.begin_run()
         futures = {}
         for block in blocks:
-            needed = {key for i in block for key in data_keys(spec.config(i), spec.bias_level).values()}
             future = task.remote(spec_dict, block, str(Path(out).resolve()), run_id,
-                                 {key: refs[key] for key in needed})
+                                 {key: refs[key] for key in block_data_keys(spec, block)})
             futures[future] = block
         started = time.perf_counter()
         total = sum(len(b) for b in blocks)
@@ -189,8 +193,7 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
 def put_datasets(spec: ZooSpec, blocks: list[list[int]],
                  data_dir: str | Path | None) -> dict[DataKey, ray.ObjectRef]:
     """Render (or read from cache) every dataset the pending models need; put each once."""
-    needed = dict.fromkeys(key for block in blocks for index in block
-                           for key in data_keys(spec.config(index), spec.bias_level).values())
+    needed = set().union(*(block_data_keys(spec, block) for block in blocks))
     mnist = load_mnist(data_dir)
     return {key: ray.put(load_imageset(mnist, spec.task, key[0], key[1], key[2], spec.data_seed))
             for key in needed}

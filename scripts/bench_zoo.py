@@ -25,7 +25,7 @@ from torch import nn
 
 from modelzoo.architectures import build_model
 from modelzoo.datasets import load_imageset
-from modelzoo.generate import data_keys, generate
+from modelzoo.generate import block_data_keys, data_keys, generate
 from modelzoo.sources import load_mnist
 from modelzoo.spec import ZooSpec, parse_spec
 from modelzoo.training import training_subset
@@ -84,8 +84,7 @@ def main() -> None:
 
     spec = bench_spec(args.n_models, args.train_size, args.eval_size, args.models_per_task)
     mnist = load_mnist(args.data_dir)
-    needed = {key for i in range(spec.n_models)
-              for key in data_keys(spec.config(i), spec.bias_level).values()}
+    needed = block_data_keys(spec, list(range(spec.n_models)))
     datasets = {key: load_imageset(mnist, spec.task, *key, seed=spec.data_seed) for key in needed}
 
     bare_seconds = bare_loop(spec, datasets, args.num_cpus)

@@ -1,0 +1,397 @@
+"""Fairness regularizers: each formula's defining property, the heads' gradient paths, the tap, registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from fairtrain.regularizers import (
+    REGULARIZERS,
+    FeatureTap,
+    GradientReversal,
+    Regularizer,
+    RegularizerError,
+    balanced_weights,
+    make_regularizer,
+    reverse_gradient,
+)
+from modelzoo.architectures import build_model
+
+HEAD_OPTIONS = {"feature_dim": 16, "num_groups": 3}
+OPTIONS = {
+    "ndr": {}, "end": {}, "binary_bernoulli": {}, "binary_mi": {"bits": 4}, "group_balanced": {},
+    "grad": HEAD_OPTIONS, "lntl": HEAD_OPTIONS, "sensitive_nets": HEAD_OPTIONS,
+    "unsupervised": {"feature_dim": 16, "num_classes": 10},
+}
+
+
+def batch(n: int = 12, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(n, dim, generator=g, requires_grad=True)
+    logits = torch.randn(n, 10, generator=g, requires_grad=True)
+    targets = torch.randint(0, 10, (n,), generator=g)
+    sensitive = torch.arange(n) % 3
+    return features, logits, targets, sensitive
+
+
+def dummy(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and targets for regularizers that only read features."""
+    return torch.zeros(n, 10), torch.zeros(n, dtype=torch.long)
+
+
+def reg_of(name: str, gamma: float = 1.0) -> Regularizer:
+    return make_regularizer(name, gamma, **OPTIONS[name])
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+def test_registry_covers_design_section_4() -> None:
+    assert set(REGULARIZERS) == set(OPTIONS)
+
+
+@pytest.mark.parametrize("name", [n for n, cls in REGULARIZERS.items() if cls.needs_sensitive])
+def test_missing_sensitive_labels_names_the_regularizer(name: str) -> None:
+    features, logits, targets, _ = batch()
+    with pytest.raises(RegularizerError, match=rf"{name} needs sensitive labels"):
+        reg_of(name)(features, logits, targets, None)
+
+
+def test_mismatched_batch_sizes_are_refused() -> None:
+    features, logits, targets, sensitive = batch()
+    with pytest.raises(RegularizerError, match=r"batch sizes differ.*sensitive has 11"):
+        reg_of("ndr")(features, logits, targets, sensitive[:11])
+    with pytest.raises(RegularizerError, match="logits must be"):
+        reg_of("ndr")(features, logits[:5], targets, sensitive)
+    with pytest.raises(RegularizerError, match="integer"):
+        reg_of("ndr")(features, logits, targets, sensitive.float())
+
+
+def test_head_regularizer_checks_width_and_group_range() -> None:
+    features, logits, targets, sensitive = batch(dim=8)
+    with pytest.raises(RegularizerError, match="feature_dim=16"):
+        reg_of("grad")(features, logits, targets, sensitive)
+    features, logits, targets, _ = batch()
+    with pytest.raises(RegularizerError, match="num_groups=3"):
+        reg_of("grad")(features, logits, targets, torch.full((12,), 5))
+
+
+def test_registry_errors_list_what_is_known() -> None:
+    with pytest.raises(RegularizerError, match=r"unknown regularizer 'nope'.*'ndr'"):
+        make_regularizer("nope", 1.0)
+    with pytest.raises(RegularizerError, match=r"unknown regularizer 'nope'"):
+        make_regularizer("unsupervised+nope", 1.0, feature_dim=16, num_classes=10)
+    with pytest.raises(RegularizerError, match="unsupervised\\+X"):
+        make_regularizer("ndr+grad", 1.0)
+    with pytest.raises(RegularizerError, match=r"does not take options \['alhpa'\]"):
+        make_regularizer("end", 1.0, alhpa=0.2)
+    with pytest.raises(RegularizerError, match=r"needs options \['feature_dim', 'num_groups'\]"):
+        make_regularizer("grad", 1.0)
+    with pytest.raises(RegularizerError, match="gamma"):
+        make_regularizer("ndr", -1.0)
+
+
+def test_gamma_scales_the_term() -> None:
+    features, logits, targets, sensitive = batch()
+    one = reg_of("end", 1.0)(features, logits, targets, sensitive)
+    assert reg_of("end", 2.5)(features, logits, targets, sensitive).item() == pytest.approx(2.5 * one.item())
+
+
+# ----------------------------------------------------------------------------- NDR / EnD
+
+
+def test_ndr_is_zero_for_orthogonal_and_one_for_identical_same_group_features() -> None:
+    logits, targets = dummy(4)
+    ndr = reg_of("ndr")
+    groups = torch.tensor([0, 0, 1, 1])
+    orthogonal = torch.eye(4) * torch.tensor([1.0, 2.0, 3.0, 4.0])[:, None]
+    assert ndr(orthogonal, logits, targets, groups).item() == pytest.approx(0.0)
+    identical = torch.ones(4, 5)
+    assert ndr(identical, logits, targets, groups).item() == pytest.approx(1.0)
+
+
+def test_ndr_ignores_a_group_with_one_sample() -> None:
+    ndr = reg_of("ndr")
+    features = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    pair = ndr(features[:2], *dummy(2), torch.tensor([0, 0]))
+    with_singleton = ndr(features, *dummy(3), torch.tensor([0, 0, 1]))
+    assert pair.item() == pytest.approx(math.sqrt(0.5))
+    assert with_singleton.item() == pytest.approx(pair.item())
+    assert ndr(features, *dummy(3), torch.tensor([0, 1, 2])).item() == 0.0
+
+
+def test_ndr_cannot_cancel_signed_cosines() -> None:
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    features = torch.stack([a, a, b, -b])
+    gram = F.normalize(features, dim=1) @ F.normalize(features, dim=1).T
+    assert (gram.sum() - gram.trace()).item() == pytest.approx(0.0)  # |Σ g_ij| would read 0 here
+    assert reg_of("ndr")(features, *dummy(4), torch.zeros(4, dtype=torch.long)).item() > 0.3
+
+
+def test_end_pulls_same_class_pairs_across_bias_groups() -> None:
+    end = make_regularizer("end", 1.0, alpha=0.0, beta=1.0)
+    targets, bias = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
+    logits = torch.zeros(4, 10)
+    aligned = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
+    assert end(aligned, logits, targets, bias).item() == pytest.approx(0.0)
+    orthogonal = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    assert end(orthogonal, logits, targets, bias).item() == pytest.approx(0.5)
+    features, logits, targets, sensitive = batch()
+    both = make_regularizer("end", 1.0, alpha=0.3, beta=0.7)
+    alone = make_regularizer("ndr", 1.0)(features, logits, targets, sensitive)
+    parallel = both.parallel_term(features, targets, sensitive)
+    expected = 0.3 * alone + 0.7 * parallel
+    assert both(features, logits, targets, sensitive).item() == pytest.approx(expected.item())
+
+
+# ----------------------------------------------------------------------------- adversarial heads
+
+
+def test_gradient_reversal_flips_and_scales_the_gradient() -> None:
+    x = torch.randn(5, 3, requires_grad=True)
+    upstream = torch.randn(5, 3)
+    y = reverse_gradient(x, 0.7)
+    assert torch.equal(y, x)
+    y.backward(upstream)
+    assert torch.allclose(x.grad, -0.7 * upstream)
+    x.grad = None
+    GradientReversal(2.0)(x).backward(upstream)
+    assert torch.allclose(x.grad, -2.0 * upstream)
+
+
+@pytest.mark.parametrize("name", ["grad", "lntl", "sensitive_nets"])
+def test_heads_are_parameters_of_the_regularizer(name: str) -> None:
+    reg = reg_of(name)
+    head_params = {id(p) for p in reg.head.parameters()}
+    assert head_params and head_params == {id(p) for p in reg.parameters()}
+
+
+def test_grad_reverses_the_head_loss_into_the_features() -> None:
+    reg = make_regularizer("grad", 1.0, feature_dim=16, num_groups=3, grl_weight=0.5)
+    features, logits, targets, sensitive = batch()
+    reg(features, logits, targets, sensitive).backward()
+    reversed_grad = features.grad.clone()
+    features.grad = None
+    F.cross_entropy(reg.head(features), sensitive).backward()
+    assert torch.allclose(reversed_grad, -0.5 * features.grad, atol=1e-6)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in reg.head.parameters())
+
+
+def test_grad_ramp_follows_progress() -> None:
+    reg = make_regularizer("grad", 1.0, feature_dim=16, num_groups=3, ramp=True, grl_weight=2.0)
+    assert reg.reversal_weight == 0.0
+    reg.progress = 1.0
+    assert reg.reversal_weight == pytest.approx(2.0 * (2 / (1 + math.exp(-10)) - 1))
+    with pytest.raises(RegularizerError, match="progress"):
+        reg.progress = 1.5
+
+
+def test_sensitive_nets_detector_loss_cannot_move_features() -> None:
+    reg = reg_of("sensitive_nets")
+    features, _, _, sensitive = batch()
+    reg.adversary_loss(features, sensitive).backward()
+    assert features.grad is None
+    assert all(p.grad is not None for p in reg.head.parameters())
+    reg.zero_grad(set_to_none=True)
+    reg.confusion(features).backward()
+    assert all(p.grad is None for p in reg.head.parameters())
+    assert features.grad is not None and features.grad.abs().sum() > 0
+
+
+def test_lntl_entropy_term_trains_features_not_the_head() -> None:
+    reg = reg_of("lntl")
+    features, logits, targets, sensitive = batch()
+    term = reg.entropy_term(features)
+    assert 0.0 <= term.item() <= math.log(3)
+    term.backward()
+    assert all(p.grad is None for p in reg.head.parameters())
+    assert features.grad.abs().sum() > 0
+    features.grad = None
+    reg(features, logits, targets, sensitive).backward()
+    assert all(p.grad is not None for p in reg.head.parameters())
+
+
+# ----------------------------------------------------------------------------- binary codes
+
+
+def test_binary_bernoulli_gap_vanishes_without_group_information() -> None:
+    reg = reg_of("binary_bernoulli")
+    h = torch.randn(8, 16)
+    features = torch.cat([h, h])
+    groups = torch.cat([torch.zeros(8), torch.ones(8)]).long()
+    assert reg(features, *dummy(16), groups).item() == pytest.approx(0.0, abs=1e-5)
+    separated = torch.cat([torch.full((8, 16), 3.0), torch.full((8, 16), -3.0)])
+    assert reg(separated, *dummy(16), groups).item() == pytest.approx(16 * math.log(2), rel=1e-3)
+    assert reg.code.shape == (16, 16)
+    assert set(reg.code.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_binary_bernoulli_code_passes_gradient_straight_through() -> None:
+    reg = reg_of("binary_bernoulli")
+    h = torch.randn(6, 4, requires_grad=True)
+    p, code = reg.binarize(h)
+    assert set(code.detach().unique().tolist()) <= {0.0, 1.0}
+    (code * torch.arange(4.0)).sum().backward()
+    p = p.detach()
+    assert torch.allclose(h.grad, reg.tau * p * (1 - p) * torch.arange(4.0))  # d/dh of p·w, as if T were p
+
+
+def test_binary_mi_is_differentiable_and_tracks_group_dependence() -> None:
+    reg = reg_of("binary_mi")
+    groups = torch.cat([torch.zeros(10), torch.ones(10)]).long()
+    h = torch.randn(10, 6)
+    independent = torch.cat([h, h]).requires_grad_()
+    dependent = torch.cat([h + 1.0, h - 1.0]).requires_grad_()
+    low = reg(independent, *dummy(20), groups)
+    high = reg(dependent, *dummy(20), groups)
+    assert low.item() == pytest.approx(0.0, abs=1e-5)
+    assert high.item() > low.item() + 0.1
+    assert high.item() <= math.log(2) + 1e-6
+    high.backward()
+    assert torch.isfinite(dependent.grad).all() and dependent.grad.abs().sum() > 0
+    assert dependent.grad[:, 4:].abs().sum() == 0  # only the first `bits` units form the code
+    with pytest.raises(RegularizerError, match="bits=4"):
+        reg(torch.randn(20, 3), *dummy(20), groups)
+
+
+# ----------------------------------------------------------------------------- balancing
+
+
+def test_group_balanced_term_completes_the_balanced_cross_entropy() -> None:
+    features, logits, targets, _ = batch(n=10)
+    groups = torch.tensor([0, 0, 0, 0, 0, 0, 0, 1, 1, 2])
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    balanced = (ce[:7].mean() + ce[7:9].mean() + ce[9:].mean()) / 3
+    total = F.cross_entropy(logits, targets) + reg_of("group_balanced")(features, logits, targets, groups)
+    assert total.item() == pytest.approx(balanced.item(), rel=1e-6)
+
+
+def test_balanced_weights_within_strata_keep_stratum_mass() -> None:
+    groups = torch.tensor([0, 0, 0, 1, 0, 1])
+    strata = torch.tensor([0, 0, 0, 0, 1, 1])
+    w = balanced_weights(groups, strata)
+    assert torch.allclose(w, torch.tensor([4 / 6, 4 / 6, 4 / 6, 2.0, 1.0, 1.0]))
+
+
+# ----------------------------------------------------------------------------- unsupervised
+
+
+def planted(n: int = 200, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Two classes, each 90% around one direction and 10% around another: the minority is planted."""
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.arange(n) % 2
+    minority = (torch.rand(n, generator=g) < 0.1).long()
+    centers = torch.eye(dim)[: 4] * 5
+    features = centers[targets * 2 + minority] + 0.3 * torch.randn(n, dim, generator=g)
+    return features, targets, minority
+
+
+def test_unsupervised_flags_the_planted_minority() -> None:
+    reg = reg_of("unsupervised")
+    features, targets, minority = planted()
+    logits = torch.randn(len(targets), 10, requires_grad=True)
+    term = reg(features, logits, targets)
+    assert torch.equal(reg.pseudo_groups, minority)
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    w = balanced_weights(minority, strata=targets)
+    assert (F.cross_entropy(logits, targets) + term).item() == pytest.approx((w * ce).mean().item(), rel=1e-6)
+    for seed in (1, 2, 3):  # later batches keep the same labelling as the centroids move
+        features, targets, minority = planted(seed=seed)
+        reg(features, torch.zeros(len(targets), 10), targets)
+        assert torch.equal(reg.pseudo_groups, minority)
+
+
+def test_unsupervised_warmup_and_eval_leave_the_term_or_state_alone() -> None:
+    reg = make_regularizer("unsupervised", 1.0, feature_dim=16, num_classes=10, warmup_steps=1)
+    features, targets, _ = planted()
+    logits = torch.randn(len(targets), 10)
+    assert reg(features, logits, targets).item() == 0.0
+    assert reg.seeded[:2].all()
+    state = {k: v.clone() for k, v in reg.state_dict().items()}
+    reg.eval()
+    reg(planted(seed=4)[0], logits, targets)
+    assert all(torch.equal(v, reg.state_dict()[k]) for k, v in state.items())
+
+
+def test_unsupervised_plus_ndr_runs_without_sensitive_labels() -> None:
+    reg = make_regularizer("unsupervised+ndr", 2.0, feature_dim=16, num_classes=10)
+    assert reg.name == "unsupervised+ndr" and not reg.needs_sensitive
+    features, targets, minority = planted()
+    features.requires_grad_()
+    term = reg(features, torch.zeros(len(targets), 10), targets, None)
+    expected = 2.0 * make_regularizer("ndr", 1.0)(features, *dummy(len(targets)), minority)
+    assert term.item() == pytest.approx(expected.item(), rel=1e-5)
+    term.backward()
+    assert features.grad.abs().sum() > 0
+
+
+def test_unsupervised_composite_routes_options_and_owns_the_inner_head() -> None:
+    reg = make_regularizer("unsupervised+grad", 1.0, feature_dim=16, num_classes=10, hidden=8)
+    assert reg.inner.num_groups == 2 and reg.inner.feature_dim == 16
+    assert {id(p) for p in reg.inner.parameters()} == {id(p) for p in reg.parameters()}
+
+
+# ----------------------------------------------------------------------------- feature tap
+
+
+def test_feature_tap_captures_the_digit_cnn_bottleneck() -> None:
+    model = build_model("digit-cnn").eval()
+    x = torch.rand(5, 3, 28, 28)
+    tap = FeatureTap(model, "fc1")
+    with pytest.raises(RegularizerError, match="no forward pass"):
+        _ = tap.features
+    model(x)
+    assert tap.features.shape == (5, 128)
+    assert (tap.features < 0).any()  # pre-activation: fc1's own output
+    tap.remove()
+    with FeatureTap(model, activation=torch.relu) as relu_tap:
+        model(x)
+        assert relu_tap.layer == "fc1"
+        assert torch.allclose(relu_tap.features, model.features(x))
+    assert not model.fc1._forward_hooks
+
+
+def test_feature_tap_lists_layers_for_an_unknown_name() -> None:
+    with pytest.raises(RegularizerError, match=r"no layer 'fc9'.*'conv1'.*'fc1'"):
+        FeatureTap(build_model("digit-cnn"), "fc9")
+
+
+# ----------------------------------------------------------------------------- integration
+
+
+@pytest.fixture
+def one_thread():
+    """Small convolutions run several times faster single-threaded when the CPU is shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("name", [*sorted(REGULARIZERS), "unsupervised+end"])
+def test_digit_cnn_trains_with_a_regularizer(name: str, one_thread: None) -> None:
+    torch.manual_seed(0)
+    model = build_model("digit-cnn")
+    tap = FeatureTap(model, "fc1", activation=None if name.startswith("binary") else torch.relu)
+    options = {"feature_dim": 128, "num_groups": 3} if name in ("grad", "lntl", "sensitive_nets") else {}
+    if name.startswith("unsupervised"):
+        options = {"feature_dim": 128, "num_classes": 10}
+    reg = make_regularizer(name, 0.5, **options)
+    optimizer = torch.optim.Adam([*model.parameters(), *reg.parameters()], lr=1e-3)
+    heads_before = [p.detach().clone() for p in reg.parameters()]
+    model_before = model.fc1.weight.detach().clone()
+    images, targets = torch.rand(64, 3, 28, 28), torch.randint(0, 10, (64,))
+    sensitive = torch.randint(0, 3, (64,))
+    for step in range(20):
+        idx = torch.arange(step % 2 * 32, step % 2 * 32 + 32)
+        logits = model(images[idx])
+        loss = F.cross_entropy(logits, targets[idx]) + reg(tap.features, logits, targets[idx], sensitive[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        assert torch.isfinite(loss)
+    assert not torch.equal(model_before, model.fc1.weight)
+    assert all(not torch.equal(before, p) for before, p in zip(heads_before, reg.parameters(), strict=True))
