@@ -129,8 +129,10 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Join ``address`` or start an embedded local instance; True if this call started it."""
     if ray.is_initialized():
         return False
-    ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
-             logging_level=logging.WARNING, log_to_driver=False)
+    # "local" forces a fresh embedded instance: a bare ray.init() would silently join any
+    # cluster started on this machine with `ray start`, even a dead one.
+    ray.init(address=address or "local", num_cpus=None if address else num_cpus,
+             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     return True
 
 

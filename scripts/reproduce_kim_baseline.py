@@ -5,7 +5,7 @@ training digits), generates it with the product's own Ray generator, and prints 
 line with our mean unbiased-test accuracy, Kim's figure (DESIGN §2) and the gap in points.
 Re-running resumes the zoo in --out.
 
-    python scripts/reproduce_kim_baseline.py --data-dir ../shared/data --epochs 2 --seeds 1
+    python scripts/reproduce_kim_baseline.py --data-dir ../shared/data --epochs 4 --seeds 3
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("results/kim_baseline.zarr"))
     parser.add_argument("--json-out", type=Path, default=Path("results/kim_baseline.json"))
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--seeds", type=int, default=1, help="models per σ²")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--seeds", type=int, default=3, help="models per σ²")
     parser.add_argument("--lr", type=float, default=1e-3)
     args = parser.parse_args()
 

@@ -42,7 +42,7 @@ def mnist(data_root: Path):
 @pytest.fixture(scope="session")
 def ray_local(data_env: dict[str, str]):
     """One embedded Ray instance shared by the in-process tests."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -286,3 +287,47 @@ def test_sigkill_mid_run_then_resume_trains_every_model_once(tmp_path: Path) -> 
                                      text=True, check=True).stdout)
     assert {k: info[k] for k in ("n_models", "n_done", "n_params", "arch", "task")} == {
         "n_models": 12, "n_done": 12, "n_params": 49_562, "arch": "digit-cnn", "task": "colored_mnist"}
+
+
+def test_biased_mnist_zoo_end_to_end(ray_local, tmp_path: Path) -> None:
+    raw = tiny_spec_dict(n_models=2, train_size=2048, lr=3e-3)
+    raw["zoo"]["task"] = "biased_mnist"
+    raw["sweep"] = {"rho": [0.999, 0.1]}
+    out = tmp_path / "biased.zarr"
+    assert generate(parse_spec(raw), out, progress=False).n_trained == 2
+    store = ZooStore.open(out)
+    assert store.spec.bias_level == "rho" and list(store.field("config/rho")) == [0.999, 0.1]
+    biased, unbiased = store.field("metrics/biased_acc"), store.field("metrics/unbiased_acc")
+    assert biased[0] > 0.9, "at rho 0.999 the background colour gives the label away"
+    assert biased[0] - unbiased[0] > 0.3
+    assert verify(out).ok
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_generate_joins_an_existing_cluster_with_address(tmp_path: Path) -> None:
+    port = _free_port()
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        spec_path = _write_spec(tmp_path / "spec.toml", n_models=4, models_per_task=2)
+        out = tmp_path / "cluster.zarr"
+        command = [*CLI, "zoo", "generate", str(spec_path), "--out", str(out),
+                   "--address", f"127.0.0.1:{port}"]
+        deadline = time.time() + 120
+        while True:  # the head takes a few seconds to accept drivers
+            result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+            if result.returncode == 0 or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert ZooStore.open(out).done.all()
+        assert "Started a local Ray instance" not in result.stderr, "must join, not start its own"
+    finally:
+        _kill_session(head)
