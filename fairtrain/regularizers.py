@@ -759,3 +759,30 @@ def make_regularizer(name: str, gamma: float = 1.0, **options: Any) -> Regulariz
     inner = _build(inner_cls, 1.0, inner_options, name)
     outer_options = {k: v for k, v in options.items() if k in outer_accepts}
     return _build(UnsupervisedGroups, gamma, outer_options, name, inner=inner)
+
+
+def check_regularizer_name(name: str) -> None:
+    """Raise :class:`RegularizerError` unless ``name`` is ``"none"``, registered, or ``unsupervised+X``."""
+    if name == "none":
+        return
+    base, plus, inner = name.partition("+")
+    _lookup(base)
+    if plus and (base != UnsupervisedGroups.name or _lookup(inner) is UnsupervisedGroups):
+        raise RegularizerError(f"composite names take the form 'unsupervised+X', got {name!r}")
+
+
+def regularizer_for_model(name: str, gamma: float, *, feature_dim: int, num_groups: int,
+                          num_classes: int) -> Regularizer:
+    """Build ``name`` for a model whose bottleneck has ``feature_dim`` units.
+
+    The shapes a trainer knows (bottleneck width, number of sensitive groups, number of
+    classes) go only to the constructors that take them. For ``unsupervised+X``, X sees the
+    two pseudo-groups, not ``num_groups``.
+    """
+    check_regularizer_name(name)
+    base, plus, inner = name.partition("+")
+    accepted = set().union(*(_option_names(_lookup(part))[0] for part in (base, inner) if part))
+    shapes = {"feature_dim": feature_dim, "num_classes": num_classes}
+    if not plus:
+        shapes["num_groups"] = num_groups
+    return make_regularizer(name, gamma, **{k: v for k, v in shapes.items() if k in accepted})

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from fairtrain.regularizers import RegularizerError, check_regularizer_name
 from modelzoo.architectures import ARCHITECTURES
 from modelzoo.datasets import POOLS, TASKS
 
@@ -41,6 +42,8 @@ AXES: dict[str, tuple[type, Any]] = {
     "train_size": (int, 0),  # 0 means the whole pool
     "optimizer": (str, "adam"),
     "seed": (int, None),  # None: derived from (zoo seed, model index)
+    "regularizer": (str, "none"),  # a fairtrain regularizer name, or "none"
+    "gamma": (float, 1.0),  # strength of the regularizer's term
 }
 ZOO_KEYS: dict[str, tuple[type, Any]] = {
     "task": (str, None),
@@ -228,8 +231,13 @@ def _checked_value(where: str, axis: str, value: Any) -> Any:
         ok, expected = 0 < value < 10, "in (0, 10)"
     elif axis in ("epochs", "batch_size"):
         ok, expected = value >= 1, "at least 1"
-    elif axis in ("train_size", "seed"):
+    elif axis in ("train_size", "seed", "gamma"):
         ok, expected = value >= 0, "non-negative"
+    elif axis == "regularizer":
+        try:
+            check_regularizer_name(value)
+        except RegularizerError as err:
+            raise SpecError(f"{where}: {err}") from err
     if not ok:
         raise SpecError(f"{where}: value {value!r} must be {expected}")
     return value

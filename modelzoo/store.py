@@ -39,7 +39,8 @@ from modelzoo.training import ModelResult
 
 FORMAT = "weightbias-zoo"
 FORMAT_VERSION = 1
-SCALAR_METRICS = ("unbiased_acc", "biased_acc", "train_loss", "wall_seconds")
+SCALAR_METRICS = ("unbiased_acc", "biased_acc", "leakage", "train_loss", "reg_loss", "wall_seconds")
+GROUP_METRICS = ("per_class_acc", "per_group_acc")
 NUM_CLASSES = 10
 VERIFY_BLOCK = 512
 
@@ -207,8 +208,9 @@ def _build(path: Path, spec: ZooSpec) -> None:
     metrics = g.create_group("metrics")
     for name in SCALAR_METRICS:
         metrics.create_array(name, shape=(n,), chunks=(chunk,), dtype="float32", fill_value=np.nan)
-    metrics.create_array("per_class_acc", shape=(n, NUM_CLASSES), chunks=(chunk, NUM_CLASSES),
-                         dtype="float32", fill_value=np.nan)
+    for name in GROUP_METRICS:
+        metrics.create_array(name, shape=(n, NUM_CLASSES), chunks=(chunk, NUM_CLASSES),
+                             dtype="float32", fill_value=np.nan)
     metrics.create_array("worker_host", shape=(n,), chunks=(chunk,), dtype=str, fill_value="")
     g.attrs.update({
         "spec": spec.to_dict(),
@@ -227,7 +229,12 @@ def _build(path: Path, spec: ZooSpec) -> None:
             "metrics/unbiased_acc": "accuracy on the unbiased (colour-independent) test set",
             "metrics/biased_acc": "accuracy on a test set coloured like the training set",
             "metrics/per_class_acc": "per-digit accuracy on the unbiased test set",
+            "metrics/per_group_acc": "accuracy per colour (the sensitive group) on the unbiased test set",
+            "metrics/leakage": "accuracy of a fresh logistic probe predicting the colour from the "
+                               "bottleneck features (unbiased test set, half fit, half scored); "
+                               "chance is 0.1",
             "metrics/train_loss": "mean cross-entropy over the last training epoch",
+            "metrics/reg_loss": "mean regularizer term (gamma * R) over the last epoch; 0 for none",
         },
         "state": "ready",
     })
@@ -302,8 +309,8 @@ def verify(path: str | Path) -> VerifyReport:
     expected_layout = layout(build_model(store.spec.arch, store.spec.width))
     if expected_layout != store.layout or sum(s.size for s in store.layout) != p:
         problems.append("layout attribute does not match the architecture it names")
-    shapes = {"weights": (n, p), "checksum": (n,), "done": (n,),
-              "metrics/per_class_acc": (n, NUM_CLASSES)}
+    shapes = {"weights": (n, p), "checksum": (n,), "done": (n,)}
+    shapes |= {f"metrics/{m}": (n, NUM_CLASSES) for m in GROUP_METRICS}
     shapes |= {f"metrics/{m}": (n,) for m in (*SCALAR_METRICS, "worker_host")}
     shapes |= {f"config/{a}": (n,) for a in store.spec.axes}
     for name, shape in shapes.items():

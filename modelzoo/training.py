@@ -1,9 +1,11 @@
 """Trainer: train and evaluate one zoo model from its config.
 
-Third stage of the flow (source → dataset → **trainer** → store → detector). Given a model's
-config (see :meth:`modelzoo.spec.ZooSpec.config`) and the rendered datasets it needs, it
-returns the flat weight vector and the per-model metrics the store records. It knows nothing
-about Ray or Zarr, so a plain loop (tests, benchmarks, a user's notebook) can call it too.
+Third stage of the flow (source → dataset → **trainer** + regularizer → store → detector).
+Given a model's config (see :meth:`modelzoo.spec.ZooSpec.config`) and the rendered datasets
+it needs, it returns the flat weight vector and the per-model metrics the store records. A
+fairtrain regularizer named in the config taps the model's bottleneck and adds its term; the
+sensitive attribute is each image's colour. It knows nothing about Ray or Zarr, so a plain
+loop (tests, benchmarks, a user's notebook) can call it too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fairtrain.metrics import representation_leakage
+from fairtrain.regularizers import FeatureTap, regularizer_for_model
 from modelzoo.architectures import build_model, flatten
 from modelzoo.datasets import ImageSet
 
@@ -57,50 +61,87 @@ def training_subset(n_pool: int, train_size: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, 2]).choice(n_pool, train_size, replace=False))
 
 
-def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device) -> float:
-    """Train in place for ``config['epochs']``; returns the mean loss of the last epoch."""
+@dataclass(frozen=True)
+class FitResult:
+    """Mean cross-entropy and mean regularizer term (γ·R) over the last epoch."""
+
+    train_loss: float
+    reg_loss: float
+
+
+def bottleneck_tap(model: nn.Module) -> FeatureTap:
+    """Post-ReLU activations of the model's named bottleneck layer."""
+    return FeatureTap(model, model.bottleneck, activation=torch.relu)
+
+
+def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device) -> FitResult:
+    """Train in place for ``config['epochs']``, with the config's regularizer if it names one."""
     subset = training_subset(len(train), config["train_size"], config["seed"])
     images = torch.from_numpy(np.ascontiguousarray(train.images[subset]))
     labels = torch.from_numpy(np.ascontiguousarray(train.labels[subset]))
-    optimizer = make_optimizer(config["optimizer"], model.parameters(), config["lr"])
+    sensitive = torch.from_numpy(np.ascontiguousarray(train.bias[subset]))
+    regularizer, tap = None, None
+    params = list(model.parameters())
+    if config.get("regularizer", "none") != "none":
+        tap = bottleneck_tap(model)
+        regularizer = regularizer_for_model(
+            config["regularizer"], config["gamma"],
+            feature_dim=model.get_submodule(model.bottleneck).out_features,
+            num_groups=model.num_classes, num_classes=model.num_classes).to(device)
+        params += list(regularizer.parameters())
+    optimizer = make_optimizer(config["optimizer"], params, config["lr"])
     shuffler = torch.Generator().manual_seed(config["seed"])
+    total_steps, step = config["epochs"] * -(-len(labels) // config["batch_size"]), 0
     model.train()
-    last_epoch_loss = float("nan")
+    result = FitResult(float("nan"), 0.0)
     for _ in range(config["epochs"]):
         order = torch.randperm(len(labels), generator=shuffler)
-        total, count = torch.zeros((), device=device), 0
+        ce_total, reg_total = torch.zeros((), device=device), torch.zeros((), device=device)
         for start in range(0, len(order), config["batch_size"]):
             batch = order[start : start + config["batch_size"]]
             target = labels[batch].to(device, non_blocking=True)
-            loss = nn.functional.cross_entropy(model(as_batch(images[batch], device)), target)
+            logits = model(as_batch(images[batch], device))
+            loss = nn.functional.cross_entropy(logits, target)
+            ce_total += loss.detach() * len(batch)
+            if regularizer is not None:
+                if hasattr(regularizer, "progress"):  # GRAD/LNTL ramp their reversal weight
+                    regularizer.progress = step / total_steps
+                term = regularizer(tap.features, logits, target, sensitive[batch].to(device))
+                reg_total += term.detach() * len(batch)
+                loss = loss + term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.detach() * len(batch)
-            count += len(batch)
-        last_epoch_loss = float(total) / max(count, 1)
-    return last_epoch_loss
+            step += 1
+        result = FitResult(float(ce_total) / len(order), float(reg_total) / len(order))
+    if tap is not None:
+        tap.remove()
+    return result
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: np.ndarray, device: torch.device) -> np.ndarray:
-    """Predicted labels for uint8 images, in eval mode."""
+def predict(model: nn.Module, images: np.ndarray, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted labels and bottleneck features for uint8 images, in eval mode."""
     model.eval()
     tensor = torch.from_numpy(np.ascontiguousarray(images))
-    out = [model(as_batch(tensor[s : s + EVAL_BATCH], device)).argmax(1).cpu()
-           for s in range(0, len(tensor), EVAL_BATCH)]
-    return torch.cat(out).numpy()
+    labels, features = [], []
+    with bottleneck_tap(model) as tap:
+        for start in range(0, len(tensor), EVAL_BATCH):
+            labels.append(model(as_batch(tensor[start : start + EVAL_BATCH], device)).argmax(1).cpu())
+            features.append(tap.features.cpu())
+    return torch.cat(labels).numpy(), torch.cat(features).numpy()
 
 
-def accuracy_report(model: nn.Module, test: ImageSet, device: torch.device,
-                    eval_size: int = 0) -> tuple[float, np.ndarray]:
-    """Overall accuracy and per-class accuracy (10,) on the first ``eval_size`` test images."""
-    n = len(test) if eval_size == 0 else min(eval_size, len(test))
-    labels = test.labels[:n]
-    correct = predict(model, test.images[:n], device) == labels
-    per_class = np.array([correct[labels == c].mean() if (labels == c).any() else np.nan
-                          for c in range(10)], dtype=np.float32)
-    return float(correct.mean()), per_class
+def per_value_accuracy(correct: np.ndarray, values: np.ndarray, n_values: int = 10) -> np.ndarray:
+    """Accuracy among samples of each value (class or group); NaN where a value is absent."""
+    return np.array([correct[values == v].mean() if (values == v).any() else np.nan
+                     for v in range(n_values)], dtype=np.float32)
+
+
+def leakage(features: np.ndarray, groups: np.ndarray) -> float:
+    """Accuracy of a fresh probe predicting the group from frozen features (half fit, half test)."""
+    half = len(groups) // 2
+    return representation_leakage(features[:half], groups[:half], features[half:], groups[half:]).accuracy
 
 
 def train_one(arch: str, width: float, config: dict, data: TrainingData,
@@ -110,14 +151,20 @@ def train_one(arch: str, width: float, config: dict, data: TrainingData,
     started = time.perf_counter()
     torch.manual_seed(config["seed"])
     model = build_model(arch, width).to(device)
-    train_loss = fit(model, data.train, config, device)
-    unbiased_acc, per_class = accuracy_report(model, data.test_unbiased, device, eval_size)
-    biased_acc, _ = accuracy_report(model, data.test_biased, device, eval_size)
+    fitted = fit(model, data.train, config, device)
+    unbiased, biased = data.test_unbiased, data.test_biased
+    n = len(unbiased) if eval_size == 0 else min(eval_size, len(unbiased))
+    predicted, features = predict(model, unbiased.images[:n], device)
+    correct = predicted == unbiased.labels[:n]
+    biased_predicted, _ = predict(model, biased.images[:n], device)
     metrics = {
-        "unbiased_acc": unbiased_acc,
-        "biased_acc": biased_acc,
-        "per_class_acc": per_class,
-        "train_loss": train_loss,
+        "unbiased_acc": float(correct.mean()),
+        "biased_acc": float((biased_predicted == biased.labels[:n]).mean()),
+        "per_class_acc": per_value_accuracy(correct, unbiased.labels[:n]),
+        "per_group_acc": per_value_accuracy(correct, unbiased.bias[:n]),
+        "leakage": leakage(features, unbiased.bias[:n]),
+        "train_loss": fitted.train_loss,
+        "reg_loss": fitted.reg_loss,
         "wall_seconds": time.perf_counter() - started,
         "worker_host": socket.gethostname(),
     }

@@ -1,8 +1,9 @@
 """Benchmark: models/hour of ``zoo generate`` against a bare PyTorch loop, in the same run.
 
 Both sides train the same models (same spec, configs, data, batches and steps) and evaluate
-them on the same test images. The bare loop is plain PyTorch in this process using every
-CPU as torch threads, with no Ray, no store and no modelzoo trainer; ``zoo generate`` is
+them on the same test images, colour-leakage probe included. The bare loop is plain PyTorch
+in this process using every CPU as torch threads, with no Ray, no store and no modelzoo
+trainer; ``zoo generate`` is
 timed as a whole call (starting Ray, creating the store, writing every model). Datasets are
 rendered into the cache before either side is timed. Prints one JSON line; the ratio
 ``zoo / bare`` is the figure to read (these machines are noisy, absolute numbers are not).
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fairtrain.metrics import representation_leakage
 from modelzoo.architectures import build_model
 from modelzoo.datasets import load_imageset
 from modelzoo.generate import block_data_keys, data_keys, generate
@@ -64,11 +66,17 @@ def bare_loop(spec: ZooSpec, datasets: dict, threads: int) -> float:
             loss.backward()
             optimizer.step()
         model.eval()
+        n = spec.eval_size
         with torch.no_grad():
-            for role in ("test_unbiased", "test_biased"):
-                test = datasets[keys[role]]
-                x = torch.from_numpy(test.images[: spec.eval_size]).float() / 255
-                (model(x).argmax(1).numpy() == test.labels[: spec.eval_size]).mean()
+            unbiased, biased = datasets[keys["test_unbiased"]], datasets[keys["test_biased"]]
+            features = model.features(torch.from_numpy(unbiased.images[:n]).float() / 255)
+            (model.fc2(features).argmax(1).numpy() == unbiased.labels[:n]).mean()
+            (model(torch.from_numpy(biased.images[:n]).float() / 255).argmax(1).numpy()
+             == biased.labels[:n]).mean()
+        # The same colour-leakage probe the zoo records for every model.
+        half, colours = n // 2, unbiased.bias[:n]
+        representation_leakage(features[:half].numpy(), colours[:half], features[half:].numpy(),
+                               colours[half:])
     return time.perf_counter() - started
 
 

@@ -64,6 +64,10 @@ def _broken(path: tuple[str, ...], value) -> dict:
     (("sample", "seed"), {"log_uniform": [64, 8]}, "sample.seed.log_uniform"),
     (("sample", "optimizer"), {"uniform": [0, 1]}, "sample.optimizer.uniform"),
     (("hyper", "x"), 1, "hyper: unknown table"),
+    (("sweep", "regularizer"), ["none", "ndr", "bogus"], "sweep.regularizer: unknown regularizer 'bogus'"),
+    (("sweep", "regularizer"), ["ndr+grad"], "sweep.regularizer: composite names"),
+    (("sweep", "regularizer"), ["none", "unsupervised+end", "binary_mi"], None),
+    (("fixed", "gamma"), -0.5, "fixed.gamma"),
 ])
 def test_invalid_specs_name_the_key(path, value, message) -> None:
     raw = _broken(path, value)

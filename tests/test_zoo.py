@@ -331,3 +331,19 @@ def test_generate_joins_an_existing_cluster_with_address(tmp_path: Path) -> None
         assert "Started a local Ray instance" not in result.stderr, "must join, not start its own"
     finally:
         _kill_session(head)
+
+
+def test_regularizer_axis_trains_and_records_fairness_metrics(ray_local, tmp_path: Path) -> None:
+    raw = tiny_spec_dict(n_models=3, models_per_task=3, train_size=1024, lr=3e-3, gamma=1.0, pool="A")
+    raw["sweep"] = {"sigma2": [0.02], "regularizer": ["none", "grad", "unsupervised+ndr"]}
+    out = tmp_path / "fair.zarr"
+    assert generate(parse_spec(raw), out, progress=False).n_trained == 3
+    store = ZooStore.open(out)
+    assert list(store.field("config/regularizer")) == ["none", "grad", "unsupervised+ndr"]
+    reg_loss = store.field("metrics/reg_loss")
+    assert reg_loss[0] == 0 and (reg_loss[1:] != 0).all()
+    leakage = store.field("metrics/leakage")
+    assert leakage[0] > 0.3, "a colour-biased vanilla model's features must reveal the colour"
+    assert ((leakage >= 0) & (leakage <= 1)).all()
+    assert store.field("metrics/per_group_acc").shape == (3, 10)
+    assert verify(out).ok
