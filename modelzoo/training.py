@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from fairtrain.metrics import representation_leakage
@@ -141,7 +142,10 @@ def per_value_accuracy(correct: np.ndarray, values: np.ndarray, n_values: int = 
 def leakage(features: np.ndarray, groups: np.ndarray) -> float:
     """Accuracy of a fresh probe predicting the group from frozen features (half fit, half test)."""
     half = len(groups) // 2
-    return representation_leakage(features[:half], groups[:half], features[half:], groups[half:]).accuracy
+    # One BLAS thread: the probe is tiny, and idle BLAS threads spin and slow torch's own threads.
+    with threadpool_limits(limits=1):
+        return representation_leakage(features[:half], groups[:half], features[half:],
+                                      groups[half:]).accuracy
 
 
 def train_one(arch: str, width: float, config: dict, data: TrainingData,

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from fairtrain.metrics import representation_leakage
@@ -75,8 +76,9 @@ def bare_loop(spec: ZooSpec, datasets: dict, threads: int) -> float:
              == biased.labels[:n]).mean()
         # The same colour-leakage probe the zoo records for every model.
         half, colours = n // 2, unbiased.bias[:n]
-        representation_leakage(features[:half].numpy(), colours[:half], features[half:].numpy(),
-                               colours[half:])
+        with threadpool_limits(limits=1):
+            representation_leakage(features[:half].numpy(), colours[:half], features[half:].numpy(),
+                                   colours[half:])
     return time.perf_counter() - started
 
 
