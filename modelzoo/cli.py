@@ -90,7 +90,7 @@ def _print_info(info: dict) -> None:
     print(f"zoo {info['path']}  task={info['task']}  arch={info['arch']} (width {info['width']}, "
           f"{info['n_params']:,} params)")
     print(f"models: {info['n_done']}/{info['n_models']} done   size on disk: "
-          f"{info['size_on_disk_bytes'] / 2**20:.1f} MiB")
+          f"{info['size_on_disk_bytes'] / 2**20:.1f} MiB   data: {info['data_source']}")
     for axis, values in info["counts_per_axis"].items():
         cells = ", ".join(f"{v}: {c['done']}/{c['total']}" for v, c in values.items())
         print(f"  {axis:<11} {cells}")

@@ -28,8 +28,8 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from modelzoo.datasets import ImageSet, load_imageset
-from modelzoo.sources import load_mnist
+from modelzoo.datasets import ImageSet, load_imageset, mnist_fingerprint
+from modelzoo.sources import MNIST, load_mnist
 from modelzoo.spec import ZooSpec, load_spec, parse_spec
 from modelzoo.store import StaleRunError, ZooStore
 from modelzoo.training import TrainingData, train_one
@@ -155,7 +155,9 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
 
     started_here = start_ray(address, num_cpus)
     try:
-        refs = put_datasets(spec, blocks, data_dir)
+        mnist = load_mnist(data_dir)
+        store.record_data_source(mnist.origin, mnist_fingerprint(mnist))
+        refs = put_datasets(spec, blocks, mnist)
         if gpus_per_task is None:
             gpus_per_task = GPU_SHARE_DEFAULT if ray.cluster_resources().get("GPU", 0) else 0
         task = train_block.options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
@@ -192,10 +194,8 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
     return summary
 
 
-def put_datasets(spec: ZooSpec, blocks: list[list[int]],
-                 data_dir: str | Path | None) -> dict[DataKey, ray.ObjectRef]:
+def put_datasets(spec: ZooSpec, blocks: list[list[int]], mnist: MNIST) -> dict[DataKey, ray.ObjectRef]:
     """Render (or read from cache) every dataset the pending models need; put each once."""
     needed = set().union(*(block_data_keys(spec, block) for block in blocks))
-    mnist = load_mnist(data_dir)
     return {key: ray.put(load_imageset(mnist, spec.task, key[0], key[1], key[2], spec.data_seed))
             for key in needed}

@@ -158,6 +158,16 @@ class ZooStore:
         self.group.attrs["run_id"] = run_id
         return run_id
 
+    def record_data_source(self, origin: str, fingerprint: str) -> None:
+        """Note which data the models are trained on; refuse to mix data within one zoo."""
+        recorded = self.group.attrs.get("data_fingerprint")
+        if recorded is not None and recorded != fingerprint:
+            raise StoreError(
+                f"{self.path} was generated from data {self.group.attrs.get('data_source')!r} "
+                f"(fingerprint {recorded}) but this run found {origin!r} (fingerprint {fingerprint}); "
+                "point --data-dir at the same data, or use a new --out")
+        self.group.attrs.update({"data_source": origin, "data_fingerprint": fingerprint})
+
     def check_run(self, run_id: str) -> None:
         """Raise :class:`StaleRunError` unless ``run_id`` is still the store's current run."""
         current = zarr.open_group(self.path, mode="r").attrs.get("run_id")  # fresh, not cached
@@ -277,6 +287,7 @@ def zoo_info(store: ZooStore) -> dict[str, Any]:
         "n_done": int(done.sum()),
         "n_params": store.n_params,
         "spec_digest": store.group.attrs["spec_digest"],
+        "data_source": store.group.attrs.get("data_source"),
         "bias_level": spec.bias_level,
         "counts_per_axis": counts,
         "ranges_per_axis": ranges,

@@ -150,6 +150,16 @@ def test_store_refuses_another_spec_and_foreign_folders(small_zoo: Path, tmp_pat
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+def test_store_records_its_data_and_refuses_other_data(small_zoo: Path, data_root: Path,
+                                                      tmp_path: Path) -> None:
+    store = ZooStore.open(small_zoo)
+    assert store.group.attrs["data_source"] == str(data_root / "mnist")
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(small_zoo, copy)
+    with pytest.raises(StoreError, match="sklearn-digits"):
+        ZooStore.open(copy, mode="r+").record_data_source("sklearn-digits (demo)", "0123456789abcdef")
+
+
 def test_half_created_store_is_reported_then_rebuilt(tmp_path: Path) -> None:
     spec = parse_spec(tiny_spec_dict())
     path = tmp_path / "half.zarr"
