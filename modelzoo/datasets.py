@@ -19,7 +19,6 @@ workers, two CLI runs) never see a half-written file.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ BAHNG_COLORS = np.array(
     ],
     dtype=np.float64,
 )
+N_COLORS = len(KIM_COLORS)  # both tasks use ten colours: the sensitive groups
 TASKS = ("colored_mnist", "biased_mnist")
 SPLITS = ("train", "test_biased", "test_unbiased")
 POOLS = ("A", "B", "all")
@@ -116,14 +116,6 @@ def render_biased_mnist(gray: np.ndarray, labels: np.ndarray, rho: float,
     return ImageSet(images.astype(np.uint8), labels.astype(np.int64), bias.astype(np.int64))
 
 
-def mnist_fingerprint(mnist: MNIST) -> str:
-    """Short content hash of the source, so caches from different sources never mix."""
-    digest = hashlib.blake2b(digest_size=8)
-    for array in (mnist.train_labels, mnist.test_labels, mnist.train_images, mnist.test_images):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
 def _render(mnist: MNIST, task: str, split: str, level: float, pool: str, seed: int) -> ImageSet:
     if task not in TASKS:
         raise DatasetError(f"task must be one of {TASKS}, got {task!r}")
@@ -147,7 +139,7 @@ def cache_path(mnist: MNIST, task: str, split: str, level: float, pool: str, see
                cache_dir: Path | None = None) -> Path:
     folder = (cache_dir or user_cache_dir()) / "datasets"
     pool_part = pool if split == "train" else "test"
-    name = f"{task}-{split}-{pool_part}-{level:g}-seed{seed}-{mnist_fingerprint(mnist)}.h5"
+    name = f"{task}-{split}-{pool_part}-{level:g}-seed{seed}-{mnist.fingerprint}.h5"
     return folder / name
 
 

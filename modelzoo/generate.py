@@ -28,7 +28,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from modelzoo.datasets import ImageSet, load_imageset, mnist_fingerprint
+from modelzoo.datasets import ImageSet, load_imageset
 from modelzoo.sources import MNIST, load_mnist
 from modelzoo.spec import ZooSpec, load_spec, parse_spec
 from modelzoo.store import StaleRunError, ZooStore
@@ -156,7 +156,7 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
     started_here = start_ray(address, num_cpus)
     try:
         mnist = load_mnist(data_dir)
-        store.record_data_source(mnist.origin, mnist_fingerprint(mnist))
+        store.record_data_source(mnist.origin, mnist.fingerprint)
         refs = put_datasets(spec, blocks, mnist)
         if gpus_per_task is None:
             gpus_per_task = GPU_SHARE_DEFAULT if ray.cluster_resources().get("GPU", 0) else 0

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,14 @@ class MNIST:
     @property
     def is_demo(self) -> bool:
         return self.origin.startswith("sklearn-digits")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Short content hash, so caches and zoos made from different data never mix."""
+        digest = hashlib.blake2b(digest_size=8)
+        for array in (self.train_labels, self.test_labels, self.train_images, self.test_images):
+            digest.update(np.ascontiguousarray(array).tobytes())
+        return digest.hexdigest()
 
 
 def user_cache_dir() -> Path:

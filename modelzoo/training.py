@@ -22,7 +22,7 @@ from torch import nn
 from fairtrain.metrics import representation_leakage
 from fairtrain.regularizers import FeatureTap, regularizer_for_model
 from modelzoo.architectures import build_model, flatten
-from modelzoo.datasets import ImageSet
+from modelzoo.datasets import N_COLORS, ImageSet
 
 EVAL_BATCH = 1000
 
@@ -88,7 +88,7 @@ def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device) -
         regularizer = regularizer_for_model(
             config["regularizer"], config["gamma"],
             feature_dim=model.get_submodule(model.bottleneck).out_features,
-            num_groups=model.num_classes, num_classes=model.num_classes).to(device)
+            num_groups=N_COLORS, num_classes=model.num_classes).to(device)
         params += list(regularizer.parameters())
     optimizer = make_optimizer(config["optimizer"], params, config["lr"])
     shuffler = torch.Generator().manual_seed(config["seed"])
@@ -133,7 +133,7 @@ def predict(model: nn.Module, images: np.ndarray, device: torch.device) -> tuple
     return torch.cat(labels).numpy(), torch.cat(features).numpy()
 
 
-def per_value_accuracy(correct: np.ndarray, values: np.ndarray, n_values: int = 10) -> np.ndarray:
+def per_value_accuracy(correct: np.ndarray, values: np.ndarray, n_values: int) -> np.ndarray:
     """Accuracy among samples of each value (class or group); NaN where a value is absent."""
     return np.array([correct[values == v].mean() if (values == v).any() else np.nan
                      for v in range(n_values)], dtype=np.float32)
@@ -164,8 +164,8 @@ def train_one(arch: str, width: float, config: dict, data: TrainingData,
     metrics = {
         "unbiased_acc": float(correct.mean()),
         "biased_acc": float((biased_predicted == biased.labels[:n]).mean()),
-        "per_class_acc": per_value_accuracy(correct, unbiased.labels[:n]),
-        "per_group_acc": per_value_accuracy(correct, unbiased.bias[:n]),
+        "per_class_acc": per_value_accuracy(correct, unbiased.labels[:n], model.num_classes),
+        "per_group_acc": per_value_accuracy(correct, unbiased.bias[:n], N_COLORS),
         "leakage": leakage(features, unbiased.bias[:n]),
         "train_loss": fitted.train_loss,
         "reg_loss": fitted.reg_loss,

@@ -3,10 +3,10 @@
 Both sides train the same models (same spec, configs, data, batches and steps) and evaluate
 them on the same test images, colour-leakage probe included. The bare loop is plain PyTorch
 in this process using every CPU as torch threads, with no Ray, no store and no modelzoo
-trainer; ``zoo generate`` is
-timed as a whole call (starting Ray, creating the store, writing every model). Datasets are
-rendered into the cache before either side is timed. Prints one JSON line; the ratio
-``zoo / bare`` is the figure to read (these machines are noisy, absolute numbers are not).
+trainer; ``zoo generate`` is timed as a whole call (starting Ray, creating the store,
+writing every model). Datasets are rendered into the cache before either side is timed.
+Prints one JSON line; the ratio ``zoo / bare`` is the figure to read (these machines are
+noisy, absolute numbers are not).
 
     python scripts/bench_zoo.py --data-dir ../shared/data --n-models 48
 """
