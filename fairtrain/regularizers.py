@@ -522,14 +522,28 @@ class GroupBalanced(Regularizer):
     R = (1/N) Σ_i (w_i − 1)·CE_i with w_i = N/(G·N_{g(i)}) over the G groups present, so
     mean CE + R = (1/G) Σ_g mean_{i∈g} CE_i, the group-balanced CE. γ interpolates: γ = 1 is
     exact balancing, γ = 0 plain CE.
+
+    ``per_class=True`` balances the groups inside each target class instead (w_i =
+    N_y/(G_y·N_{y,g(i)})). That is the form that counters a spurious correlation such as
+    colour ↔ digit, where every colour is equally common overall (so plain balancing does
+    nothing) but rare inside each class; plain balancing is the form for a skewed group mix
+    such as a face set dominated by one ethnic group.
     """
 
     name = "group_balanced"
 
+    def __init__(self, gamma: float = 1.0, *, per_class: bool = False) -> None:
+        super().__init__(gamma)
+        self.per_class = bool(per_class)
+
     def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                 sensitive: torch.Tensor | None) -> torch.Tensor:
         ce = F.cross_entropy(logits, targets, reduction="none")
-        return ((balanced_weights(sensitive).to(ce.dtype) - 1) * ce).mean()
+        weights = balanced_weights(sensitive, targets if self.per_class else None)
+        return ((weights.to(ce.dtype) - 1) * ce).mean()
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, per_class={self.per_class}"
 
 
 class UnsupervisedGroups(Regularizer):
@@ -771,13 +785,28 @@ def check_regularizer_name(name: str) -> None:
         raise RegularizerError(f"composite names take the form 'unsupervised+X', got {name!r}")
 
 
+# What a trainer fills in from the model and the data; everything else is the user's to set.
+MODEL_SHAPES = ("feature_dim", "num_groups", "num_classes")
+
+
+def regularizer_options(name: str) -> set[str]:
+    """The options a user may set for ``name`` (constructor keywords other than γ and the
+    model shapes a trainer supplies); empty for ``"none"``."""
+    check_regularizer_name(name)
+    if name == "none":
+        return set()
+    parts = [part for part in name.partition("+")[::2] if part]
+    return set().union(*(_option_names(_lookup(part))[0] for part in parts)) - set(MODEL_SHAPES)
+
+
 def regularizer_for_model(name: str, gamma: float, *, feature_dim: int, num_groups: int,
-                          num_classes: int) -> Regularizer:
+                          num_classes: int, options: dict[str, Any] | None = None) -> Regularizer:
     """Build ``name`` for a model whose bottleneck has ``feature_dim`` units.
 
     The shapes a trainer knows (bottleneck width, number of sensitive groups, number of
     classes) go only to the constructors that take them. For ``unsupervised+X``, X sees the
-    two pseudo-groups, not ``num_groups``.
+    two pseudo-groups, not ``num_groups``. Of ``options``, those ``name`` does not take are
+    ignored: a zoo that sweeps several regularizers sets each one's options once for all.
     """
     check_regularizer_name(name)
     base, plus, inner = name.partition("+")
@@ -785,4 +814,5 @@ def regularizer_for_model(name: str, gamma: float, *, feature_dim: int, num_grou
     shapes = {"feature_dim": feature_dim, "num_classes": num_classes}
     if not plus:
         shapes["num_groups"] = num_groups
-    return make_regularizer(name, gamma, **{k: v for k, v in shapes.items() if k in accepted})
+    chosen = {k: v for k, v in (options or {}).items() if k in accepted and k not in MODEL_SHAPES}
+    return make_regularizer(name, gamma, **{k: v for k, v in shapes.items() if k in accepted}, **chosen)

@@ -28,15 +28,17 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from modelzoo.architectures import build_model
 from modelzoo.datasets import ImageSet, load_imageset
-from modelzoo.sources import MNIST, load_mnist
+from modelzoo.faces import GROUPS, FaceData, find_face_folder, load_face_data
+from modelzoo.sources import load_mnist
 from modelzoo.spec import ZooSpec, load_spec, parse_spec
 from modelzoo.store import StaleRunError, ZooStore
 from modelzoo.training import TrainingData, train_one
 
 TASK_RETRIES = 3
 GPU_SHARE_DEFAULT = 0.25  # four small models share one GPU
-DataKey = tuple[str, float, str]  # (split, bias level, pool)
+DataKey = tuple[str, float | str, str]  # (split, bias level or favoured face group, pool)
 
 
 class GenerateError(RuntimeError):
@@ -61,7 +63,15 @@ class GenerateSummary:
 
 
 def data_keys(config: dict, bias_level: str) -> dict[str, DataKey]:
-    """The three datasets one model needs, by role."""
+    """The three datasets one model needs, by role.
+
+    Faces have one balanced test set for every model; a model's biased test set is its
+    favoured group's share of it (all of it for a balanced model).
+    """
+    if bias_level == "bias_group":
+        return {"train": ("train", "", config["pool"]),
+                "test_biased": ("test_biased", config["bias_group"], "all"),
+                "test_unbiased": ("test_unbiased", "", "all")}
     level = config[bias_level]
     return {"train": ("train", level, config["pool"]),
             "test_biased": ("test_biased", level, "all"),
@@ -100,8 +110,8 @@ def train_block(spec_dict: dict, indices: list[int], store_path: str, run_id: st
             continue
         config = spec.config(index)
         roles = {role: datasets[key] for role, key in data_keys(config, spec.bias_level).items()}
-        result = train_one(spec.arch, spec.width, config, TrainingData(**roles), device,
-                           spec.eval_size)
+        result = train_one(spec.arch, spec.width, config, TrainingData(**roles, num_groups=spec.num_groups),
+                           device, spec.eval_size)
         try:
             store.write_model(index, result, run_id)
         except StaleRunError:
@@ -155,9 +165,7 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
 
     started_here = start_ray(address, num_cpus)
     try:
-        mnist = load_mnist(data_dir)
-        store.record_data_source(mnist.origin, mnist.fingerprint)
-        refs = put_datasets(spec, blocks, mnist)
+        refs = put_datasets(spec, blocks, store, data_dir)
         if gpus_per_task is None:
             gpus_per_task = GPU_SHARE_DEFAULT if ray.cluster_resources().get("GPU", 0) else 0
         task = train_block.options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
@@ -194,8 +202,36 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
     return summary
 
 
-def put_datasets(spec: ZooSpec, blocks: list[list[int]], mnist: MNIST) -> dict[DataKey, ray.ObjectRef]:
-    """Render (or read from cache) every dataset the pending models need; put each once."""
+def put_datasets(spec: ZooSpec, blocks: list[list[int]], store: ZooStore,
+                 data_dir: str | Path | None) -> dict[DataKey, ray.ObjectRef]:
+    """Build every dataset the pending models need and put each once; record in the store
+    where the data came from (which refuses a resume on other data)."""
     needed = set().union(*(block_data_keys(spec, block) for block in blocks))
-    return {key: ray.put(load_imageset(mnist, spec.task, key[0], key[1], key[2], spec.data_seed))
-            for key in needed}
+    datasets, origin, fingerprint = load_datasets(spec, needed, data_dir)
+    store.record_data_source(origin, fingerprint)
+    return {key: ray.put(imageset) for key, imageset in datasets.items()}
+
+
+def load_datasets(spec: ZooSpec, keys: set[DataKey], data_dir: str | Path | None = None,
+                  ) -> tuple[dict[DataKey, ImageSet], str, str]:
+    """The datasets named by ``keys`` (rendered or read from the cache), and the origin and
+    fingerprint of the data they came from."""
+    if spec.task == "face_gender":
+        folder = find_face_folder(spec.dataset, data_dir)
+        faces = load_face_data(folder, image_size=build_model(spec.arch).input_shape[-1], seed=spec.data_seed)
+        return {key: face_dataset(faces, key) for key in keys}, str(folder), faces.fingerprint
+    mnist = load_mnist(data_dir)
+    datasets = {key: load_imageset(mnist, spec.task, *key, seed=spec.data_seed) for key in keys}
+    return datasets, mnist.origin, mnist.fingerprint
+
+
+def face_dataset(faces: FaceData, key: DataKey) -> ImageSet:
+    """A face model's training pool, the balanced test set, or its favoured group's part of it."""
+    split, favoured, pool = key
+    if split == "train":
+        return faces.pool(pool)
+    test = faces.test
+    if split == "test_biased" and favoured != "balanced":
+        keep = test.bias == GROUPS.index(favoured)
+        return ImageSet(test.images[keep], test.labels[keep], test.bias[keep])
+    return test

@@ -2,11 +2,16 @@
 
 A spec has four tables::
 
-    [zoo]     task, arch, width, n_models, seed, models_per_task, data_seed
+    [zoo]     task, arch, width, n_models, seed, models_per_task, data_seed, eval_size,
+              dataset (face_gender only: the face folder)
     [fixed]   training settings shared by every model (epochs = 2, lr = 1e-3, ...)
     [sweep]   axes crossed into a grid; model i gets grid cell i mod (number of cells)
     [sample]  axes drawn per model: {choice = [...]}, {uniform = [a, b]},
               {log_uniform = [a, b]} or {int_uniform = [a, b]} (inclusive)
+
+A regularizer's own options are axes too, written ``reg.<option>`` in any of the last three
+tables (``reg.beta = [0.1, 0.5]`` under ``[sweep]``); each model's regularizer takes the
+options it accepts and ignores the rest, and an option no named regularizer accepts is an error.
 
 Every model's full config is a pure function of (spec, model index): :meth:`ZooSpec.config`.
 Errors name the offending key, e.g. ``sweep.sigma2: values must lie in (0, 1)``.
@@ -25,16 +30,22 @@ from typing import Any
 
 import numpy as np
 
-from fairtrain.regularizers import RegularizerError, check_regularizer_name
+from fairtrain.regularizers import RegularizerError, check_regularizer_name, regularizer_options
 from modelzoo.architectures import ARCHITECTURES
-from modelzoo.datasets import POOLS, TASKS
+from modelzoo.datasets import N_COLORS, POOLS
+from modelzoo.faces import BIAS_GROUPS, GROUPS
 
-BIAS_LEVEL = {"colored_mnist": "sigma2", "biased_mnist": "rho"}
+# Each task's own axes; the first is its bias level, which a zoo must give.
+TASK_AXES = {"colored_mnist": ("sigma2",), "biased_mnist": ("rho",), "face_gender": ("bias_group", "skew")}
+TASKS = tuple(TASK_AXES)
+FACE_POOLS = ("A", "B")
 OPTIMIZERS = ("adam", "sgd")
-# Axis name -> (type, default). The bias level of each task has no default: a zoo must say it.
+# Axis name -> (type, default). A bias level has no default: a zoo must say it.
 AXES: dict[str, tuple[type, Any]] = {
     "sigma2": (float, None),
     "rho": (float, None),
+    "bias_group": (str, None),  # face_gender: the DiveFace group a training set favours, or balanced
+    "skew": (float, 0.8),  # face_gender: the favoured group's share of the training set
     "pool": (str, "A"),
     "lr": (float, 1e-3),
     "epochs": (int, 2),
@@ -54,8 +65,10 @@ ZOO_KEYS: dict[str, tuple[type, Any]] = {
     "models_per_task": (int, 4),
     "data_seed": (int, 0),
     "eval_size": (int, 0),  # test images used for metrics; 0 means all
+    "dataset": (str, ""),  # face_gender: a folder under <data root>/faces/, or a path
 }
 SAMPLERS = ("choice", "uniform", "log_uniform", "int_uniform")
+REG_PREFIX = "reg."  # axes named reg.<option> are options of the model's regularizer
 
 
 class SpecError(ValueError):
@@ -74,22 +87,43 @@ class ZooSpec:
     models_per_task: int = 4
     data_seed: int = 0
     eval_size: int = 0
+    dataset: str = ""
     fixed: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, list] = field(default_factory=dict)
     sample: dict[str, dict[str, list]] = field(default_factory=dict)
 
     @property
     def bias_level(self) -> str:
-        """Name of the bias-level axis of this task (``sigma2`` or ``rho``)."""
-        return BIAS_LEVEL[self.task]
+        """Name of the bias-level axis of this task (``sigma2``, ``rho`` or ``bias_group``)."""
+        return TASK_AXES[self.task][0]
+
+    @property
+    def num_groups(self) -> int:
+        """How many sensitive groups the task has: 10 colours, or 3 DiveFace groups."""
+        return len(GROUPS) if self.task == "face_gender" else N_COLORS
 
     @property
     def axes(self) -> list[str]:
-        """Config fields every model has, in a stable order."""
-        return [self.bias_level] + [a for a in AXES if a not in BIAS_LEVEL.values()]
+        """Config fields every model has, in a stable order: the task's axes, the common ones,
+        then reg.* options."""
+        given = {*self.fixed, *self.sweep, *self.sample}
+        return (list(TASK_AXES[self.task]) + common_axes()
+                + sorted(a for a in given if a.startswith(REG_PREFIX)))
+
+    def axis_type(self, axis: str) -> type:
+        """Python type of an axis's values (a reg.* option takes the type of the values given)."""
+        if axis in AXES:
+            return AXES[axis][0]
+        if axis in self.fixed:
+            return type(self.fixed[axis])
+        if axis in self.sweep:
+            return type(self.sweep[axis][0])
+        (_, args), = self.sample[axis].items()
+        return type(args[0])
 
     def to_dict(self) -> dict[str, Any]:
-        zoo = {k: getattr(self, k) for k in ZOO_KEYS}
+        # An unset dataset is left out, so MNIST specs keep the digests they had before faces.
+        zoo = {k: getattr(self, k) for k in ZOO_KEYS if k != "dataset" or self.dataset}
         return {"zoo": zoo, "fixed": self.fixed, "sweep": self.sweep, "sample": self.sample}
 
     def digest(self) -> str:
@@ -107,12 +141,12 @@ class ZooSpec:
         if not 0 <= index < self.n_models:
             raise IndexError(f"model index {index} outside 0..{self.n_models - 1}")
         grid = self.grid()
-        config = {name: AXES[name][1] for name in self.axes}
+        config = {name: AXES[name][1] for name in self.axes if name in AXES}
         config.update(self.fixed)
         config.update(grid[index % len(grid)])
         rng = np.random.default_rng([self.seed, index, 1])
         for name in sorted(self.sample):
-            config[name] = _draw(self.sample[name], rng, AXES[name][0])
+            config[name] = _draw(self.sample[name], rng, self.axis_type(name))
         if config["seed"] is None:
             config["seed"] = int(np.random.default_rng([self.seed, index, 0]).integers(2**31 - 1))
         return {"index": index, **config}
@@ -149,6 +183,12 @@ def load_spec(path: str | Path) -> ZooSpec:
     return parse_spec(raw)
 
 
+def common_axes() -> list[str]:
+    """The axes every task has (everything but the task-specific ones)."""
+    specific = {axis for axes in TASK_AXES.values() for axis in axes}
+    return [a for a in AXES if a not in specific]
+
+
 def parse_spec(raw: dict[str, Any]) -> ZooSpec:
     """Validate a spec given as nested dicts (the parsed TOML); raise :class:`SpecError`."""
     unknown = set(raw) - {"zoo", "fixed", "sweep", "sample"}
@@ -166,14 +206,16 @@ def parse_spec(raw: dict[str, Any]) -> ZooSpec:
         zoo[key] = _typed(f"zoo.{key}", zoo[key], kind)
     _check_zoo(zoo)
 
-    tables = {name: dict(raw.get(name, {})) for name in ("fixed", "sweep", "sample")}
-    level = BIAS_LEVEL[zoo["task"]]
+    tables = {name: _flat_options(name, dict(raw.get(name, {}))) for name in ("fixed", "sweep", "sample")}
+    level = TASK_AXES[zoo["task"]][0]
+    allowed = [*TASK_AXES[zoo["task"]], *common_axes()]
     seen: dict[str, str] = {}
     for table, entries in tables.items():
         for axis in entries:
             where = f"{table}.{axis}"
-            if axis not in AXES or (axis in BIAS_LEVEL.values() and axis != level):
-                allowed = [level] + [a for a in AXES if a not in BIAS_LEVEL.values()]
+            if axis.startswith(REG_PREFIX):
+                pass  # checked below, once every regularizer the spec names is known
+            elif axis not in allowed:
                 raise SpecError(f"{where}: unknown axis for task {zoo['task']}; known: {allowed}")
             if axis in seen:
                 raise SpecError(f"{where}: also given in {seen[axis]}.{axis}; give each axis once")
@@ -187,10 +229,56 @@ def parse_spec(raw: dict[str, Any]) -> ZooSpec:
         where = f"sweep.{axis}"
         if not isinstance(values, list) or not values:
             raise SpecError(f"{where}: must be a non-empty list of values")
-        tables["sweep"][axis] = [_checked_value(where, axis, v) for v in values]
+        tables["sweep"][axis] = _same_type(where, [_checked_value(where, axis, v) for v in values])
     for axis, sampler in tables["sample"].items():
         tables["sample"][axis] = _checked_sampler(f"sample.{axis}", axis, sampler)
+    _check_options(tables, seen)
+    if zoo["task"] == "face_gender":
+        pools = _values_given(tables, "pool")
+        if not pools <= set(FACE_POOLS):
+            raise SpecError(f"pool: face_gender trains on pool {' or '.join(FACE_POOLS)}, "
+                            f"got {sorted(pools)}")
     return ZooSpec(**zoo, **tables)
+
+
+def _flat_options(table: str, entries: dict[str, Any]) -> dict[str, Any]:
+    """TOML reads ``reg.beta = 0.5`` as ``{"reg": {"beta": 0.5}}``; make it the axis ``reg.beta``."""
+    options = entries.pop(REG_PREFIX[:-1], {})
+    if not isinstance(options, dict):
+        raise SpecError(f"{table}.reg: write regularizer options as reg.<option> = value")
+    return entries | {REG_PREFIX + name: value for name, value in options.items()}
+
+
+def _values_given(tables: dict[str, dict[str, Any]], axis: str) -> set:
+    """Every value an axis can take in this spec (its default when no table gives it)."""
+    if axis in tables["fixed"]:
+        return {tables["fixed"][axis]}
+    if axis in tables["sweep"]:
+        return set(tables["sweep"][axis])
+    if axis in tables["sample"]:
+        return set(tables["sample"][axis].get("choice", []))
+    return {AXES[axis][1]}
+
+
+def _check_options(tables: dict[str, dict[str, Any]], seen: dict[str, str]) -> None:
+    """Every reg.* option must be taken by at least one regularizer the spec names."""
+    named = _values_given(tables, "regularizer")
+    accepted = set().union(*(regularizer_options(name) for name in named))
+    for axis, table in seen.items():
+        option = axis.removeprefix(REG_PREFIX)
+        if axis.startswith(REG_PREFIX) and option not in accepted:
+            raise SpecError(f"{table}.{axis}: no regularizer in this spec ({', '.join(sorted(named))}) "
+                            f"takes option {option!r}; they take {sorted(accepted) or 'none'}")
+
+
+def _same_type(where: str, values: list) -> list:
+    """One type per axis (it becomes one store column); integers mixed with floats become floats."""
+    kinds = {type(v) for v in values}
+    if kinds == {int, float}:
+        return [float(v) for v in values]
+    if len(kinds) > 1:
+        raise SpecError(f"{where}: values must share one type, got {values!r}")
+    return values
 
 
 def _typed(where: str, value: Any, kind: type) -> Any:
@@ -206,6 +294,15 @@ def _check_zoo(zoo: dict[str, Any]) -> None:
         raise SpecError(f"zoo.task: unknown task {zoo['task']!r}; known: {list(TASKS)}")
     if zoo["arch"] not in ARCHITECTURES:
         raise SpecError(f"zoo.arch: unknown architecture {zoo['arch']!r}; known: {sorted(ARCHITECTURES)}")
+    model = ARCHITECTURES[zoo["arch"]]
+    faces = zoo["task"] == "face_gender"
+    if faces != (model.num_classes == 2) or (not faces and model.input_shape != (3, 28, 28)):
+        fits = [name for name, m in ARCHITECTURES.items()
+                if (m.num_classes == 2) == faces and (faces or m.input_shape == (3, 28, 28))]
+        raise SpecError(f"zoo.arch: {zoo['arch']} does not fit task {zoo['task']}; use one of {fits}")
+    if faces and not zoo["dataset"]:
+        raise SpecError("zoo.dataset: task face_gender needs a face folder (a name under "
+                        "<data root>/faces/ or a path)")
     if not 0 < zoo["width"] <= 8:
         raise SpecError(f"zoo.width: must lie in (0, 8], got {zoo['width']}")
     for key in ("n_models", "models_per_task"):
@@ -217,6 +314,11 @@ def _check_zoo(zoo: dict[str, Any]) -> None:
 
 
 def _checked_value(where: str, axis: str, value: Any) -> Any:
+    if axis.startswith(REG_PREFIX):
+        if not isinstance(value, bool | int | float | str):
+            raise SpecError(f"{where}: a regularizer option takes a number, a string or a boolean, "
+                            f"got {value!r}")
+        return value
     value = _typed(where, value, AXES[axis][0])
     ok, expected = True, ""
     if axis == "sigma2":
@@ -225,6 +327,10 @@ def _checked_value(where: str, axis: str, value: Any) -> Any:
         ok, expected = 0 <= value <= 1, "in [0, 1]"
     elif axis == "pool":
         ok, expected = value in POOLS, f"one of {list(POOLS)}"
+    elif axis == "bias_group":
+        ok, expected = value in BIAS_GROUPS, f"one of {list(BIAS_GROUPS)}"
+    elif axis == "skew":
+        ok, expected = 0 < value < 1, "in (0, 1)"
     elif axis == "optimizer":
         ok, expected = value in OPTIMIZERS, f"one of {list(OPTIMIZERS)}"
     elif axis == "lr":
@@ -250,12 +356,14 @@ def _checked_sampler(where: str, axis: str, sampler: Any) -> dict[str, list]:
     if not isinstance(args, list) or not args:
         raise SpecError(f"{where}.{how}: must be a non-empty list")
     if how == "choice":
-        return {how: [_checked_value(f"{where}.choice", axis, v) for v in args]}
+        values = [_checked_value(f"{where}.choice", axis, v) for v in args]
+        return {how: _same_type(f"{where}.choice", values)}
     if len(args) != 2:
         raise SpecError(f"{where}.{how}: needs exactly [low, high]")
-    if AXES[axis][0] is str:
-        raise SpecError(f"{where}.{how}: axis {axis} takes strings; use choice = [...]")
-    if how == "int_uniform" and AXES[axis][0] is not int:
+    kind = AXES[axis][0] if axis in AXES else type(_same_type(f"{where}.{how}", args)[0])
+    if kind is not int and kind is not float:
+        raise SpecError(f"{where}.{how}: axis {axis} is not numeric; use choice = [...]")
+    if how == "int_uniform" and kind is not int:
         raise SpecError(f"{where}.int_uniform: axis {axis} is not an integer axis")
     low, high = (_checked_value(f"{where}.{how}", axis, v) for v in args)
     if low > high or (how == "log_uniform" and low <= 0):

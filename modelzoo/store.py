@@ -33,15 +33,14 @@ from typing import Any
 import numpy as np
 import zarr
 
-from modelzoo.architectures import TensorSlot, build_model, layout, layout_records
-from modelzoo.spec import AXES, ZooSpec, parse_spec
+from modelzoo.architectures import ARCHITECTURES, TensorSlot, build_model, layout, layout_records
+from modelzoo.faces import GROUPS
+from modelzoo.spec import ZooSpec, parse_spec
 from modelzoo.training import ModelResult
 
 FORMAT = "weightbias-zoo"
 FORMAT_VERSION = 1
 SCALAR_METRICS = ("unbiased_acc", "biased_acc", "leakage", "train_loss", "reg_loss", "wall_seconds")
-GROUP_METRICS = ("per_class_acc", "per_group_acc")
-NUM_CLASSES = 10
 VERIFY_BLOCK = 512
 
 
@@ -67,9 +66,9 @@ def weights_checksum(row: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(row, dtype=np.float32).tobytes())
 
 
-def _config_dtype(axis: str) -> type:
+def _config_dtype(spec: ZooSpec, axis: str) -> type:
     # Strings are stored variable-length (zarr's spec'd string type), never fixed-width.
-    return {float: np.float64, int: np.int64, str: str}[AXES[axis][0]]
+    return {float: np.float64, int: np.int64, bool: np.bool_, str: str}[spec.axis_type(axis)]
 
 
 class ZooStore:
@@ -202,7 +201,8 @@ def _existing_zoo_attrs(path: Path) -> dict[str, Any]:
 
 def _build(path: Path, spec: ZooSpec) -> None:
     """Create arrays and configs; mark the group ready only once all of it exists."""
-    slots = layout(build_model(spec.arch, spec.width))
+    model = build_model(spec.arch, spec.width)
+    slots = layout(model)
     n, p = spec.n_models, sum(s.size for s in slots)
     chunk = min(spec.models_per_task, n)
     g = zarr.open_group(path, mode="w")
@@ -213,14 +213,15 @@ def _build(path: Path, spec: ZooSpec) -> None:
     configs = [spec.config(i) for i in range(n)]
     config_group = g.create_group("config")
     for axis in spec.axes:
-        array = config_group.create_array(axis, shape=(n,), chunks=(n,), dtype=_config_dtype(axis))
-        array[:] = np.array([c[axis] for c in configs], dtype=_config_dtype(axis))
+        dtype = _config_dtype(spec, axis)
+        array = config_group.create_array(axis, shape=(n,), chunks=(n,), dtype=dtype)
+        array[:] = np.array([c[axis] for c in configs], dtype=dtype)
     metrics = g.create_group("metrics")
     for name in SCALAR_METRICS:
         metrics.create_array(name, shape=(n,), chunks=(chunk,), dtype="float32", fill_value=np.nan)
-    for name in GROUP_METRICS:
-        metrics.create_array(name, shape=(n, NUM_CLASSES), chunks=(chunk, NUM_CLASSES),
-                             dtype="float32", fill_value=np.nan)
+    for name, width in group_metric_widths(spec).items():
+        metrics.create_array(name, shape=(n, width), chunks=(chunk, width), dtype="float32",
+                             fill_value=np.nan)
     metrics.create_array("worker_host", shape=(n,), chunks=(chunk,), dtype=str, fill_value="")
     g.attrs.update({
         "spec": spec.to_dict(),
@@ -230,24 +231,43 @@ def _build(path: Path, spec: ZooSpec) -> None:
         "width": spec.width,
         "n_params": p,
         "layout": layout_records(slots),
-        "input": {"shape": [3, 28, 28], "dtype": "uint8", "scale": "divide by 255"},
+        "input": {"shape": list(model.input_shape), "dtype": "uint8", "scale": "divide by 255"},
         "bias_level": spec.bias_level,
+        "groups": (list(GROUPS) if spec.task == "face_gender"
+                   else [f"colour {i}" for i in range(spec.num_groups)]),
         "versions": library_versions(),
-        "fields": {
-            "done": "1 once weights, checksum and metrics of the model are written",
-            "checksum": "zlib.crc32 of the model's float32 weight row",
-            "metrics/unbiased_acc": "accuracy on the unbiased (colour-independent) test set",
-            "metrics/biased_acc": "accuracy on a test set coloured like the training set",
-            "metrics/per_class_acc": "per-digit accuracy on the unbiased test set",
-            "metrics/per_group_acc": "accuracy per colour (the sensitive group) on the unbiased test set",
-            "metrics/leakage": "accuracy of a fresh logistic probe predicting the colour from the "
-                               "bottleneck features (unbiased test set, half fit, half scored); "
-                               "chance is 0.1",
-            "metrics/train_loss": "mean cross-entropy over the last training epoch",
-            "metrics/reg_loss": "mean regularizer term (gamma * R) over the last epoch; 0 for none",
-        },
+        "fields": field_descriptions(spec),
         "state": "ready",
     })
+
+
+def group_metric_widths(spec: ZooSpec) -> dict[str, int]:
+    """Columns of the per-class and per-group accuracy arrays."""
+    return {"per_class_acc": ARCHITECTURES[spec.arch].num_classes, "per_group_acc": spec.num_groups}
+
+
+def field_descriptions(spec: ZooSpec) -> dict[str, str]:
+    """What each array means, in words, for this task (kept in the store's attributes)."""
+    faces = spec.task == "face_gender"
+    group = "ethnic group (DiveFace's three)" if faces else "colour"
+    unbiased = ("the test set balanced over gender × group" if faces
+                else "the unbiased (colour-independent) test set")
+    return {
+        "done": "1 once weights, checksum and metrics of the model are written",
+        "checksum": "zlib.crc32 of the model's float32 weight row",
+        "metrics/unbiased_acc": f"accuracy on {unbiased}",
+        "metrics/biased_acc": ("accuracy on the favoured group's part of the balanced test set "
+                               "(all of it for a balanced model)" if faces
+                               else "accuracy on a test set coloured like the training set"),
+        "metrics/per_class_acc": f"accuracy per class ({'gender' if faces else 'digit'}) on {unbiased}",
+        "metrics/per_group_acc": f"accuracy per {group} (the sensitive group, order in attrs.groups) "
+                                 f"on {unbiased}",
+        "metrics/leakage": f"accuracy of a fresh logistic probe predicting the {group} from the bottleneck "
+                           f"features ({unbiased}, half fit, half scored); chance is about "
+                           f"{1 / spec.num_groups:.2f}",
+        "metrics/train_loss": "mean cross-entropy over the last training epoch",
+        "metrics/reg_loss": "mean regularizer term (gamma * R) over the last epoch; 0 for none",
+    }
 
 
 def size_on_disk(path: Path) -> int:
@@ -273,7 +293,7 @@ def zoo_info(store: ZooStore) -> dict[str, Any]:
     per_level = {}
     for value in np.unique(level):
         mask = done & (level == value)
-        per_level[f"{value:g}"] = {
+        per_level[value if isinstance(value, str) else f"{value:g}"] = {
             "n_done": int(mask.sum()),
             "mean_unbiased_acc": float(unbiased[mask].mean()) if mask.any() else None,
             "mean_biased_acc": float(biased[mask].mean()) if mask.any() else None,
@@ -321,7 +341,7 @@ def verify(path: str | Path) -> VerifyReport:
     if expected_layout != store.layout or sum(s.size for s in store.layout) != p:
         problems.append("layout attribute does not match the architecture it names")
     shapes = {"weights": (n, p), "checksum": (n,), "done": (n,)}
-    shapes |= {f"metrics/{m}": (n, NUM_CLASSES) for m in GROUP_METRICS}
+    shapes |= {f"metrics/{m}": (n, width) for m, width in group_metric_widths(store.spec).items()}
     shapes |= {f"metrics/{m}": (n,) for m in (*SCALAR_METRICS, "worker_host")}
     shapes |= {f"config/{a}": (n,) for a in store.spec.axes}
     for name, shape in shapes.items():

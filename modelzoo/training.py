@@ -4,8 +4,8 @@ Third stage of the flow (source → dataset → **trainer** + regularizer → st
 Given a model's config (see :meth:`modelzoo.spec.ZooSpec.config`) and the rendered datasets
 it needs, it returns the flat weight vector and the per-model metrics the store records. A
 fairtrain regularizer named in the config taps the model's bottleneck and adds its term; the
-sensitive attribute is each image's colour. It knows nothing about Ray or Zarr, so a plain
-loop (tests, benchmarks, a user's notebook) can call it too.
+sensitive attribute is each image's colour (MNIST tasks) or ethnic group (faces). It knows
+nothing about Ray or Zarr, so a plain loop (tests, benchmarks, a user's notebook) can call it.
 """
 
 from __future__ import annotations
@@ -23,17 +23,21 @@ from fairtrain.metrics import representation_leakage
 from fairtrain.regularizers import FeatureTap, regularizer_for_model
 from modelzoo.architectures import build_model, flatten
 from modelzoo.datasets import N_COLORS, ImageSet
+from modelzoo.faces import largest_skewed_size, skewed_subset
+from modelzoo.spec import REG_PREFIX
 
 EVAL_BATCH = 1000
 
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The three image sets one model needs: its training pool and both test sets."""
+    """The three image sets one model needs: its training pool and both test sets, and how
+    many sensitive groups their ``bias`` labels range over (10 colours, 3 face groups)."""
 
     train: ImageSet
     test_biased: ImageSet
     test_unbiased: ImageSet
+    num_groups: int = N_COLORS
 
 
 @dataclass
@@ -55,8 +59,17 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
-def training_subset(n_pool: int, train_size: int, seed: int) -> np.ndarray:
-    """Indices of the pool a model trains on: the whole pool, or a seeded random subset."""
+def training_subset(train: ImageSet, config: dict) -> np.ndarray:
+    """Indices of the pool a model trains on.
+
+    A face model (its config names a ``bias_group``) gets the group mix of
+    :func:`~modelzoo.faces.skewed_subset`; ``train_size`` 0 means the largest size every bias
+    group can have at this skew. Otherwise: the whole pool, or a seeded random subset.
+    """
+    n_pool, train_size, seed = len(train), config["train_size"], config["seed"]
+    if "bias_group" in config:
+        size = train_size or largest_skewed_size(train.bias, config["skew"])
+        return skewed_subset(train.bias, config["bias_group"], config["skew"], size, seed)
     if train_size == 0 or train_size >= n_pool:
         return np.arange(n_pool)
     return np.sort(np.random.default_rng([seed, 2]).choice(n_pool, train_size, replace=False))
@@ -75,9 +88,10 @@ def bottleneck_tap(model: nn.Module) -> FeatureTap:
     return FeatureTap(model, model.bottleneck, activation=torch.relu)
 
 
-def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device) -> FitResult:
+def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device,
+        num_groups: int = N_COLORS) -> FitResult:
     """Train in place for ``config['epochs']``, with the config's regularizer if it names one."""
-    subset = training_subset(len(train), config["train_size"], config["seed"])
+    subset = training_subset(train, config)
     images = torch.from_numpy(np.ascontiguousarray(train.images[subset]))
     labels = torch.from_numpy(np.ascontiguousarray(train.labels[subset]))
     sensitive = torch.from_numpy(np.ascontiguousarray(train.bias[subset]))
@@ -88,7 +102,9 @@ def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device) -
         regularizer = regularizer_for_model(
             config["regularizer"], config["gamma"],
             feature_dim=model.get_submodule(model.bottleneck).out_features,
-            num_groups=N_COLORS, num_classes=model.num_classes).to(device)
+            num_groups=num_groups, num_classes=model.num_classes,
+            options={k.removeprefix(REG_PREFIX): v for k, v in config.items() if k.startswith(REG_PREFIX)},
+        ).to(device)
         params += list(regularizer.parameters())
     optimizer = make_optimizer(config["optimizer"], params, config["lr"])
     shuffler = torch.Generator().manual_seed(config["seed"])
@@ -155,7 +171,7 @@ def train_one(arch: str, width: float, config: dict, data: TrainingData,
     started = time.perf_counter()
     torch.manual_seed(config["seed"])
     model = build_model(arch, width).to(device)
-    fitted = fit(model, data.train, config, device)
+    fitted = fit(model, data.train, config, device, data.num_groups)
     unbiased, biased = data.test_unbiased, data.test_biased
     n = len(unbiased) if eval_size == 0 else min(eval_size, len(unbiased))
     predicted, features = predict(model, unbiased.images[:n], device)
@@ -165,7 +181,7 @@ def train_one(arch: str, width: float, config: dict, data: TrainingData,
         "unbiased_acc": float(correct.mean()),
         "biased_acc": float((biased_predicted == biased.labels[:n]).mean()),
         "per_class_acc": per_value_accuracy(correct, unbiased.labels[:n], model.num_classes),
-        "per_group_acc": per_value_accuracy(correct, unbiased.bias[:n], N_COLORS),
+        "per_group_acc": per_value_accuracy(correct, unbiased.bias[:n], data.num_groups),
         "leakage": leakage(features, unbiased.bias[:n]),
         "train_loss": fitted.train_loss,
         "reg_loss": fitted.reg_loss,

@@ -55,7 +55,7 @@ def bare_loop(spec: ZooSpec, datasets: dict, threads: int) -> float:
         torch.manual_seed(config["seed"])
         model = build_model(spec.arch, spec.width)
         optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
-        subset = training_subset(len(train), config["train_size"], config["seed"])
+        subset = training_subset(train, config)
         images = torch.from_numpy(train.images[subset])
         labels = torch.from_numpy(train.labels[subset])
         order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config["seed"]))

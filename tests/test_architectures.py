@@ -52,3 +52,36 @@ def test_width_variants_build_and_run(width: float) -> None:
 def test_unknown_architecture_is_named() -> None:
     with pytest.raises(ArchitectureError, match="resnet"):
         build_model("resnet")
+
+
+def test_gender_cnn_keeps_ifbid_parameter_count_at_48px() -> None:
+    model = build_model("gender-cnn")
+    assert n_params(model) == 106_242
+    assert model.input_shape == (3, 48, 48) and model.num_classes == 2
+    assert model.get_submodule(model.bottleneck).out_features == 128
+    x = torch.rand(3, *model.input_shape)
+    assert model(x).shape == (3, 2)
+    assert model.features(x).shape == (3, 128)
+
+
+def test_gender_cnn_layout_roundtrip() -> None:
+    torch.manual_seed(1)
+    model, copy = build_model("gender-cnn").eval(), build_model("gender-cnn").eval()
+    slots = layout(model)
+    assert [s.name for s in slots] == [f"{layer}.{kind}" for layer in
+                                       ("conv1", "conv2", "conv3", "conv4", "conv5", "fc1", "fc2")
+                                       for kind in ("weight", "bias")]
+    assert slots[0].shape == (24, 3, 5, 5) and slots[-2].shape == (2, 128)
+    assert slots[-1].offset + slots[-1].size == 106_242
+    copy.load_state_dict(unflatten(flatten(model), slots))
+    x = torch.rand(4, 3, 48, 48)
+    torch.testing.assert_close(model(x), copy(x))
+
+
+@pytest.mark.parametrize("width", [0.5, 2.0])
+def test_gender_cnn_width_variants(width: float) -> None:
+    model = build_model("gender-cnn", width)
+    assert model(torch.rand(2, 3, 48, 48)).shape == (2, 2)
+    assert n_params(model) != 106_242
+    assert (n_params(model) < 106_242) == (width < 1)
+    assert model.conv1.out_channels == round(24 * width)

@@ -16,6 +16,8 @@ from fairtrain.regularizers import (
     RegularizerError,
     balanced_weights,
     make_regularizer,
+    regularizer_for_model,
+    regularizer_options,
     reverse_gradient,
 )
 from modelzoo.architectures import build_model
@@ -267,6 +269,29 @@ def test_group_balanced_term_completes_the_balanced_cross_entropy() -> None:
     balanced = (ce[:7].mean() + ce[7:9].mean() + ce[9:].mean()) / 3
     total = F.cross_entropy(logits, targets) + reg_of("group_balanced")(features, logits, targets, groups)
     assert total.item() == pytest.approx(balanced.item(), rel=1e-6)
+
+
+def test_group_balanced_per_class_balances_groups_inside_each_class() -> None:
+    features, logits, _, _ = batch(n=8)
+    targets = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])  # 3:1 inside each class, 1:1 overall
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    plain = make_regularizer("group_balanced")(features, logits, targets, groups)
+    assert plain.abs().item() < 1e-6  # the groups are balanced overall: nothing to reweight
+    per_class = make_regularizer("group_balanced", per_class=True)(features, logits, targets, groups)
+    within = ((ce[:3].mean() + ce[3]) / 2 + (ce[4:7].mean() + ce[7]) / 2) / 2
+    assert (F.cross_entropy(logits, targets) + per_class).item() == pytest.approx(within.item(), rel=1e-6)
+
+
+def test_model_regularizers_take_the_options_they_accept() -> None:
+    shapes = {"feature_dim": 8, "num_groups": 3, "num_classes": 2}
+    options = {"hidden": 16, "per_class": True}  # one zoo-wide table: grad takes hidden only
+    grad = regularizer_for_model("grad", 1.0, **shapes, options=options)
+    assert sum(isinstance(m, torch.nn.Linear) for m in grad.modules()) == 2  # hidden layer + output
+    balanced = regularizer_for_model("group_balanced", 1.0, **shapes, options=options)
+    assert balanced.per_class is True
+    assert regularizer_options("unsupervised+end") >= {"alpha", "beta", "clusters", "momentum"}
+    assert "feature_dim" not in regularizer_options("grad")
 
 
 def test_balanced_weights_within_strata_keep_stratum_mass() -> None:

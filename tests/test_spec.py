@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,44 @@ def test_invalid_specs_name_the_key(path, value, message) -> None:
         parse_spec(raw)
         return
     with pytest.raises(SpecError, match=message.replace(".", r"\.")):
+        parse_spec(raw)
+
+
+def test_regularizer_options_are_axes(tmp_path: Path) -> None:
+    toml = tmp_path / "options.toml"
+    toml.write_text('''
+[zoo]
+task = "colored_mnist"
+arch = "digit-cnn"
+n_models = 4
+[fixed]
+sigma2 = 0.02
+reg.alpha = 0.5
+[sweep]
+regularizer = ["end", "group_balanced"]
+reg.per_class = [true, false]
+''')
+    spec = load_spec(toml)
+    assert spec.axes[-2:] == ["reg.alpha", "reg.per_class"] and spec.axis_type("reg.per_class") is bool
+    configs = [spec.config(i) for i in range(4)]
+    assert {(c["regularizer"], c["reg.per_class"]) for c in configs} == {
+        ("end", True), ("end", False), ("group_balanced", True), ("group_balanced", False)}
+    assert all(c["reg.alpha"] == 0.5 for c in configs)
+
+
+@pytest.mark.parametrize(("tables", "message"), [
+    ({"fixed": {"regularizer": "ndr", "reg": {"alpha": 0.5}}}, "fixed.reg.alpha: no regularizer"),
+    ({"sweep": {"reg": {"beta": [0.1]}}}, "sweep.reg.beta: no regularizer in this spec (none)"),
+    ({"fixed": {"regularizer": "end", "reg": {"alpha": [1, 2]}}}, "fixed.reg.alpha: a regularizer option"),
+    ({"fixed": {"regularizer": "end"}, "sweep": {"reg": {"beta": [0.1, "x"]}}},
+     "sweep.reg.beta: values must"),
+    ({"fixed": {"regularizer": "end", "reg": 3}}, "fixed.reg: write regularizer options"),
+])
+def test_bad_regularizer_options_name_the_key(tables: dict, message: str) -> None:
+    raw = tiny_spec_dict()
+    for table, entries in tables.items():
+        raw[table].update(entries)
+    with pytest.raises(SpecError, match=re.escape(message)):
         parse_spec(raw)
 
 

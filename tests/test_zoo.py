@@ -346,10 +346,12 @@ def test_generate_joins_an_existing_cluster_with_address(tmp_path: Path) -> None
 def test_regularizer_axis_trains_and_records_fairness_metrics(ray_local, tmp_path: Path) -> None:
     raw = tiny_spec_dict(n_models=3, models_per_task=3, train_size=1024, lr=3e-3, gamma=1.0, pool="A")
     raw["sweep"] = {"sigma2": [0.02], "regularizer": ["none", "grad", "unsupervised+ndr"]}
+    raw["fixed"]["reg"] = {"hidden": 16}  # the grad head's option; the others ignore it
     out = tmp_path / "fair.zarr"
     assert generate(parse_spec(raw), out, progress=False).n_trained == 3
     store = ZooStore.open(out)
     assert list(store.field("config/regularizer")) == ["none", "grad", "unsupervised+ndr"]
+    assert list(store.field("config/reg.hidden")) == [16, 16, 16]
     reg_loss = store.field("metrics/reg_loss")
     assert reg_loss[0] == 0 and (reg_loss[1:] != 0).all()
     leakage = store.field("metrics/leakage")
