@@ -9,6 +9,7 @@ Prints one JSON line; the ratio ``zoo / bare`` is the figure to read (these mach
 noisy, absolute numbers are not).
 
     python scripts/bench_zoo.py --data-dir ../shared/data --n-models 48
+    python scripts/bench_zoo.py --data-dir ../shared/data --task faces --n-models 16
 """
 
 from __future__ import annotations
@@ -27,14 +28,23 @@ from torch import nn
 
 from fairtrain.metrics import representation_leakage
 from modelzoo.architectures import build_model
-from modelzoo.datasets import load_imageset
-from modelzoo.generate import block_data_keys, data_keys, generate
-from modelzoo.sources import load_mnist
+from modelzoo.generate import block_data_keys, data_keys, generate, load_datasets
 from modelzoo.spec import ZooSpec, parse_spec
 from modelzoo.training import training_subset
 
 
-def bench_spec(n_models: int, train_size: int, eval_size: int, models_per_task: int) -> ZooSpec:
+def bench_spec(task: str, n_models: int, train_size: int, eval_size: int, models_per_task: int) -> ZooSpec:
+    if task == "faces":
+        return parse_spec({
+            "zoo": {"task": "face_gender", "arch": "gender-cnn", "dataset": "utkface_crop_part1",
+                    "n_models": n_models, "seed": 11, "models_per_task": models_per_task,
+                    "eval_size": eval_size},
+            "fixed": {"epochs": 10, "train_size": train_size, "batch_size": 32, "optimizer": "adam",
+                      "skew": 0.8},
+            "sweep": {"bias_group": ["east_asian", "african_indian", "caucasian", "balanced"],
+                      "pool": ["A", "B"]},
+            "sample": {"lr": {"log_uniform": [5e-4, 2e-3]}},
+        })
     return parse_spec({
         "zoo": {"task": "colored_mnist", "arch": "digit-cnn", "n_models": n_models, "seed": 11,
                 "models_per_task": models_per_task, "eval_size": eval_size},
@@ -58,14 +68,16 @@ def bare_loop(spec: ZooSpec, datasets: dict, threads: int) -> float:
         subset = training_subset(train, config)
         images = torch.from_numpy(train.images[subset])
         labels = torch.from_numpy(train.labels[subset])
-        order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config["seed"]))
+        shuffler = torch.Generator().manual_seed(config["seed"])
         model.train()
-        for start in range(0, len(order), config["batch_size"]):
-            batch = order[start : start + config["batch_size"]]
-            loss = nn.functional.cross_entropy(model(images[batch].float() / 255), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+        for _ in range(config["epochs"]):
+            order = torch.randperm(len(labels), generator=shuffler)
+            for start in range(0, len(order), config["batch_size"]):
+                batch = order[start : start + config["batch_size"]]
+                loss = nn.functional.cross_entropy(model(images[batch].float() / 255), labels[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
         model.eval()
         n = spec.eval_size
         with torch.no_grad():
@@ -74,28 +86,29 @@ def bare_loop(spec: ZooSpec, datasets: dict, threads: int) -> float:
             (model.fc2(features).argmax(1).numpy() == unbiased.labels[:n]).mean()
             (model(torch.from_numpy(biased.images[:n]).float() / 255).argmax(1).numpy()
              == biased.labels[:n]).mean()
-        # The same colour-leakage probe the zoo records for every model.
-        half, colours = n // 2, unbiased.bias[:n]
+        # The same group-leakage probe the zoo records for every model.
+        half, groups = n // 2, unbiased.bias[:n]
         with threadpool_limits(limits=1):
-            representation_leakage(features[:half].numpy(), colours[:half], features[half:].numpy(),
-                                   colours[half:])
+            representation_leakage(features[:half].numpy(), groups[:half], features[half:].numpy(),
+                                   groups[half:])
     return time.perf_counter() - started
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--task", choices=("colored_mnist", "faces"), default="colored_mnist")
     parser.add_argument("--n-models", type=int, default=48)
-    parser.add_argument("--train-size", type=int, default=4000)
+    parser.add_argument("--train-size", type=int, help="default: 4000 digits, or 300 faces")
     parser.add_argument("--eval-size", type=int, default=2000)
     parser.add_argument("--models-per-task", type=int, default=4)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
     args = parser.parse_args()
 
-    spec = bench_spec(args.n_models, args.train_size, args.eval_size, args.models_per_task)
-    mnist = load_mnist(args.data_dir)
+    train_size = args.train_size or (300 if args.task == "faces" else 4000)
+    spec = bench_spec(args.task, args.n_models, train_size, args.eval_size, args.models_per_task)
     needed = block_data_keys(spec, list(range(spec.n_models)))
-    datasets = {key: load_imageset(mnist, spec.task, *key, seed=spec.data_seed) for key in needed}
+    datasets, _, _ = load_datasets(spec, needed, args.data_dir)
 
     bare_seconds = bare_loop(spec, datasets, args.num_cpus)
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,8 +120,8 @@ def main() -> None:
     bare_rate, zoo_rate = 3600 * spec.n_models / bare_seconds, 3600 * spec.n_models / zoo_seconds
     print(json.dumps({
         "benchmark": "zoo_generate_vs_bare_loop",
-        "task": "colored_mnist", "arch": spec.arch, "device": "cpu",
-        "n_models": spec.n_models, "train_size": args.train_size, "eval_size": args.eval_size,
+        "task": spec.task, "arch": spec.arch, "device": "cpu",
+        "n_models": spec.n_models, "train_size": train_size, "eval_size": args.eval_size,
         "num_cpus": args.num_cpus, "cpu": platform.processor() or platform.machine(),
         "bare_models_per_hour": round(bare_rate, 1), "zoo_models_per_hour": round(zoo_rate, 1),
         "bare_seconds": round(bare_seconds, 2), "zoo_seconds": round(zoo_seconds, 2),

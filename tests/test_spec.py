@@ -12,10 +12,11 @@ from modelzoo.spec import SpecError, load_spec, parse_spec
 from tests.conftest import REPO, tiny_spec_dict
 
 
-@pytest.mark.parametrize("name", ["quick.toml", "digitwdb.toml", "biased_mnist.toml", "regularizers.toml"])
+@pytest.mark.parametrize("name", ["quick.toml", "digitwdb.toml", "biased_mnist.toml", "regularizers.toml",
+                                  "faces.toml"])
 def test_example_specs_are_valid(name: str) -> None:
     spec = load_spec(REPO / "examples" / name)
-    assert spec.task in ("colored_mnist", "biased_mnist") and spec.n_models >= 8
+    assert spec.task in ("colored_mnist", "biased_mnist", "face_gender") and spec.n_models >= 8
 
 
 def test_configs_are_pure_and_cover_the_grid() -> None:
