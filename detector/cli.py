@@ -8,18 +8,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from detector.commands import add_detector_commands
+from detector.insidebias import InsideBiasError
+from detector.models import DetectorError
 from modelzoo.architectures import ArchitectureError
 from modelzoo.checkpoints import CheckpointError
 from modelzoo.cli import add_zoo_commands
 from modelzoo.datasets import DatasetError
+from modelzoo.faces import FaceDataError
 from modelzoo.generate import GenerateError
 from modelzoo.sources import DataSourceError
 from modelzoo.spec import SpecError
 from modelzoo.store import StoreError
 
 # The project's own errors: reported as one clear line, never as a traceback.
-USER_ERRORS = (ArchitectureError, CheckpointError, DatasetError, DataSourceError, GenerateError,
-               SpecError, StoreError)
+USER_ERRORS = (ArchitectureError, CheckpointError, DatasetError, DataSourceError, DetectorError,
+               FaceDataError, GenerateError, InsideBiasError, SpecError, StoreError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find hidden bias in neural networks by reading their weights.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_zoo_commands(commands)
+    add_detector_commands(commands)
     return parser
 
 

@@ -219,7 +219,7 @@ def load_datasets(spec: ZooSpec, keys: set[DataKey], data_dir: str | Path | None
     if spec.task == "face_gender":
         folder = find_face_folder(spec.dataset, data_dir)
         faces = load_face_data(folder, image_size=build_model(spec.arch).input_shape[-1], seed=spec.data_seed)
-        return {key: face_dataset(faces, key) for key in keys}, str(folder), faces.fingerprint
+        return {key: face_dataset(faces, key) for key in keys}, str(folder.resolve()), faces.fingerprint
     mnist = load_mnist(data_dir)
     datasets = {key: load_imageset(mnist, spec.task, *key, seed=spec.data_seed) for key in keys}
     return datasets, mnist.origin, mnist.fingerprint

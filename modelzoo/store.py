@@ -141,8 +141,12 @@ class ZooStore:
         return np.asarray(self.group["weights"][index])
 
     def field(self, name: str) -> np.ndarray:
-        """One metadata field by path, e.g. ``config/sigma2`` or ``metrics/unbiased_acc``."""
-        return np.asarray(self.group[name][:])
+        """One metadata field by path, e.g. ``config/sigma2`` or ``metrics/unbiased_acc``.
+
+        Strings come back as a plain fixed-width ``str`` array (zarr hands out numpy's
+        variable-width StringDType, which ``astype(str)`` and many libraries reject)."""
+        values = np.asarray(self.group[name][:])
+        return np.array(values.tolist(), dtype=str) if values.dtype.kind == "T" else values
 
     def config_fields(self) -> list[str]:
         return sorted(self.group["config"].array_keys())

@@ -79,9 +79,9 @@ def bare_loop(spec: ZooSpec, datasets: dict, threads: int) -> float:
                 loss.backward()
                 optimizer.step()
         model.eval()
-        n = spec.eval_size
+        unbiased, biased = datasets[keys["test_unbiased"]], datasets[keys["test_biased"]]
+        n = min(spec.eval_size or len(unbiased), len(unbiased))  # as the zoo trainer does
         with torch.no_grad():
-            unbiased, biased = datasets[keys["test_unbiased"]], datasets[keys["test_biased"]]
             features = model.features(torch.from_numpy(unbiased.images[:n]).float() / 255)
             (model.fc2(features).argmax(1).numpy() == unbiased.labels[:n]).mean()
             (model(torch.from_numpy(biased.images[:n]).float() / 255).argmax(1).numpy()

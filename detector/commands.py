@@ -1,0 +1,176 @@
+"""``weightbias detector train|evaluate``, ``weightbias score`` and ``weightbias insidebias``.
+
+The command-line face of the detector package: each subcommand parses its arguments, calls
+the package's functions and prints a line for people or one JSON object (``--json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detector.evaluate import SPLITS, TARGETS, breakdown, labels, score_detector, split_rows, zoo_weights
+from detector.files import load_detector, save_detector
+from detector.insidebias import insidebias, probe_images
+from detector.models import DETECTORS, DetectorError, make_detector
+from detector.scoring import checkpoint_weights, score_checkpoint, verdict_line
+from modelzoo.architectures import build_model
+from modelzoo.checkpoints import load_checkpoint
+from modelzoo.faces import GROUPS, find_face_folder, load_face_data
+from modelzoo.store import ZooStore
+
+
+def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
+    det = subparsers.add_parser("detector", help="train and evaluate weight-space bias detectors",
+                                description="Learn from a zoo to tell biased from unbiased models by "
+                                "their weights alone, and measure how well that transfers.")
+    commands = det.add_subparsers(dest="detector_command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="fit a detector on a zoo and save it",
+                                description="Fit a detector on the zoo's training split, score it on the "
+                                "held-out split, and save both in folder --out.")
+    train.add_argument("store", type=Path, help="zoo store (Zarr)")
+    train.add_argument("--out", type=Path, required=True, help="detector folder to write")
+    train.add_argument("--detector", choices=sorted(DETECTORS), default="boosting")
+    train.add_argument("--target", choices=TARGETS, default="bias_level",
+                       help="what to predict: the bias level (σ², ρ or favoured face group), biased vs "
+                       "unbiased, or the regularizer used")
+    train.add_argument("--split", choices=SPLITS, default="pool",
+                       help="pool: train on one training pool's models, test on the other's (default)")
+    train.add_argument("--train-pool", default="A")
+    train.add_argument("--levels", nargs="+", help="keep only models at these bias levels (e.g. 0.02 0.05)")
+    train.add_argument("--json", action="store_true", help="print one JSON object")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("evaluate", help="score a saved detector on a zoo's models",
+                                   description="Accuracy, balanced accuracy, AUC and confusion matrix of "
+                                   "a detector on (a pool of) a zoo, with a per-regularizer breakdown.")
+    evaluate.add_argument("detector", type=Path, help="detector folder")
+    evaluate.add_argument("store", type=Path, help="zoo store (Zarr)")
+    evaluate.add_argument("--pool", help="only models of this training pool (default: all done models)")
+    evaluate.add_argument("--levels", nargs="+", help="keep only models at these bias levels")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate.set_defaults(handler=_evaluate)
+
+    score = subparsers.add_parser("score", help="tell whether a checkpoint carries hidden bias",
+                                  description="Read a checkpoint (.pt state_dict loaded with "
+                                  "weights_only, .safetensors, .h5), recognise its architecture and "
+                                  "score it with a trained detector; with --probes, add InsideBias.")
+    score.add_argument("checkpoint", type=Path)
+    score.add_argument("--detector", type=Path, required=True, help="detector folder")
+    score.add_argument("--probes", type=Path, help="folder with one sub-folder of images per group")
+    score.add_argument("--arch", help="architecture name, if recognition by tensor names is not wanted")
+    score.add_argument("--json", action="store_true", help="print one JSON object")
+    score.set_defaults(handler=_score)
+
+    inside = subparsers.add_parser("insidebias", help="InsideBias activation ratios of a face model",
+                                   description="Per-layer activation λ and ratio Λ for each group from a "
+                                   "few probe images per group (Serna et al., ICPR 2020); a low min Λ "
+                                   "flags bias and names the group.")
+    inside.add_argument("checkpoint", type=Path)
+    inside.add_argument("--task", choices=("faces",), default="faces")
+    inside.add_argument("--dataset", default="utkface_crop_part1",
+                        help="face folder under <data root>/faces/, or a path; probes come from its "
+                        "balanced test set")
+    inside.add_argument("--data-dir", type=Path, help="data root (else $WEIGHTBIAS_DATA, the cache)")
+    inside.add_argument("--per-group", type=int, default=5)
+    inside.add_argument("--seed", type=int, default=0)
+    inside.add_argument("--json", action="store_true", help="print one JSON object")
+    inside.set_defaults(handler=_insidebias)
+
+
+def _rows_at_levels(store: ZooStore, rows: np.ndarray, levels: list[str] | None) -> np.ndarray:
+    if not levels:
+        return rows
+    values = labels(store, "bias_level")
+    known = set(values[rows])
+    missing = sorted(set(levels) - known)
+    if missing:
+        raise DetectorError(f"--levels {missing} not in the zoo; it has {sorted(known)}")
+    return rows[np.isin(values[rows], levels)]
+
+
+def _print(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    print(json.dumps(result) if as_json else "\n".join(lines))
+
+
+def _scores_lines(scores: dict[str, Any]) -> list[str]:
+    return [f"  n={scores['n_models']}  accuracy {scores['accuracy']:.4f}  "
+            f"balanced {scores['balanced_accuracy']:.4f}  AUC {scores['auc']:.4f}",
+            f"  classes {scores['classes']}",
+            *(f"  {row}" for row in scores["confusion"])]
+
+
+def _train(args: argparse.Namespace) -> int:
+    store = ZooStore.open(args.store)
+    train_rows, test_rows = split_rows(store, args.split, args.train_pool)
+    train_rows = _rows_at_levels(store, train_rows, args.levels)
+    test_rows = _rows_at_levels(store, test_rows, args.levels)
+    y = labels(store, args.target)
+    detector = make_detector(args.detector).fit(zoo_weights(store, train_rows, progress=True), y[train_rows])
+    held_out = zoo_weights(store, test_rows, progress=True)
+    scores = score_detector(detector, held_out, y[test_rows]).to_dict()
+    info = {"target": args.target, "split": args.split, "train_pool": args.train_pool, "levels": args.levels,
+            "zoo": {"path": str(args.store), "spec_digest": store.group.attrs["spec_digest"],
+                    "task": store.spec.task, "n_train": len(train_rows), "n_heldout": len(test_rows)},
+            "heldout": scores}
+    save_detector(detector, args.out, info)
+    result = {"detector": args.detector, "out": str(args.out), **info}
+    _print(result, args.json, [f"{args.detector} detector for {args.target} ({args.split} split: "
+                               f"{len(train_rows)} train, {len(test_rows)} held-out models) -> {args.out}",
+                               *_scores_lines(scores)])
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    detector, meta = load_detector(args.detector)
+    store = ZooStore.open(args.store)
+    rows = np.flatnonzero(store.done)
+    if args.pool:
+        rows = rows[store.field("config/pool")[rows] == args.pool]
+    rows = _rows_at_levels(store, rows, args.levels or meta.get("levels"))
+    y = labels(store, meta["target"])[rows]
+    weights = zoo_weights(store, rows, progress=True)
+    scores = score_detector(detector, weights, y).to_dict()
+    result = {"detector": str(args.detector), "store": str(args.store), "target": meta["target"],
+              "pool": args.pool, "scores": scores}
+    regularizers = store.field("config/regularizer")[rows]
+    if len(np.unique(regularizers)) > 1:
+        result["per_regularizer"] = breakdown(detector, weights, y, regularizers)
+    lines = [f"{meta['detector']} detector ({meta['target']}) on {args.store}"
+             + (f" pool {args.pool}" if args.pool else ""), *_scores_lines(scores)]
+    for name, part in result.get("per_regularizer", {}).items():
+        lines.append(f"  regularizer {name}: accuracy {part['accuracy']:.4f} (n={part['n_models']})")
+    _print(result, args.json, lines)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    result = score_checkpoint(args.checkpoint, args.detector, args.probes, args.arch)
+    lines = [verdict_line(result)]
+    if "insidebias" in result:
+        inside = result["insidebias"]
+        lines.append(f"  InsideBias: lowest group {inside['lowest_group']} (min Λ {inside['min_ratio']:.3f})")
+    _print(result, args.json, lines)
+    return 0
+
+
+def _insidebias(args: argparse.Namespace) -> int:
+    state_dict = load_checkpoint(args.checkpoint)
+    weights = checkpoint_weights(state_dict)
+    model = build_model(weights.arch, weights.width)
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    faces = load_face_data(find_face_folder(args.dataset, args.data_dir), image_size=model.input_shape[-1])
+    probes = probe_images(faces.test, GROUPS, args.per_group, args.seed)
+    result = insidebias(model, probes).to_dict()
+    lines = [f"{args.checkpoint}: InsideBias Λ with {args.per_group} probes per group"]
+    for layer, ratios in result["ratio"].items():
+        lines.append(f"  {layer:<8} " + "  ".join(f"{group} {ratio:.3f}" for group, ratio in ratios.items()))
+    lines.append(f"  {result['default_layer']}: lowest group {result['lowest_group']} "
+                 f"(min Λ {result['min_ratio']:.3f})")
+    _print(result, args.json, lines)
+    return 0

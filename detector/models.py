@@ -1,0 +1,319 @@
+"""Meta-detectors: learn what bias a model carries from its weights alone (IFBiD), sklearn-style.
+
+Stage of the flow: store → **detector** → report. A detector is fitted on a
+:class:`WeightSet` (flat weight rows of one architecture, plus its layout) and a label per
+model (σ² or ρ as classes, the favoured face group, biased vs not, the regularizer), then
+``predict``/``predict_proba``/``score`` new weight sets, as scikit-learn classifiers do.
+
+Four detectors, selectable by name (:data:`DETECTORS`):
+
+* ``dense`` — IFBiD's first baseline: a dense MLP on the raw, standardised flat weights.
+  Tied to one exact layout; breaks under a permutation of hidden units.
+* ``layer_conv`` — IFBiD's second baseline: each layer's flattened weights go through their
+  own small 1-D convolutional block, the blocks' pooled outputs are concatenated, then a
+  dense head. Also tied to one layout.
+* ``boosting`` — gradient boosting on per-tensor statistics and first-layer colour statistics
+  (the strong simple baseline of Unterthiner et al. 2020). Permutation invariant, and the
+  features have the same meaning at any width.
+* ``deepsets`` — a permutation-invariant network: each hidden unit is described by its
+  incoming and outgoing weights, a shared per-layer encoder embeds every unit, mean and max
+  pooling over units make the layer's summary (so any width fits), a head classifies.
+
+Fitted detectors are saved by :mod:`detector.files` without pickling code.
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.neural_network import MLPClassifier
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+
+from detector.features import neuron_sets, weight_features
+from modelzoo.architectures import TensorSlot
+
+
+class DetectorError(ValueError):
+    """Input a detector cannot take: wrong architecture, bad labels, an unfitted detector."""
+
+
+@dataclass(frozen=True)
+class WeightSet:
+    """Flat weight rows of models that share one architecture, with the layout they follow."""
+
+    weights: np.ndarray
+    slots: tuple[TensorSlot, ...]
+    arch: str
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        weights = np.asarray(self.weights)
+        if weights.ndim != 2:
+            raise DetectorError(f"weights must be (models, parameters), got shape {weights.shape}")
+        expected = sum(slot.size for slot in self.slots)
+        if weights.shape[1] != expected:
+            raise DetectorError(f"weights have {weights.shape[1]} parameters but the {self.arch} "
+                                f"(width {self.width:g}) layout has {expected}")
+        bad = np.flatnonzero(~np.isfinite(weights).all(axis=1))
+        if bad.size:
+            raise DetectorError(f"models {bad[:10].tolist()} have NaN or Inf weights; they cannot be scored")
+        object.__setattr__(self, "weights", weights.astype(np.float32, copy=False))
+        object.__setattr__(self, "slots", tuple(self.slots))
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def subset(self, rows: np.ndarray) -> WeightSet:
+        return WeightSet(self.weights[rows], self.slots, self.arch, self.width)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(slot.name for slot in self.slots)
+
+
+class WeightDetector(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
+    """Shared checks: what a detector was fitted on, and what it will accept to predict."""
+
+    #: True when the detector reads the exact flat layout (raw weights), False when it reads
+    #: features that mean the same at any width.
+    needs_exact_layout = True
+
+    def fit(self, X: WeightSet, y) -> WeightDetector:
+        if not isinstance(X, WeightSet):
+            raise DetectorError(f"X must be a WeightSet, got {type(X).__name__}")
+        y = np.asarray(y)
+        if y.ndim != 1 or len(y) != len(X):
+            raise DetectorError(f"y must hold one label per model ({len(X)}), got shape {y.shape}")
+        self.classes_, encoded = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise DetectorError(f"y has a single class {self.classes_.tolist()}; a detector needs two "
+                                "or more")
+        self.arch_, self.width_ = X.arch, X.width
+        self.tensor_names_ = X.tensor_names
+        self.layout_shapes_ = tuple(slot.shape for slot in X.slots)
+        self._fit(X, encoded)
+        return self
+
+    def predict_proba(self, X: WeightSet) -> np.ndarray:
+        self._check_input(X)
+        return self._proba(X)
+
+    def predict(self, X: WeightSet) -> np.ndarray:
+        proba = self.predict_proba(X)  # checks first: an unfitted detector has no classes_
+        return self.classes_[proba.argmax(axis=1)]
+
+    def _check_input(self, X: WeightSet) -> None:
+        if not hasattr(self, "classes_"):
+            raise DetectorError(f"this {type(self).__name__} is not fitted yet; call fit first")
+        if not isinstance(X, WeightSet):
+            raise DetectorError(f"X must be a WeightSet, got {type(X).__name__}")
+        if X.arch != self.arch_ or X.tensor_names != self.tensor_names_:
+            raise DetectorError(f"this detector reads {self.arch_} models; got {X.arch} "
+                                f"(tensors {', '.join(X.tensor_names[:3])}, ...)")
+        shapes = tuple(slot.shape for slot in X.slots)
+        if self.needs_exact_layout and shapes != self.layout_shapes_:
+            raise DetectorError(f"this {type(self).__name__} reads the exact {self.arch_} width "
+                                f"{self.width_:g} layout; got width {X.width:g}. Use a width-independent "
+                                "detector (boosting, deepsets) across widths")
+
+    @abstractmethod
+    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
+        """Fit on labels already encoded as 0..len(classes_) - 1."""
+
+    @abstractmethod
+    def _proba(self, X: WeightSet) -> np.ndarray:
+        """Class probabilities, columns in the order of ``classes_``."""
+
+
+class DenseDetector(WeightDetector):
+    """IFBiD's dense baseline: standardised raw weights → MLP (scikit-learn)."""
+
+    name = "dense"
+
+    def __init__(self, hidden: int = 128, alpha: float = 1e-3, max_iter: int = 300, random_state: int = 0):
+        self.hidden = hidden
+        self.alpha = alpha
+        self.max_iter = max_iter
+        self.random_state = random_state
+
+    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
+        self.model_: Pipeline = make_pipeline(
+            StandardScaler(),
+            MLPClassifier((self.hidden,), alpha=self.alpha, max_iter=self.max_iter,
+                          early_stopping=len(y) >= 50, random_state=self.random_state))
+        self.model_.fit(X.weights, y)
+
+    def _proba(self, X: WeightSet) -> np.ndarray:
+        return self.model_.predict_proba(X.weights)
+
+
+class BoostingDetector(WeightDetector):
+    """Gradient boosting on per-tensor statistics and first-layer colour statistics."""
+
+    name = "boosting"
+    needs_exact_layout = False
+    feature_kinds = ("stats", "first_layer")
+
+    def __init__(self, max_iter: int = 300, learning_rate: float = 0.05, min_samples_leaf: int = 4,
+                 random_state: int = 0):
+        self.max_iter = max_iter
+        self.learning_rate = learning_rate
+        self.min_samples_leaf = min_samples_leaf  # small: a zoo may hold only tens of models per class
+        self.random_state = random_state
+
+    def features(self, X: WeightSet) -> np.ndarray:
+        return np.hstack([weight_features(X.weights, list(X.slots), kind) for kind in self.feature_kinds])
+
+    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
+        self.model_ = HistGradientBoostingClassifier(
+            max_iter=self.max_iter, learning_rate=self.learning_rate, min_samples_leaf=self.min_samples_leaf,
+            early_stopping=False, random_state=self.random_state)
+        self.model_.fit(self.features(X), y)
+
+    def _proba(self, X: WeightSet) -> np.ndarray:
+        return self.model_.predict_proba(self.features(X))
+
+
+class _TorchDetector(WeightDetector):
+    """Full-batch Adam training of a small torch network, seeded; weights kept as tensors."""
+
+    def _train(self, network: nn.Module, inputs: list[torch.Tensor], y: np.ndarray) -> None:
+        torch.manual_seed(self.random_state)
+        target = torch.as_tensor(y, dtype=torch.long)
+        optimizer = torch.optim.Adam(network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        network.train()
+        for _ in range(self.epochs):
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(network(*inputs), target)
+            loss.backward()
+            optimizer.step()
+        network.eval()
+        self.network_ = network
+
+    @torch.no_grad()
+    def _softmax(self, inputs: list[torch.Tensor]) -> np.ndarray:
+        return torch.softmax(self.network_(*inputs), dim=1).numpy()
+
+
+class LayerConvNet(nn.Module):
+    """One 1-D conv block per layer over its flattened weights; pooled, concatenated, classified."""
+
+    def __init__(self, n_layers: int, n_classes: int, channels: int = 8, pooled: int = 16, hidden: int = 64):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(1, channels, 9, stride=4), nn.ReLU(), nn.AdaptiveMaxPool1d(pooled))
+            for _ in range(n_layers))
+        self.head = nn.Sequential(nn.Linear(n_layers * channels * pooled, hidden), nn.ReLU(),
+                                  nn.Linear(hidden, n_classes))
+
+    def forward(self, *layers: torch.Tensor) -> torch.Tensor:
+        pooled = [block(layer[:, None, :]).flatten(1)
+                  for block, layer in zip(self.blocks, layers, strict=True)]
+        return self.head(torch.cat(pooled, dim=1))
+
+
+class LayerConvDetector(_TorchDetector):
+    """IFBiD's per-layer convolutional baseline on the raw weights of each layer (weight and
+    bias of a layer concatenated), standardised per layer."""
+
+    name = "layer_conv"
+
+    def __init__(self, epochs: int = 300, lr: float = 1e-3, weight_decay: float = 1e-4,
+                 random_state: int = 0):
+        self.epochs = epochs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.random_state = random_state
+
+    def _layers(self, X: WeightSet) -> list[np.ndarray]:
+        spans: dict[str, list[TensorSlot]] = {}
+        for slot in X.slots:
+            spans.setdefault(slot.name.rsplit(".", 1)[0], []).append(slot)
+        return [np.hstack([X.weights[:, s.offset : s.offset + s.size] for s in slots])
+                for slots in spans.values()]
+
+    def _inputs(self, X: WeightSet) -> list[torch.Tensor]:
+        return [torch.from_numpy((layer - mean) / std) for layer, mean, std
+                in zip(self._layers(X), self.means_, self.stds_, strict=True)]
+
+    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
+        layers = self._layers(X)
+        self.means_ = [layer.mean(axis=0) for layer in layers]
+        self.stds_ = [layer.std(axis=0) + 1e-6 for layer in layers]
+        self._train(LayerConvNet(len(layers), len(self.classes_)), self._inputs(X), y)
+
+    def _proba(self, X: WeightSet) -> np.ndarray:
+        return self._softmax(self._inputs(X))
+
+
+class DeepSetsNet(nn.Module):
+    """Shared per-layer unit encoder φ, mean+max pooling over units, head ρ on the summaries
+    (and on the first-layer statistics, which are already invariant)."""
+
+    def __init__(self, n_layers: int, unit_dim: int, extra_dim: int, n_classes: int, hidden: int = 32):
+        super().__init__()
+        self.encoders = nn.ModuleList(
+            nn.Sequential(nn.Linear(unit_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+            for _ in range(n_layers))
+        self.head = nn.Sequential(nn.Linear(n_layers * 2 * hidden + extra_dim, 2 * hidden), nn.ReLU(),
+                                  nn.Linear(2 * hidden, n_classes))
+
+    def forward(self, extra: torch.Tensor, *layers: torch.Tensor) -> torch.Tensor:
+        summaries = []
+        for encoder, units in zip(self.encoders, layers, strict=True):
+            embedded = encoder(units)  # (models, units, hidden)
+            summaries += [embedded.mean(dim=1), embedded.amax(dim=1)]
+        return self.head(torch.cat([extra, *summaries], dim=1))
+
+
+class DeepSetsDetector(_TorchDetector):
+    """Permutation-invariant detector over neurons (DeepSets), valid at any width."""
+
+    name = "deepsets"
+    needs_exact_layout = False
+
+    def __init__(self, epochs: int = 400, lr: float = 3e-3, weight_decay: float = 1e-4,
+                 random_state: int = 0):
+        self.epochs = epochs
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.random_state = random_state
+
+    def _inputs(self, X: WeightSet) -> list[torch.Tensor]:
+        extra = weight_features(X.weights, list(X.slots), "first_layer")
+        extra = (extra - self.extra_mean_) / self.extra_std_
+        layers = neuron_sets(X.weights, list(X.slots))
+        units = [(layer - mean) / std
+                 for layer, mean, std in zip(layers, self.unit_means_, self.unit_stds_, strict=True)]
+        return [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (extra, *units)]
+
+    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
+        extra = weight_features(X.weights, list(X.slots), "first_layer")
+        self.extra_mean_, self.extra_std_ = extra.mean(axis=0), extra.std(axis=0) + 1e-6
+        layers = neuron_sets(X.weights, list(X.slots))
+        self.unit_means_ = [layer.mean(axis=(0, 1)) for layer in layers]
+        self.unit_stds_ = [layer.std(axis=(0, 1)) + 1e-6 for layer in layers]
+        network = DeepSetsNet(len(layers), layers[0].shape[2], extra.shape[1], len(self.classes_))
+        self._train(network, self._inputs(X), y)
+
+    def _proba(self, X: WeightSet) -> np.ndarray:
+        return self._softmax(self._inputs(X))
+
+
+DETECTORS: dict[str, type[WeightDetector]] = {
+    cls.name: cls for cls in (DenseDetector, LayerConvDetector, BoostingDetector, DeepSetsDetector)
+}
+
+
+def make_detector(name: str, **params) -> WeightDetector:
+    """A detector by name, e.g. ``make_detector("boosting", max_iter=200)``."""
+    if name not in DETECTORS:
+        raise DetectorError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
+    return DETECTORS[name](**params)
