@@ -5,7 +5,8 @@ person can load in plain PyTorch, and reads checkpoints without ever unpickling 
 (``torch.load(..., weights_only=True)``, safetensors, or HDF5 datasets).
 
 Formats, chosen by suffix: ``.pt``/``.pth`` (a dict of tensors), ``.safetensors``, ``.h5``
-(one dataset per tensor, named as in the state_dict; architecture in the file's attributes).
+(our export: one dataset per tensor, named as in the state_dict, architecture in the file's
+attributes; or a Keras HDF5 file as IFBiD's model zoos ship, converted to PyTorch layout).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pickle
 from pathlib import Path
 
 import h5py
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -87,7 +89,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused: holds Python objects beyond tensors, which are "
                               f"never unpickled ({str(err).splitlines()[-1] if str(err) else err})") from err
-    except (OSError, RuntimeError, ValueError, EOFError, SafetensorError) as err:
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError) as err:
         raise CheckpointError(f"{path}: not a readable {suffix} checkpoint ({err})") from err
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = loaded["state_dict"]
@@ -97,13 +99,93 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read_h5(path: Path) -> dict[str, torch.Tensor]:
-    # Nested groups (Keras-style files) flatten to dotted names, like state_dict keys.
-    tensors: dict[str, torch.Tensor] = {}
-
-    def collect(name: str, node: h5py.HLObject) -> None:
-        if isinstance(node, h5py.Dataset):
-            tensors[name.replace("/", ".")] = torch.from_numpy(node[()])
-
     with h5py.File(path, "r") as h5:
+        if _is_keras(h5):
+            return keras_state_dict(h5)
+        # Our export: one dataset per tensor; nested groups flatten to dotted state_dict names.
+        tensors: dict[str, torch.Tensor] = {}
+
+        def collect(name: str, node: h5py.HLObject) -> None:
+            if isinstance(node, h5py.Dataset):
+                tensors[name.replace("/", ".")] = torch.from_numpy(node[()])
+
         h5.visititems(collect)
+    return tensors
+
+
+def _is_keras(h5: h5py.File) -> bool:
+    return ("keras_version" in h5.attrs or "layer_names" in h5.attrs or "model_weights" in h5
+            or ("layers" in h5 and isinstance(h5["layers"], h5py.Group)))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _keras_layers(h5: h5py.File) -> list[tuple[str, list[np.ndarray]]]:
+    """(layer name, [kernel, bias]) for each layer with weights, in the model's layer order."""
+    if "layer_names" in h5.attrs or "model_weights" in h5:
+        # Keras 2 / tf.keras HDF5 (``model.save`` puts the weights under ``model_weights``,
+        # ``save_weights`` at the root): the order is in the ``layer_names`` attribute and each
+        # layer's variables are listed, in order, by its ``weight_names`` attribute.
+        root = h5.get("model_weights", h5)
+        layers = []
+        for layer in map(_text, root.attrs.get("layer_names", [])):
+            names = [_text(n) for n in root[layer].attrs.get("weight_names", [])]
+            if names:
+                layers.append((layer, [root[layer][name][()] for name in names]))
+        return layers
+    # Keras 3 ``.weights.h5``: layers/<name>/vars/<i>; h5py lists groups alphabetically, so
+    # the layer order comes back from Keras' naming (conv2d, conv2d_1, ..., dense, dense_1).
+    def creation_order(name: str) -> tuple[str, int]:
+        stem, _, number = name.rpartition("_")
+        return (stem, int(number)) if stem and number.isdigit() else (name, 0)
+
+    layers = []
+    for layer in sorted(h5["layers"], key=creation_order):
+        variables = h5["layers"][layer].get("vars")
+        if variables is not None and len(variables):
+            layers.append((layer, [variables[str(i)][()] for i in range(len(variables))]))
+    return layers
+
+
+def keras_state_dict(h5: h5py.File) -> dict[str, torch.Tensor]:
+    """A Keras (IFBiD-style) HDF5 file as a PyTorch state_dict in our naming.
+
+    Convolution kernels are stored (kh, kw, in, out) and dense kernels (in, out); PyTorch wants
+    (out, in, kh, kw) and (out, in). The k-th convolution becomes ``conv{k}`` and the k-th
+    dense layer ``fc{k}``, the names every architecture here uses. Keras flattens a channels-
+    last map (h, w, c) where PyTorch flattens (c, h, w), so the first dense kernel's rows are
+    reordered when the last map is larger than 1×1.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    n_conv = n_dense = 0
+    last_channels = None
+    for layer, variables in _keras_layers(h5):
+        if len(variables) != 2:
+            raise CheckpointError(f"Keras layer {layer!r} has {len(variables)} weight tensors; only "
+                                  "convolution and dense layers with kernel and bias are supported")
+        kernel, bias = (np.asarray(v) for v in variables)
+        if kernel.ndim == 4:
+            n_conv += 1
+            name, weight = f"conv{n_conv}", kernel.transpose(3, 2, 0, 1)
+            last_channels = kernel.shape[3]
+        elif kernel.ndim == 2:
+            n_dense += 1
+            name = f"fc{n_dense}"
+            if n_dense == 1 and last_channels and kernel.shape[0] != last_channels:
+                if kernel.shape[0] % last_channels:
+                    raise CheckpointError(f"Keras layer {layer!r} takes {kernel.shape[0]} inputs, "
+                                          f"not a multiple of the last map's {last_channels} channels")
+                positions = kernel.shape[0] // last_channels
+                kernel = kernel.reshape(positions, last_channels, -1).transpose(1, 0, 2).reshape(
+                    kernel.shape[0], -1)
+            weight = kernel.T
+        else:
+            raise CheckpointError(f"Keras layer {layer!r} has a kernel of shape {kernel.shape}; only "
+                                  "convolution (4-D) and dense (2-D) kernels are supported")
+        tensors[f"{name}.weight"] = torch.from_numpy(np.ascontiguousarray(weight))
+        tensors[f"{name}.bias"] = torch.from_numpy(np.ascontiguousarray(bias))
+    if not tensors:
+        raise CheckpointError("Keras file holds no layer weights")
     return tensors

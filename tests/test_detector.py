@@ -191,3 +191,54 @@ def test_labels_splits_and_evaluate_on_a_real_zoo(ray_local, tmp_path: Path, cap
     assert evaluated["scores"]["accuracy"] == trained["heldout"]["accuracy"]
     assert main(["detector", "train", str(out), "--out", str(tmp_path / "x"), "--levels", "0.9"]) == 2
     assert "--levels ['0.9'] not in the zoo" in capsys.readouterr().err
+
+
+STRONG, WEAK = 0.005, 0.5  # σ²: colour nearly fixed by the digit, or barely related to it
+
+
+@pytest.fixture(scope="module")
+def real_zoo(ray_local, tmp_path_factory) -> Path:
+    """24 half-width digit-cnns, trained for real on strongly or weakly colour-biased data."""
+    out = tmp_path_factory.mktemp("real") / "zoo.zarr"
+    spec = tiny_spec_dict(n_models=24, models_per_task=4, train_size=1024, epochs=2)
+    spec["zoo"] |= {"width": 0.5, "eval_size": 200}
+    spec["sweep"]["sigma2"] = [STRONG, WEAK]
+    generate(parse_spec(spec), out, progress=False)
+    return out
+
+
+def train_plainly(mnist, sigma2: float, seed: int) -> PlainDigitNet:
+    """A user's training script: their own model and loop, nothing of weightbias but the data."""
+    from modelzoo.datasets import load_imageset
+
+    data = load_imageset(mnist, "colored_mnist", "train", sigma2, "B", seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(data.labels), generator=generator)[:1024]
+    images = torch.as_tensor(data.images[rows.numpy()]).float() / 255
+    targets = torch.as_tensor(data.labels[rows.numpy()]).long()
+    torch.manual_seed(seed)
+    model = PlainDigitNet(12)
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    for _ in range(2):
+        for batch in torch.randperm(len(targets), generator=generator).split(64):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images[batch]), targets[batch]).backward()
+            optimizer.step()
+    return model
+
+
+def test_detector_from_a_real_zoo_judges_held_out_models_and_plain_pytorch_ones(
+        real_zoo: Path, mnist, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "det"
+    assert main(["detector", "train", str(real_zoo), "--out", str(folder), "--detector", "deepsets",
+                 "--target", "biased", "--json"]) == 0
+    heldout = json.loads(capsys.readouterr().out)["heldout"]  # trained on pool A, tested on pool B
+    assert heldout["n_models"] == 12 and heldout["accuracy"] >= 0.75, heldout  # chance: 0.5
+
+    for sigma2, verdict in [(STRONG, "biased"), (WEAK, "unbiased")]:
+        path = tmp_path / f"user_{sigma2}.pt"
+        torch.save(train_plainly(mnist, sigma2, seed=11).state_dict(), path)
+        assert main(["score", str(path), "--detector", str(folder), "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert (result["arch"], result["width"]) == ("digit-cnn", 0.5)
+        assert result["verdict"] == verdict, (sigma2, result)
