@@ -10,9 +10,11 @@ only schedules, tracks and resumes:
 4. submit one task per store block (a block is one chunk over models, so no two tasks
    ever write the same chunk), and show a tqdm bar of models done and models/hour.
 
-A task is a pure function of (spec, model indices): it trains each model, writes weights
-then metrics then the ``done`` flag, and returns a small receipt. Ray retries a task whose
-worker died; a task skips models already done, so a retry or a re-run never trains twice.
+A task is a pure function of (spec, model indices): it trains each model (with the spec's
+``vectorize`` > 1, up to that many at once in one batched computation: :mod:`modelzoo.vectorized`),
+writes weights then metrics then the ``done`` flag, and returns a small receipt. Ray retries
+a task whose worker died; a task skips models already done, so a retry or a re-run never
+trains twice.
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from modelzoo.datasets import ImageSet, load_imageset
 from modelzoo.faces import GROUPS, FaceData, find_face_folder, load_face_data
 from modelzoo.sources import load_mnist
 from modelzoo.spec import ZooSpec, load_spec, parse_spec
-from modelzoo.store import StaleRunError, ZooStore
-from modelzoo.training import TrainingData, train_one
+from modelzoo.store import StaleRunError, StoreError, ZooStore
+from modelzoo.training import TrainingData
+from modelzoo.vectorized import ModelJob, train_models
 
 TASK_RETRIES = 3
 GPU_SHARE_DEFAULT = 0.25  # four small models share one GPU
@@ -104,14 +107,17 @@ def train_block(spec_dict: dict, indices: list[int], store_path: str, run_id: st
                                                  strict=True))
     device = assigned_device()
     already_done = store.done
-    trained = []
+    jobs = []
     for index in indices:
         if already_done[index]:
             continue
         config = spec.config(index)
         roles = {role: datasets[key] for role, key in data_keys(config, spec.bias_level).items()}
-        result = train_one(spec.arch, spec.width, config, TrainingData(**roles, num_groups=spec.num_groups),
-                           device, spec.eval_size)
+        jobs.append(ModelJob(index, config, TrainingData(**roles, num_groups=spec.num_groups)))
+    trained = []
+    # With spec.vectorize > 1, models of this block that can train together do (in one batched
+    # computation); each is still written, and only then marked done, one by one.
+    for index, result in train_models(spec.arch, spec.width, jobs, device, spec.eval_size, spec.vectorize):
         try:
             store.write_model(index, result, run_id)
         except StaleRunError:
@@ -119,6 +125,12 @@ def train_block(spec_dict: dict, indices: list[int], store_path: str, run_id: st
         trained.append(index)
     return {"trained": trained, "host": socket.gethostname(), "pid": os.getpid(),
             "seconds": time.perf_counter() - started}
+
+
+def task_error(err: Exception) -> Exception:
+    """The task's own exception, without Ray's remote traceback wrapped around it."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, Exception) else err
 
 
 def pending_blocks(spec: ZooSpec, done, max_models: int | None) -> list[list[int]]:
@@ -186,8 +198,15 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
                     receipt = ray.get(ready[0])
                     summary.n_trained += len(receipt["trained"])
                     bar.update(len(receipt["trained"]))
+                except StoreError as err:
+                    # No space, or an unwritable store: every other block would train models
+                    # it cannot save. Stop them; what is done stays done.
+                    for future in remaining:
+                        ray.cancel(future, force=True)
+                    raise task_error(err) from None
                 except Exception as err:  # a failed block must not stop the others
-                    summary.failures.append(f"models {futures[ready[0]]}: {err}")
+                    cause = task_error(err)
+                    summary.failures.append(f"models {futures[ready[0]]}: {type(cause).__name__}: {cause}")
                 elapsed = time.perf_counter() - started
                 bar.set_postfix(models_per_hour=f"{3600 * summary.n_trained / max(elapsed, 1e-9):.0f}")
         summary.seconds = time.perf_counter() - started
@@ -197,7 +216,7 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
         if started_here:
             ray.shutdown()
     if summary.failures:
-        raise GenerateError(f"{len(summary.failures)} task(s) failed after {TASK_RETRIES} retries; "
+        raise GenerateError(f"{len(summary.failures)} task(s) failed; "
                             "re-run the same command to retry them:\n" + "\n".join(summary.failures))
     return summary
 

@@ -3,7 +3,8 @@
 A spec has four tables::
 
     [zoo]     task, arch, width, n_models, seed, models_per_task, data_seed, eval_size,
-              dataset (face_gender only: the face folder)
+              dataset (face_gender only: the face folder), vectorize (up to this many models
+              of a block trained as one batched computation; see modelzoo.vectorized)
     [fixed]   training settings shared by every model (epochs = 2, lr = 1e-3, ...)
     [sweep]   axes crossed into a grid; model i gets grid cell i mod (number of cells)
     [sample]  axes drawn per model: {choice = [...]}, {uniform = [a, b]},
@@ -66,8 +67,13 @@ ZOO_KEYS: dict[str, tuple[type, Any]] = {
     "data_seed": (int, 0),
     "eval_size": (int, 0),  # test images used for metrics; 0 means all
     "dataset": (str, ""),  # face_gender: a folder under <data root>/faces/, or a path
+    "vectorize": (int, 1),  # models of a block trained together (modelzoo.vectorized); 1 = one at a time
 }
+# How models are trained, not which: left out of the digest, so a zoo resumes under another value.
+EXECUTION_KEYS = ("vectorize",)
 SAMPLERS = ("choice", "uniform", "log_uniform", "int_uniform")
+MAX_MODELS = 1_000_000  # creating a store builds every config up front; a typo must not hang it
+INT_LIMIT = 2**63  # integers are stored as int64 columns
 REG_PREFIX = "reg."  # axes named reg.<option> are options of the model's regularizer
 
 
@@ -88,6 +94,7 @@ class ZooSpec:
     data_seed: int = 0
     eval_size: int = 0
     dataset: str = ""
+    vectorize: int = 1
     fixed: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, list] = field(default_factory=dict)
     sample: dict[str, dict[str, list]] = field(default_factory=dict)
@@ -122,13 +129,16 @@ class ZooSpec:
         return type(args[0])
 
     def to_dict(self) -> dict[str, Any]:
-        # An unset dataset is left out, so MNIST specs keep the digests they had before faces.
-        zoo = {k: getattr(self, k) for k in ZOO_KEYS if k != "dataset" or self.dataset}
+        # Unset dataset and vectorize are left out, so specs keep the digests they had before them.
+        zoo = {k: getattr(self, k) for k in ZOO_KEYS
+               if (k != "dataset" or self.dataset) and (k != "vectorize" or self.vectorize != 1)}
         return {"zoo": zoo, "fixed": self.fixed, "sweep": self.sweep, "sample": self.sample}
 
     def digest(self) -> str:
         """Identity of the spec: two stores with the same digest hold the same models."""
-        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        content = self.to_dict()
+        content["zoo"] = {k: v for k, v in content["zoo"].items() if k not in EXECUTION_KEYS}
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def grid(self) -> list[dict[str, Any]]:
@@ -194,6 +204,9 @@ def parse_spec(raw: dict[str, Any]) -> ZooSpec:
     unknown = set(raw) - {"zoo", "fixed", "sweep", "sample"}
     if unknown:
         raise SpecError(f"{sorted(unknown)[0]}: unknown table; expected zoo, fixed, sweep, sample")
+    for name, table in raw.items():
+        if not isinstance(table, dict):
+            raise SpecError(f"{name}: must be a table of key = value lines, got {table!r}")
     zoo = dict(raw.get("zoo", {}))
     for key in zoo:
         if key not in ZOO_KEYS:
@@ -283,9 +296,20 @@ def _same_type(where: str, values: list) -> list:
 
 def _typed(where: str, value: Any, kind: type) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        if abs(value) >= INT_LIMIT:
+            raise SpecError(f"{where}: {value} is too large")
+        value = float(value)
     if not isinstance(value, kind) or isinstance(value, bool):
         raise SpecError(f"{where}: expected {kind.__name__}, got {value!r}")
+    return _bounded(where, value)
+
+
+def _bounded(where: str, value: Any) -> Any:
+    """Numbers a store column and a JSON attribute can hold: finite floats, int64 integers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"{where}: expected a finite number, got {value!r}")
+    if isinstance(value, int) and not -INT_LIMIT <= value < INT_LIMIT:
+        raise SpecError(f"{where}: {value} does not fit in 64 bits")
     return value
 
 
@@ -305,9 +329,12 @@ def _check_zoo(zoo: dict[str, Any]) -> None:
                         "<data root>/faces/ or a path)")
     if not 0 < zoo["width"] <= 8:
         raise SpecError(f"zoo.width: must lie in (0, 8], got {zoo['width']}")
-    for key in ("n_models", "models_per_task"):
+    for key in ("n_models", "models_per_task", "vectorize"):
         if zoo[key] < 1:
             raise SpecError(f"zoo.{key}: must be at least 1, got {zoo[key]}")
+    if zoo["n_models"] > MAX_MODELS:
+        raise SpecError(f"zoo.n_models: at most {MAX_MODELS:,} models in one zoo, got {zoo['n_models']:,}; "
+                        "split a larger zoo into several stores")
     for key in ("seed", "data_seed", "eval_size"):
         if zoo[key] < 0:
             raise SpecError(f"zoo.{key}: must be non-negative, got {zoo[key]}")
@@ -318,7 +345,7 @@ def _checked_value(where: str, axis: str, value: Any) -> Any:
         if not isinstance(value, bool | int | float | str):
             raise SpecError(f"{where}: a regularizer option takes a number, a string or a boolean, "
                             f"got {value!r}")
-        return value
+        return _bounded(where, value)
     value = _typed(where, value, AXES[axis][0])
     ok, expected = True, ""
     if axis == "sigma2":
@@ -365,7 +392,11 @@ def _checked_sampler(where: str, axis: str, sampler: Any) -> dict[str, list]:
         raise SpecError(f"{where}.{how}: axis {axis} is not numeric; use choice = [...]")
     if how == "int_uniform" and kind is not int:
         raise SpecError(f"{where}.int_uniform: axis {axis} is not an integer axis")
+    if how != "int_uniform" and kind is int:  # a float drawn for an integer axis would not fit its column
+        raise SpecError(f"{where}.{how}: axis {axis} takes integers; use int_uniform = [low, high]")
     low, high = (_checked_value(f"{where}.{how}", axis, v) for v in args)
     if low > high or (how == "log_uniform" and low <= 0):
         raise SpecError(f"{where}.{how}: need 0 < low <= high for log_uniform, low <= high otherwise")
+    if not math.isfinite(high - low) or (how == "int_uniform" and high >= INT_LIMIT - 1):
+        raise SpecError(f"{where}.{how}: the range [{low}, {high}] is too wide to draw from")
     return {how: [low, high]}

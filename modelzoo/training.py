@@ -6,6 +6,8 @@ it needs, it returns the flat weight vector and the per-model metrics the store 
 fairtrain regularizer named in the config taps the model's bottleneck and adds its term; the
 sensitive attribute is each image's colour (MNIST tasks) or ethnic group (faces). It knows
 nothing about Ray or Zarr, so a plain loop (tests, benchmarks, a user's notebook) can call it.
+Its steps (:func:`seeded_model`, :func:`fit`'s helpers, :func:`evaluate`) are shared with
+:mod:`modelzoo.vectorized`, which trains many models in one batched computation.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from fairtrain.metrics import representation_leakage
-from fairtrain.regularizers import FeatureTap, regularizer_for_model
+from fairtrain.regularizers import FeatureTap, Regularizer, regularizer_for_model
 from modelzoo.architectures import build_model, flatten
 from modelzoo.datasets import N_COLORS, ImageSet
 from modelzoo.faces import largest_skewed_size, skewed_subset
@@ -88,6 +90,37 @@ def bottleneck_tap(model: nn.Module) -> FeatureTap:
     return FeatureTap(model, model.bottleneck, activation=torch.relu)
 
 
+def build_regularizer(model: nn.Module, config: dict, device: torch.device,
+                      num_groups: int = N_COLORS) -> Regularizer | None:
+    """The config's regularizer sized for ``model``'s bottleneck, or None for ``"none"``.
+
+    Building a head draws its initial weights from the global RNG, so callers that must
+    reproduce :func:`train_one` call this right after initialising the model, as it does.
+    """
+    if config.get("regularizer", "none") == "none":
+        return None
+    return regularizer_for_model(
+        config["regularizer"], config["gamma"],
+        feature_dim=model.get_submodule(model.bottleneck).out_features,
+        num_groups=num_groups, num_classes=model.num_classes,
+        options={k.removeprefix(REG_PREFIX): v for k, v in config.items() if k.startswith(REG_PREFIX)},
+    ).to(device)
+
+
+def shuffled_batches(n: int, batch_size: int, shuffler: torch.Generator) -> list[torch.Tensor]:
+    """One epoch's batches: a fresh permutation of ``range(n)`` from ``shuffler``, cut in order."""
+    order = torch.randperm(n, generator=shuffler)
+    return [order[start : start + batch_size] for start in range(0, n, batch_size)]
+
+
+def regularizer_term(regularizer: Regularizer, progress: float, features: torch.Tensor,
+                     logits: torch.Tensor, target: torch.Tensor, sensitive: torch.Tensor) -> torch.Tensor:
+    """γ·R for one batch at training progress ``progress`` (step / total steps)."""
+    if hasattr(regularizer, "progress"):  # GRAD/LNTL ramp their reversal weight
+        regularizer.progress = progress
+    return regularizer(features, logits, target, sensitive)
+
+
 def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device,
         num_groups: int = N_COLORS) -> FitResult:
     """Train in place for ``config['epochs']``, with the config's regularizer if it names one."""
@@ -95,16 +128,10 @@ def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device,
     images = torch.from_numpy(np.ascontiguousarray(train.images[subset]))
     labels = torch.from_numpy(np.ascontiguousarray(train.labels[subset]))
     sensitive = torch.from_numpy(np.ascontiguousarray(train.bias[subset]))
-    regularizer, tap = None, None
+    regularizer = build_regularizer(model, config, device, num_groups)
+    tap = bottleneck_tap(model) if regularizer is not None else None
     params = list(model.parameters())
-    if config.get("regularizer", "none") != "none":
-        tap = bottleneck_tap(model)
-        regularizer = regularizer_for_model(
-            config["regularizer"], config["gamma"],
-            feature_dim=model.get_submodule(model.bottleneck).out_features,
-            num_groups=num_groups, num_classes=model.num_classes,
-            options={k.removeprefix(REG_PREFIX): v for k, v in config.items() if k.startswith(REG_PREFIX)},
-        ).to(device)
+    if regularizer is not None:
         params += list(regularizer.parameters())
     optimizer = make_optimizer(config["optimizer"], params, config["lr"])
     shuffler = torch.Generator().manual_seed(config["seed"])
@@ -112,25 +139,22 @@ def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device,
     model.train()
     result = FitResult(float("nan"), 0.0)
     for _ in range(config["epochs"]):
-        order = torch.randperm(len(labels), generator=shuffler)
         ce_total, reg_total = torch.zeros((), device=device), torch.zeros((), device=device)
-        for start in range(0, len(order), config["batch_size"]):
-            batch = order[start : start + config["batch_size"]]
+        for batch in shuffled_batches(len(labels), config["batch_size"], shuffler):
             target = labels[batch].to(device, non_blocking=True)
             logits = model(as_batch(images[batch], device))
             loss = nn.functional.cross_entropy(logits, target)
             ce_total += loss.detach() * len(batch)
             if regularizer is not None:
-                if hasattr(regularizer, "progress"):  # GRAD/LNTL ramp their reversal weight
-                    regularizer.progress = step / total_steps
-                term = regularizer(tap.features, logits, target, sensitive[batch].to(device))
+                term = regularizer_term(regularizer, step / total_steps, tap.features, logits, target,
+                                        sensitive[batch].to(device))
                 reg_total += term.detach() * len(batch)
                 loss = loss + term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-        result = FitResult(float(ce_total) / len(order), float(reg_total) / len(order))
+        result = FitResult(float(ce_total) / len(labels), float(reg_total) / len(labels))
     if tap is not None:
         tap.remove()
     return result
@@ -164,14 +188,18 @@ def leakage(features: np.ndarray, groups: np.ndarray) -> float:
                                       groups[half:]).accuracy
 
 
-def train_one(arch: str, width: float, config: dict, data: TrainingData,
-              device: torch.device | str = "cpu", eval_size: int = 0) -> ModelResult:
-    """Build, train and evaluate one model; deterministic on CPU given ``config['seed']``."""
-    device = torch.device(device)
-    started = time.perf_counter()
+def seeded_model(arch: str, width: float, config: dict, device: torch.device) -> nn.Module:
+    """The untrained model of ``config``: the global RNG is seeded with ``config['seed']`` first,
+    so initial weights (and every later draw from the global RNG) follow from the seed alone."""
     torch.manual_seed(config["seed"])
-    model = build_model(arch, width).to(device)
-    fitted = fit(model, data.train, config, device, data.num_groups)
+    return build_model(arch, width).to(device)
+
+
+def evaluate(model: nn.Module, data: TrainingData, fitted: FitResult, device: torch.device,
+             eval_size: int = 0, started: float | None = None) -> ModelResult:
+    """Weights and metrics of a trained model; ``started`` is the ``time.perf_counter()`` at
+    which this model's clock started (its ``wall_seconds`` include this evaluation)."""
+    started = time.perf_counter() if started is None else started
     unbiased, biased = data.test_unbiased, data.test_biased
     n = len(unbiased) if eval_size == 0 else min(eval_size, len(unbiased))
     predicted, features = predict(model, unbiased.images[:n], device)
@@ -189,3 +217,13 @@ def train_one(arch: str, width: float, config: dict, data: TrainingData,
         "worker_host": socket.gethostname(),
     }
     return ModelResult(flatten(model), metrics)
+
+
+def train_one(arch: str, width: float, config: dict, data: TrainingData,
+              device: torch.device | str = "cpu", eval_size: int = 0) -> ModelResult:
+    """Build, train and evaluate one model; deterministic on CPU given ``config['seed']``."""
+    device = torch.device(device)
+    started = time.perf_counter()
+    model = seeded_model(arch, width, config, device)
+    fitted = fit(model, data.train, config, device, data.num_groups)
+    return evaluate(model, data, fitted, device, eval_size, started)

@@ -1,4 +1,5 @@
-"""Benchmark: models/hour of ``zoo generate`` against a bare PyTorch loop, in the same run.
+"""Benchmark: models/hour of ``zoo generate`` against a bare PyTorch loop, in the same run;
+or, with ``--vectorized N``, of vectorized against one-at-a-time training.
 
 Both sides train the same models (same spec, configs, data, batches and steps) and evaluate
 them on the same test images, colour-leakage probe included. The bare loop is plain PyTorch
@@ -10,6 +11,17 @@ noisy, absolute numbers are not).
 
     python scripts/bench_zoo.py --data-dir ../shared/data --n-models 48
     python scripts/bench_zoo.py --data-dir ../shared/data --task faces --n-models 16
+
+With ``--vectorized N`` (implied, with N = --n-models, by ``--device cuda``) both sides run in
+this process on the same device, without Ray: one side trains the models one at a time
+(:func:`~modelzoo.training.train_one`'s steps), the other in groups of up to N
+(:mod:`modelzoo.vectorized`). Each model is then evaluated by the same code on both sides.
+It prints models/hour for training alone and for training plus evaluation (what a zoo stores),
+and how far the two sides' weights and accuracies lie apart:
+
+    python scripts/bench_zoo.py --data-dir ../shared/data --vectorized 16 --n-models 16 \
+        --train-size 2048 --eval-size 500
+    python scripts/bench_zoo.py --data-dir ../shared/data --device cuda --n-models 64
 """
 
 from __future__ import annotations
@@ -30,7 +42,8 @@ from fairtrain.metrics import representation_leakage
 from modelzoo.architectures import build_model
 from modelzoo.generate import block_data_keys, data_keys, generate, load_datasets
 from modelzoo.spec import ZooSpec, parse_spec
-from modelzoo.training import training_subset
+from modelzoo.training import TrainingData, evaluate, fit, seeded_model, training_subset
+from modelzoo.vectorized import ModelJob, fit_jobs, plan_groups
 
 
 def bench_spec(task: str, n_models: int, train_size: int, eval_size: int, models_per_task: int) -> ZooSpec:
@@ -94,6 +107,83 @@ def bare_loop(spec: ZooSpec, datasets: dict, threads: int) -> float:
     return time.perf_counter() - started
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def one_at_a_time(spec: ZooSpec, jobs: list[ModelJob], device: torch.device) -> tuple[dict, float, float]:
+    """train_one's steps for each model in turn; (results by index, train seconds, eval seconds)."""
+    results, train_seconds, eval_seconds = {}, 0.0, 0.0
+    for job in jobs:
+        started = time.perf_counter()
+        model = seeded_model(spec.arch, spec.width, job.config, device)
+        fitted = fit(model, job.data.train, job.config, device, job.data.num_groups)
+        _synchronize(device)
+        trained = time.perf_counter()
+        results[job.index] = evaluate(model, job.data, fitted, device, spec.eval_size, started)
+        _synchronize(device)
+        train_seconds += trained - started
+        eval_seconds += time.perf_counter() - trained
+    return results, train_seconds, eval_seconds
+
+
+def vectorized(spec: ZooSpec, jobs: list[ModelJob], device: torch.device, group_size: int
+               ) -> tuple[dict, float, float, list[int]]:
+    """The same models trained in groups of up to ``group_size``, then evaluated one by one."""
+    results, train_seconds, eval_seconds, sizes = {}, 0.0, 0.0, []
+    for group in plan_groups(spec.arch, spec.width, jobs, group_size):
+        started = time.perf_counter()
+        trained = fit_jobs(spec.arch, spec.width, group, device)
+        _synchronize(device)
+        train_seconds += time.perf_counter() - started
+        sizes.append(len(group))
+        started = time.perf_counter()
+        for job, (model, fitted) in zip(group, trained, strict=True):
+            results[job.index] = evaluate(model, job.data, fitted, device, spec.eval_size)
+        _synchronize(device)
+        eval_seconds += time.perf_counter() - started
+    return results, train_seconds, eval_seconds, sizes
+
+
+def bench_vectorized(spec: ZooSpec, datasets: dict, device: torch.device, group_size: int,
+                     threads: int) -> dict:
+    """Vectorized against one-at-a-time training of the same models on ``device``."""
+    torch.set_num_threads(threads)
+    jobs = []
+    for index in range(spec.n_models):
+        config = spec.config(index)
+        roles = {role: datasets[key] for role, key in data_keys(config, spec.bias_level).items()}
+        jobs.append(ModelJob(index, config, TrainingData(**roles, num_groups=spec.num_groups)))
+    # Warm-up (CUDA context, kernel selection, vmap tracing) on two short models, untimed.
+    warm = [ModelJob(j.index, j.config | {"train_size": 2 * j.config["batch_size"], "epochs": 1}, j.data)
+            for j in jobs[:2]]
+    one_at_a_time(spec, warm[:1], device)
+    vectorized(spec, warm, device, 2)
+
+    one, one_train, one_eval = one_at_a_time(spec, jobs, device)
+    vec, vec_train, vec_eval, sizes = vectorized(spec, jobs, device, group_size)
+    n = spec.n_models
+    weight_diff = max(float(abs(vec[i].weights - one[i].weights).max()) for i in range(n))
+    acc_diff = max(abs(vec[i].metrics["unbiased_acc"] - one[i].metrics["unbiased_acc"]) for i in range(n))
+
+    def rate(seconds: float) -> float:
+        return round(3600 * n / seconds, 1)
+
+    one_total, vec_total = one_train + one_eval, vec_train + vec_eval
+    return {
+        "one_models_per_hour": rate(one_total), "vectorized_models_per_hour": rate(vec_total),
+        "ratio_vectorized_over_one": round(one_total / vec_total, 3),
+        "train_only_one_models_per_hour": rate(one_train),
+        "train_only_vectorized_models_per_hour": rate(vec_train),
+        "train_only_ratio": round(one_train / vec_train, 3),
+        "one_seconds": {"train": round(one_train, 2), "eval": round(one_eval, 2)},
+        "vectorized_seconds": {"train": round(vec_train, 2), "eval": round(vec_eval, 2)},
+        "group_sizes": sizes,
+        "max_abs_weight_diff": weight_diff, "max_unbiased_acc_diff": acc_diff,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path)
@@ -103,12 +193,34 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=2000)
     parser.add_argument("--models-per-task", type=int, default=4)
     parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--vectorized", type=int, metavar="N",
+                        help="compare vectorized training (groups of up to N models) with one at a time")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
+    if args.device == "cuda" and args.vectorized is None:
+        args.vectorized = args.n_models
+    if args.vectorized is not None and args.vectorized < 1:
+        parser.error("--vectorized must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to PyTorch")
 
     train_size = args.train_size or (300 if args.task == "faces" else 4000)
     spec = bench_spec(args.task, args.n_models, train_size, args.eval_size, args.models_per_task)
     needed = block_data_keys(spec, list(range(spec.n_models)))
     datasets, _, _ = load_datasets(spec, needed, args.data_dir)
+    if args.vectorized is not None:
+        device = torch.device(args.device)
+        figures = bench_vectorized(spec, datasets, device, args.vectorized, args.num_cpus)
+        print(json.dumps({
+            "benchmark": "vectorized_vs_one_at_a_time",
+            "task": spec.task, "arch": spec.arch, "device": args.device,
+            "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "n_models": spec.n_models, "vectorize": args.vectorized, "train_size": train_size,
+            "epochs": spec.config(0)["epochs"], "batch_size": spec.config(0)["batch_size"],
+            "eval_size": args.eval_size, "torch_threads": args.num_cpus, **figures, "target_ratio": 20,
+        }))
+        return
 
     bare_seconds = bare_loop(spec, datasets, args.num_cpus)
     with tempfile.TemporaryDirectory() as tmp:

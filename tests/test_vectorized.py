@@ -1,0 +1,191 @@
+"""Vectorized multi-model training reproduces one-at-a-time training (real torch, MNIST, Ray, Zarr)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from modelzoo.architectures import build_model, flatten
+from modelzoo.datasets import ImageSet, load_imageset
+from modelzoo.generate import generate
+from modelzoo.spec import SpecError, parse_spec
+from modelzoo.store import ZooStore
+from modelzoo.training import ModelResult, TrainingData, seeded_model, train_one
+from modelzoo.vectorized import (
+    ModelJob,
+    StackedOptimizer,
+    VectorizeError,
+    _member,
+    fit_group,
+    plan_groups,
+    train_models,
+    vectorizable_architecture,
+)
+from tests.conftest import tiny_spec_dict
+
+EVAL = 200
+
+
+@pytest.fixture(scope="module")
+def colored(mnist) -> TrainingData:
+    """ColoredMNIST σ² = 0.02, pool A, and its two test sets (rendered once into the session cache)."""
+    return TrainingData(*(load_imageset(mnist, "colored_mnist", split, 0.02, pool)
+                          for split, pool in (("train", "A"), ("test_biased", "all"),
+                                              ("test_unbiased", "all"))))
+
+
+def _config(index: int, **settings) -> dict:
+    return {"index": index, "sigma2": 0.02, "pool": "A", "lr": 1e-3, "epochs": 1, "batch_size": 64,
+            "train_size": 128, "optimizer": "adam", "seed": 50 + index, "regularizer": "none",
+            "gamma": 1.0} | settings
+
+
+def _assert_same_training(got: ModelResult, want: ModelResult, config: dict, n_eval: int) -> None:
+    """Equal within floating-point tolerance. Batched convolutions sum in another order, so
+    gradients differ by ~1e-6 relative. SGD keeps that size; Adam divides each step by
+    sqrt(v) + 1e-8, so on the rare weights whose gradient is itself near 1e-8 a 1e-9 rounding
+    difference changes that weight's step by up to lr. Hence: nearly every weight within
+    1e-5, none further than the few steps could move it."""
+    diff = np.abs(got.weights - want.weights)
+    steps = config["epochs"] * -(-config["train_size"] // config["batch_size"])
+    if config["optimizer"] == "sgd":
+        assert diff.max() < 1e-6, f"model {config['index']}: SGD weights differ by {diff.max():.2e}"
+    else:
+        assert np.quantile(diff, 0.99) < 1e-5, f"model {config['index']}: {np.quantile(diff, 0.99):.2e}"
+        assert diff.max() <= 2 * config["lr"] * steps
+    g, w = got.metrics, want.metrics
+    for name in ("unbiased_acc", "biased_acc"):
+        assert abs(g[name] - w[name]) <= 2 / n_eval, (name, g[name], w[name])
+    np.testing.assert_allclose(g["per_class_acc"], w["per_class_acc"], atol=0.05)
+    np.testing.assert_allclose(g["per_group_acc"], w["per_group_acc"], atol=0.05)
+    assert abs(g["leakage"] - w["leakage"]) <= 0.05
+    for name in ("train_loss", "reg_loss"):
+        assert g[name] == pytest.approx(w[name], rel=1e-4, abs=1e-6), name
+    assert set(g) == set(w)
+
+
+def test_digit_cnn_group_matches_train_one_and_a_lone_model_falls_back(colored: TrainingData) -> None:
+    # Two data objects (a second, shorter pool) and two learning rates inside one group; the
+    # SGD model has no partner, so train_one trains it: identical to the last bit.
+    half = colored.train
+    half = TrainingData(ImageSet(half.images[:8000], half.labels[:8000], half.bias[:8000]),
+                        colored.test_biased, colored.test_unbiased)
+    jobs = [ModelJob(0, _config(0, lr=2e-3), colored),
+            ModelJob(1, _config(1, optimizer="sgd", lr=0.05), colored),
+            ModelJob(2, _config(2), half)]
+    groups = plan_groups("digit-cnn", 1.0, jobs, vectorize=4)
+    assert [[j.index for j in g] for g in groups] == [[0, 2], [1]]
+    results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=4))
+    assert sorted(results) == [0, 1, 2]
+    wants = {job.index: train_one("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL) for job in jobs}
+    for job in jobs:
+        _assert_same_training(results[job.index], wants[job.index], job.config, EVAL)
+    lone, want = results[1], wants[1]
+    assert np.array_equal(lone.weights, want.weights) and lone.metrics.keys() == want.metrics.keys()
+    for name in set(want.metrics) - {"wall_seconds"}:
+        np.testing.assert_array_equal(lone.metrics[name], want.metrics[name], err_msg=name)
+    # Trained, not just copied: every model moved away from its initial weights.
+    for job in jobs:
+        start = flatten(seeded_model("digit-cnn", 1.0, job.config, torch.device("cpu")))
+        assert np.abs(results[job.index].weights - start).max() > 1e-4
+
+
+def test_regularizers_batch_with_their_own_heads_and_random_draws(colored: TrainingData) -> None:
+    # GRAD brings a head, its optimizer and a ramped reversal weight; BinaryBernoulli samples its
+    # code from the global RNG, so its draws sit between the model's dropout draws: with SGD
+    # the weights only match this tightly if each model's stream is replayed in order.
+    settings = {"optimizer": "sgd", "lr": 0.05, "gamma": 0.5}
+    jobs = [ModelJob(0, _config(0, regularizer="grad", **settings) | {"reg.ramp": True}, colored),
+            ModelJob(1, _config(1, regularizer="binary_bernoulli", **settings), colored)]
+    results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=2))
+    for job in jobs:
+        want = train_one("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL)
+        _assert_same_training(results[job.index], want, job.config, EVAL)
+        assert results[job.index].metrics["reg_loss"] != 0
+
+
+def test_gender_cnn_matches_train_one(mnist) -> None:
+    # Real MNIST digits padded to the face models' 48×48 input: gender-cnn's two classes are
+    # odd/even digits, its three groups digit mod 3.
+    gray = np.pad(mnist.train_images[:500], ((0, 0), (10, 10), (10, 10)))
+    images = np.repeat(gray[:, None], 3, axis=1)
+    digits = mnist.train_labels[:500]
+    pool = ImageSet(images[:400], digits[:400] % 2, digits[:400] % 3)
+    test = ImageSet(images[400:], digits[400:] % 2, digits[400:] % 3)
+    data = TrainingData(pool, test, test, num_groups=3)
+    jobs = [ModelJob(i, _config(i, batch_size=32, train_size=64, lr=lr), data)
+            for i, lr in enumerate([1e-3, 2e-3])]
+    results = dict(train_models("gender-cnn", 1.0, jobs, "cpu", 0, vectorize=2))
+    for job in jobs:
+        want = train_one("gender-cnn", 1.0, job.config, job.data, "cpu", 0)
+        _assert_same_training(results[job.index], want, job.config, len(test))
+        assert results[job.index].metrics["per_group_acc"].shape == (3,)
+
+
+def test_groups_need_equal_batch_shapes_and_a_batchable_architecture(colored: TrainingData) -> None:
+    # Steps of another batch shape (batch size, subset size) or another number of epochs: no partner.
+    jobs = [ModelJob(0, _config(0), colored), ModelJob(1, _config(1, batch_size=32), colored),
+            ModelJob(2, _config(2, train_size=64), colored), ModelJob(3, _config(3, epochs=2), colored)]
+    assert [len(g) for g in plan_groups("digit-cnn", 1.0, jobs, vectorize=8)] == [1, 1, 1, 1]
+    assert [len(g) for g in plan_groups("digit-cnn", 1.0, jobs[:1] * 5, vectorize=2)] == [2, 2, 1]
+    assert [len(g) for g in plan_groups("digit-cnn", 1.0, jobs[:1] * 3, vectorize=1)] == [1, 1, 1]
+    # Architectures vmap cannot batch exactly are never grouped.
+    assert vectorizable_architecture(build_model("digit-cnn")) and vectorizable_architecture(
+        build_model("gender-cnn"))
+    assert not vectorizable_architecture(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    assert not vectorizable_architecture(nn.Sequential(nn.Linear(4, 4), nn.Dropout2d(0.1)))
+    assert not vectorizable_architecture(_TwiceDropped())
+
+
+class _TwiceDropped(nn.Module):
+    """Calls one dropout module twice per forward: one stand-in mask per module cannot serve it."""
+
+    input_shape = (4,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.fc(self.dropout(x)))
+
+
+def test_bad_groups_are_refused(colored: TrainingData) -> None:
+    with pytest.raises(VectorizeError, match="one learning rate per row"):
+        StackedOptimizer("adam", torch.zeros(3, 5, requires_grad=True), [1e-3, 1e-3])
+    members = [_member("digit-cnn", 1.0, ModelJob(i, _config(i, batch_size=b), colored), torch.device("cpu"))
+               for i, b in enumerate([64, 32])]
+    with pytest.raises(VectorizeError, match="must share"):
+        fit_group(members, torch.device("cpu"))
+    with pytest.raises(SpecError, match=r"zoo\.vectorize"):
+        parse_spec(tiny_spec_dict() | {"zoo": tiny_spec_dict()["zoo"] | {"vectorize": 0}})
+
+
+def test_generate_vectorized_matches_one_at_a_time(ray_local, colored, tmp_path) -> None:
+    raw = tiny_spec_dict(n_models=2, models_per_task=2, train_size=128, pool="A")
+    del raw["fixed"]["lr"]
+    raw["zoo"]["eval_size"] = EVAL
+    raw["sweep"] = {"sigma2": [0.02], "lr": [1e-3, 2e-3]}
+    plain = parse_spec(raw)
+    vectorized = parse_spec(raw | {"zoo": raw["zoo"] | {"vectorize": 2}})
+    assert vectorized.vectorize == 2 and vectorized.digest() == plain.digest()
+    stores = {}
+    for name, spec in (("plain", plain), ("vectorized", vectorized)):
+        summary = generate(spec, tmp_path / f"{name}.zarr", progress=False)
+        assert summary.n_trained == 2 and summary.n_done == 2
+        stores[name] = ZooStore.open(tmp_path / f"{name}.zarr")
+    a, b = stores["plain"], stores["vectorized"]
+    assert a.done.all() and b.done.all()
+    assert a.metric_fields() == b.metric_fields() and a.config_fields() == b.config_fields()
+    for i in range(2):
+        config = plain.config(i)
+        want = ModelResult(a.weights(i), {m: a.field(f"metrics/{m}")[i] for m in a.metric_fields()})
+        got = ModelResult(b.weights(i), {m: b.field(f"metrics/{m}")[i] for m in b.metric_fields()})
+        _assert_same_training(got, want, config, plain.eval_size)
+    # The batched path did run in the Ray task: its convolutions round differently, so not bit-equal.
+    assert b.spec.vectorize == 2 and any(not np.array_equal(a.weights(i), b.weights(i)) for i in range(2))
+    # The spec digest ignores vectorize, so the vectorized store resumes as a plain one (nothing left).
+    assert generate(plain, tmp_path / "vectorized.zarr", progress=False).n_trained == 0
