@@ -43,15 +43,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from itertools import combinations, pairwise
-from typing import TYPE_CHECKING
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from modelzoo.architectures import TensorSlot
-
-if TYPE_CHECKING:
-    from modelzoo.store import ZooStore
 
 FEATURE_VERSION = 1
 FEATURE_KINDS = ("raw", "stats", "first_layer", "invariant")
@@ -173,53 +168,6 @@ def neuron_sets(weights: np.ndarray, slots: list[TensorSlot]) -> list[np.ndarray
     layers = find_layers(slots)
     return [_unit_descriptors(weights, layer, following).astype(np.float32)
             for layer, following in pairwise(layers)]
-
-
-def store_features(store: ZooStore, kind: str, rows: np.ndarray | None = None, chunk_models: int = 512,
-                   progress: bool = True) -> np.ndarray:
-    """Features (len(rows), F) of a zoo store's models, read ``chunk_models`` models at a time.
-
-    ``rows`` are model indices (any order, repeats allowed; default: every done model); output
-    row i belongs to ``rows[i]``. A zoo's weights can be far larger than memory, so only one
-    chunk of them is ever held; rows are read in sorted order so each store chunk is decoded
-    about once.
-    """
-    _check_kind(kind)
-    if chunk_models < 1:
-        raise ValueError(f"chunk_models must be at least 1, got {chunk_models}")
-    slots = store.layout
-    n_features = len(feature_names(slots, kind))  # also validates the layout for this kind
-    done = store.done
-    if rows is None:
-        rows = np.flatnonzero(done)
-    rows = np.asarray(rows)
-    if rows.ndim != 1 or (rows.size and not np.issubdtype(rows.dtype, np.integer)):
-        raise ValueError(f"rows must be a 1-D array of model indices, got shape {rows.shape} "
-                         f"dtype {rows.dtype}")
-    rows = rows.astype(np.int64, copy=False)  # an empty list arrives as float
-    outside = rows[(rows < 0) | (rows >= len(done))]
-    if outside.size:
-        raise ValueError(f"rows {_first(outside)} lie outside the store's {len(done)} models")
-    not_done = np.unique(rows[~done[rows]])
-    if not_done.size:
-        raise ValueError(f"models {_first(not_done)} of {store.path} are not done (no weights yet); "
-                         "pass rows of done models or finish generating the zoo")
-    order = np.argsort(rows, kind="stable")
-    out = np.empty((len(rows), n_features), dtype=np.float32)
-    array = store.group["weights"]
-    with tqdm(total=len(rows), unit="model", desc=f"weight features ({kind})", disable=not progress) as bar:
-        for start in range(0, len(rows), chunk_models):
-            positions = order[start : start + chunk_models]
-            wanted = rows[positions]
-            unique, inverse = np.unique(wanted, return_inverse=True)
-            if unique[-1] - unique[0] + 1 == len(unique):  # one contiguous run: a plain slice
-                block = np.asarray(array[int(unique[0]) : int(unique[-1]) + 1])
-            else:
-                block = np.asarray(array.get_orthogonal_selection((unique, slice(None))))
-            _check_finite(block, unique)
-            out[positions] = _compute(block, slots, kind)[inverse]
-            bar.update(len(positions))
-    return out
 
 
 # -- validation ----------------------------------------------------------------------------------

@@ -19,12 +19,19 @@ Four detectors, selectable by name (:data:`DETECTORS`):
   incoming and outgoing weights, a shared per-layer encoder embeds every unit, mean and max
   pooling over units make the layer's summary (so any width fits), a head classifies.
 
+Every detector learns from feature rows it computes from each model's weights alone
+(:meth:`WeightDetector.features`: the raw weights for ``dense`` and ``layer_conv``,
+statistics for the others), so ``fit``/``predict`` also take those rows precomputed, as a
+:class:`FeatureSet`: :func:`detector.evaluate.zoo_features` builds one chunk by chunk from a
+zoo larger than memory, never holding its weight matrix.
+
 Fitted detectors are saved by :mod:`detector.files` without pickling code.
 """
 
 from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +43,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from detector.features import neuron_sets, weight_features
+from detector.features import UNIT_DESCRIPTORS, feature_names, find_layers, neuron_sets, weight_features
 from modelzoo.architectures import TensorSlot
 
 
@@ -78,16 +85,71 @@ class WeightSet:
         return tuple(slot.name for slot in self.slots)
 
 
+@dataclass(frozen=True)
+class FeatureSet:
+    """A detector's feature rows for some models (row i from model i's weights alone), with the
+    layout of the weights they came from.
+
+    ``kind`` is the :attr:`WeightDetector.feature_kind` of the detectors that compute and read
+    them; ``fit``/``predict`` take a FeatureSet of their own kind in place of a :class:`WeightSet`.
+    """
+
+    features: np.ndarray
+    kind: str
+    slots: tuple[TensorSlot, ...]
+    arch: str
+    width: float = 1.0
+
+    def __post_init__(self) -> None:
+        features = np.asarray(self.features)
+        if features.ndim != 2:
+            raise DetectorError(f"features must be (models, features), got shape {features.shape}")
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
+        if bad.size:
+            raise DetectorError(f"feature rows {bad[:10].tolist()} hold NaN or Inf; they cannot be scored")
+        object.__setattr__(self, "features", features.astype(np.float32, copy=False))
+        object.__setattr__(self, "slots", tuple(self.slots))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def subset(self, rows: np.ndarray) -> FeatureSet:
+        return FeatureSet(self.features[rows], self.kind, self.slots, self.arch, self.width)
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return tuple(slot.name for slot in self.slots)
+
+
 class WeightDetector(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
     """Shared checks: what a detector was fitted on, and what it will accept to predict."""
 
     #: True when the detector reads the exact flat layout (raw weights), False when it reads
     #: features that mean the same at any width.
     needs_exact_layout = True
+    #: Names what :meth:`features` computes; a :class:`FeatureSet` given to fit/predict must match.
+    feature_kind = "raw"
 
-    def fit(self, X: WeightSet, y) -> WeightDetector:
+    def features(self, X: WeightSet) -> np.ndarray:
+        """The feature rows (len(X), F) this detector learns from: here the raw flat weights.
+
+        Row i depends on model i's weights alone and on no fitted state, so rows computed a
+        chunk of models at a time equal rows computed all at once."""
+        return X.weights
+
+    def feature_set(self, X: WeightSet | FeatureSet) -> FeatureSet:
+        """``X`` as this detector's features; a FeatureSet of its kind passes through as it is."""
+        if isinstance(X, FeatureSet):
+            if X.kind != self.feature_kind:
+                raise DetectorError(f"these are {X.kind!r} features; a {type(self).__name__} reads "
+                                    f"{self.feature_kind!r} features (compute them with its features())")
+            return X
         if not isinstance(X, WeightSet):
-            raise DetectorError(f"X must be a WeightSet, got {type(X).__name__}")
+            raise DetectorError(f"X must be a WeightSet or a FeatureSet, got {type(X).__name__}")
+        return FeatureSet(self.features(X), self.feature_kind, X.slots, X.arch, X.width)
+
+    def fit(self, X: WeightSet | FeatureSet, y) -> WeightDetector:
+        X = self.feature_set(X)
         y = np.asarray(y)
         if y.ndim != 1 or len(y) != len(X):
             raise DetectorError(f"y must hold one label per model ({len(X)}), got shape {y.shape}")
@@ -101,19 +163,19 @@ class WeightDetector(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
         self._fit(X, encoded)
         return self
 
-    def predict_proba(self, X: WeightSet) -> np.ndarray:
+    def predict_proba(self, X: WeightSet | FeatureSet) -> np.ndarray:
         self._check_input(X)
-        return self._proba(X)
+        return self._proba(self.feature_set(X))
 
-    def predict(self, X: WeightSet) -> np.ndarray:
+    def predict(self, X: WeightSet | FeatureSet) -> np.ndarray:
         proba = self.predict_proba(X)  # checks first: an unfitted detector has no classes_
         return self.classes_[proba.argmax(axis=1)]
 
-    def _check_input(self, X: WeightSet) -> None:
+    def _check_input(self, X: WeightSet | FeatureSet) -> None:
         if not hasattr(self, "classes_"):
             raise DetectorError(f"this {type(self).__name__} is not fitted yet; call fit first")
-        if not isinstance(X, WeightSet):
-            raise DetectorError(f"X must be a WeightSet, got {type(X).__name__}")
+        if not isinstance(X, WeightSet | FeatureSet):
+            raise DetectorError(f"X must be a WeightSet or a FeatureSet, got {type(X).__name__}")
         if X.arch != self.arch_ or X.tensor_names != self.tensor_names_:
             raise DetectorError(f"this detector reads {self.arch_} models; got {X.arch} "
                                 f"(tensors {', '.join(X.tensor_names[:3])}, ...)")
@@ -124,11 +186,11 @@ class WeightDetector(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
                                 "detector (boosting, deepsets) across widths")
 
     @abstractmethod
-    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
-        """Fit on labels already encoded as 0..len(classes_) - 1."""
+    def _fit(self, X: FeatureSet, y: np.ndarray) -> None:
+        """Fit on this detector's features and labels already encoded as 0..len(classes_) - 1."""
 
     @abstractmethod
-    def _proba(self, X: WeightSet) -> np.ndarray:
+    def _proba(self, X: FeatureSet) -> np.ndarray:
         """Class probabilities, columns in the order of ``classes_``."""
 
 
@@ -143,15 +205,15 @@ class DenseDetector(WeightDetector):
         self.max_iter = max_iter
         self.random_state = random_state
 
-    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
+    def _fit(self, X: FeatureSet, y: np.ndarray) -> None:
         self.model_: Pipeline = make_pipeline(
             StandardScaler(),
             MLPClassifier((self.hidden,), alpha=self.alpha, max_iter=self.max_iter,
                           early_stopping=len(y) >= 50, random_state=self.random_state))
-        self.model_.fit(X.weights, y)
+        self.model_.fit(X.features, y)
 
-    def _proba(self, X: WeightSet) -> np.ndarray:
-        return self.model_.predict_proba(X.weights)
+    def _proba(self, X: FeatureSet) -> np.ndarray:
+        return self.model_.predict_proba(X.features)
 
 
 class BoostingDetector(WeightDetector):
@@ -160,6 +222,7 @@ class BoostingDetector(WeightDetector):
     name = "boosting"
     needs_exact_layout = False
     feature_kinds = ("stats", "first_layer")
+    feature_kind = "+".join(feature_kinds)
 
     def __init__(self, max_iter: int = 300, learning_rate: float = 0.05, min_samples_leaf: int = 4,
                  random_state: int = 0):
@@ -171,21 +234,22 @@ class BoostingDetector(WeightDetector):
     def features(self, X: WeightSet) -> np.ndarray:
         return np.hstack([weight_features(X.weights, list(X.slots), kind) for kind in self.feature_kinds])
 
-    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
+    def _fit(self, X: FeatureSet, y: np.ndarray) -> None:
         self.model_ = HistGradientBoostingClassifier(
             max_iter=self.max_iter, learning_rate=self.learning_rate, min_samples_leaf=self.min_samples_leaf,
             early_stopping=False, random_state=self.random_state)
-        self.model_.fit(self.features(X), y)
+        self.model_.fit(X.features, y)
 
-    def _proba(self, X: WeightSet) -> np.ndarray:
-        return self.model_.predict_proba(self.features(X))
+    def _proba(self, X: FeatureSet) -> np.ndarray:
+        return self.model_.predict_proba(X.features)
 
 
 class _TorchDetector(WeightDetector):
     """Full-batch Adam training of a small torch network, seeded; weights kept as tensors."""
 
-    def _train(self, network: nn.Module, inputs: list[torch.Tensor], y: np.ndarray) -> None:
-        torch.manual_seed(self.random_state)
+    def _train(self, build: Callable[[], nn.Module], inputs: list[torch.Tensor], y: np.ndarray) -> None:
+        torch.manual_seed(self.random_state)  # before building: the initial weights are seeded too
+        network = build()
         target = torch.as_tensor(y, dtype=torch.long)
         optimizer = torch.optim.Adam(network.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         network.train()
@@ -232,24 +296,24 @@ class LayerConvDetector(_TorchDetector):
         self.weight_decay = weight_decay
         self.random_state = random_state
 
-    def _layers(self, X: WeightSet) -> list[np.ndarray]:
+    def _layers(self, X: FeatureSet) -> list[np.ndarray]:
         spans: dict[str, list[TensorSlot]] = {}
         for slot in X.slots:
             spans.setdefault(slot.name.rsplit(".", 1)[0], []).append(slot)
-        return [np.hstack([X.weights[:, s.offset : s.offset + s.size] for s in slots])
+        return [np.hstack([X.features[:, s.offset : s.offset + s.size] for s in slots])
                 for slots in spans.values()]
 
-    def _inputs(self, X: WeightSet) -> list[torch.Tensor]:
+    def _inputs(self, X: FeatureSet) -> list[torch.Tensor]:
         return [torch.from_numpy((layer - mean) / std) for layer, mean, std
                 in zip(self._layers(X), self.means_, self.stds_, strict=True)]
 
-    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
+    def _fit(self, X: FeatureSet, y: np.ndarray) -> None:
         layers = self._layers(X)
         self.means_ = [layer.mean(axis=0) for layer in layers]
         self.stds_ = [layer.std(axis=0) + 1e-6 for layer in layers]
-        self._train(LayerConvNet(len(layers), len(self.classes_)), self._inputs(X), y)
+        self._train(lambda: LayerConvNet(len(layers), len(self.classes_)), self._inputs(X), y)
 
-    def _proba(self, X: WeightSet) -> np.ndarray:
+    def _proba(self, X: FeatureSet) -> np.ndarray:
         return self._softmax(self._inputs(X))
 
 
@@ -278,6 +342,7 @@ class DeepSetsDetector(_TorchDetector):
 
     name = "deepsets"
     needs_exact_layout = False
+    feature_kind = "first_layer+units"
 
     def __init__(self, epochs: int = 400, lr: float = 3e-3, weight_decay: float = 1e-4,
                  random_state: int = 0):
@@ -286,24 +351,45 @@ class DeepSetsDetector(_TorchDetector):
         self.weight_decay = weight_decay
         self.random_state = random_state
 
-    def _inputs(self, X: WeightSet) -> list[torch.Tensor]:
-        extra = weight_features(X.weights, list(X.slots), "first_layer")
+    def features(self, X: WeightSet) -> np.ndarray:
+        """First-layer statistics, then each hidden layer's unit descriptors (unit by unit)."""
+        slots = list(X.slots)
+        units = [layer.reshape(len(X), -1) for layer in neuron_sets(X.weights, slots)]
+        return np.hstack([weight_features(X.weights, slots, "first_layer"), *units])
+
+    @staticmethod
+    def _split(X: FeatureSet) -> tuple[np.ndarray, list[np.ndarray]]:
+        """First-layer statistics (models, F) and per hidden layer (models, units, descriptors)."""
+        slots = list(X.slots)
+        start = len(feature_names(slots, "first_layer"))
+        # Contiguous copies: numpy's float32 sums then run in the same order as on neuron_sets' arrays.
+        extra, layers = np.ascontiguousarray(X.features[:, :start]), []
+        for layer in find_layers(slots)[:-1]:
+            stop = start + layer.n_out * len(UNIT_DESCRIPTORS)
+            units = X.features[:, start:stop].reshape(len(X), layer.n_out, len(UNIT_DESCRIPTORS))
+            layers.append(np.ascontiguousarray(units))
+            start = stop
+        if start != X.features.shape[1]:
+            raise DetectorError(f"{X.features.shape[1]} deepsets features do not fit the {X.arch} layout "
+                                f"(width {X.width:g}), which makes {start}")
+        return extra, layers
+
+    def _inputs(self, X: FeatureSet) -> list[torch.Tensor]:
+        extra, layers = self._split(X)
         extra = (extra - self.extra_mean_) / self.extra_std_
-        layers = neuron_sets(X.weights, list(X.slots))
         units = [(layer - mean) / std
                  for layer, mean, std in zip(layers, self.unit_means_, self.unit_stds_, strict=True)]
         return [torch.from_numpy(np.asarray(a, dtype=np.float32)) for a in (extra, *units)]
 
-    def _fit(self, X: WeightSet, y: np.ndarray) -> None:
-        extra = weight_features(X.weights, list(X.slots), "first_layer")
+    def _fit(self, X: FeatureSet, y: np.ndarray) -> None:
+        extra, layers = self._split(X)
         self.extra_mean_, self.extra_std_ = extra.mean(axis=0), extra.std(axis=0) + 1e-6
-        layers = neuron_sets(X.weights, list(X.slots))
         self.unit_means_ = [layer.mean(axis=(0, 1)) for layer in layers]
         self.unit_stds_ = [layer.std(axis=(0, 1)) + 1e-6 for layer in layers]
-        network = DeepSetsNet(len(layers), layers[0].shape[2], extra.shape[1], len(self.classes_))
-        self._train(network, self._inputs(X), y)
+        self._train(lambda: DeepSetsNet(len(layers), layers[0].shape[2], extra.shape[1], len(self.classes_)),
+                    self._inputs(X), y)
 
-    def _proba(self, X: WeightSet) -> np.ndarray:
+    def _proba(self, X: FeatureSet) -> np.ndarray:
         return self._softmax(self._inputs(X))
 
 

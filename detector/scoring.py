@@ -23,21 +23,23 @@ UNBIASED_CLASSES = ("unbiased", "balanced")
 
 
 def recognize_architecture(state_dict: dict[str, torch.Tensor], arch: str | None = None) -> tuple[str, float]:
-    """(architecture, width) whose layout has exactly these tensor names and shapes."""
+    """(architecture, width) whose layout has exactly these tensor names and shapes, in any
+    order (safetensors and HDF5 hand tensors back sorted by name)."""
     candidates = [arch] if arch else list(ARCHITECTURES)
     for name in candidates:
         if name not in ARCHITECTURES:
             raise DetectorError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
         reference = build_model(name).state_dict()
-        if list(state_dict) != list(reference):
+        if set(state_dict) != set(reference):
             continue
         first = next(iter(reference))
+        if state_dict[first].dim() == 0:
+            continue
         width = state_dict[first].shape[0] / reference[first].shape[0]
         if not 0 < width <= 8:
             continue
         model = build_model(name, width)
-        pairs = zip(state_dict.values(), model.state_dict().values(), strict=True)
-        if all(tuple(t.shape) == tuple(r.shape) for t, r in pairs):
+        if all(tuple(state_dict[key].shape) == tuple(r.shape) for key, r in model.state_dict().items()):
             return name, width
     expected = "; ".join(f"{name}: {', '.join(list(build_model(name).state_dict())[:4])}, ..."
                          for name in candidates if name in ARCHITECTURES)
@@ -48,11 +50,13 @@ def recognize_architecture(state_dict: dict[str, torch.Tensor], arch: str | None
 def checkpoint_weights(state_dict: dict[str, torch.Tensor], arch: str | None = None) -> WeightSet:
     """One checkpoint as a one-row :class:`WeightSet` (NaN/Inf weights are refused by name)."""
     name, width = recognize_architecture(state_dict, arch)
-    bad = [key for key, tensor in state_dict.items() if not torch.isfinite(tensor.float()).all()]
+    slots = layout(build_model(name, width))
+    tensors = {slot.name: state_dict[slot.name] for slot in slots}  # layout order, not the file's
+    bad = [key for key, tensor in tensors.items() if not torch.isfinite(tensor.float()).all()]
     if bad:
         raise DetectorError(f"the checkpoint has NaN or Inf weights in {', '.join(bad)}; not scored")
-    flat = torch.cat([t.detach().reshape(-1).float() for t in state_dict.values()]).numpy()[None]
-    return WeightSet(flat, tuple(layout(build_model(name, width))), name, width)
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors.values()]).numpy()[None]
+    return WeightSet(flat, tuple(slots), name, width)
 
 
 def score_checkpoint(checkpoint: str | Path, detector_dir: str | Path, probes: str | Path | None = None,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import struct
 from pathlib import Path
 
 import h5py
@@ -84,12 +85,17 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             loaded = _read_h5(path)
         else:
             raise CheckpointError(f"{path}: unknown checkpoint suffix {suffix!r}; use one of {SUFFIXES}")
-    except CheckpointError:
-        raise
+    except CheckpointError as err:
+        if str(path) in str(err):
+            raise
+        raise CheckpointError(f"{path}: {err}") from err
     except pickle.UnpicklingError as err:
         raise CheckpointError(f"{path}: refused: holds Python objects beyond tensors, which are "
                               f"never unpickled ({str(err).splitlines()[-1] if str(err) else err})") from err
-    except (OSError, RuntimeError, ValueError, EOFError, KeyError, SafetensorError) as err:
+    # Parsers of damaged bytes raise whatever their code trips over (torch's weights-only
+    # unpickler an IndexError or struct.error, a malformed HDF5 tree a TypeError or AttributeError).
+    except (OSError, RuntimeError, ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError,
+            struct.error, SafetensorError) as err:
         raise CheckpointError(f"{path}: not a readable {suffix} checkpoint ({err})") from err
     if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
         loaded = loaded["state_dict"]
@@ -107,10 +113,21 @@ def _read_h5(path: Path) -> dict[str, torch.Tensor]:
 
         def collect(name: str, node: h5py.HLObject) -> None:
             if isinstance(node, h5py.Dataset):
-                tensors[name.replace("/", ".")] = torch.from_numpy(node[()])
+                tensors[name.replace("/", ".")] = _h5_tensor(path, name, node)
 
         h5.visititems(collect)
     return tensors
+
+
+def _h5_tensor(path: Path, name: str, node: h5py.Dataset) -> torch.Tensor:
+    """One dataset as a tensor; text, records, empty datasets and dtypes torch lacks are refused."""
+    array = np.asarray(node[()])  # a scalar dataset reads as a numpy scalar, not an array
+    if array.dtype.byteorder == ">":  # written on a big-endian machine: torch takes native order only
+        array = array.astype(array.dtype.newbyteorder("="))
+    try:
+        return torch.from_numpy(array)
+    except TypeError as err:
+        raise CheckpointError(f"{path}: dataset {name!r} holds {array.dtype}, not a numeric tensor") from err
 
 
 def _is_keras(h5: h5py.File) -> bool:

@@ -112,7 +112,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    report = verify(args.store)
+    report = verify(args.store, progress=True)
     for problem in report.problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     status = "OK" if report.ok else f"{len(report.problems)} problem(s)"

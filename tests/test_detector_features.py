@@ -11,14 +11,15 @@ import scipy.stats
 import torch
 from torch import nn
 
+from detector.evaluate import weight_chunks
 from detector.features import (
     FEATURE_KINDS,
     feature_names,
     find_layers,
     neuron_sets,
-    store_features,
     weight_features,
 )
+from detector.models import DetectorError
 from modelzoo.architectures import TensorSlot, build_model, flatten, layout
 from modelzoo.spec import parse_spec
 from modelzoo.store import ZooStore
@@ -193,7 +194,7 @@ def test_layouts_that_are_not_conv_linear_chains_are_refused_for_layer_features(
     assert [layer.name for layer in find_layers(slots)] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
 
 
-def test_store_features_read_in_chunks_match_the_full_array(tmp_path: Path) -> None:
+def test_zoo_weights_read_in_chunks_match_the_full_array(tmp_path: Path) -> None:
     store = ZooStore.create(tmp_path / "tiny.zarr", parse_spec(tiny_spec_dict(n_models=6, models_per_task=2)))
     done = [0, 1, 2, 4, 5]  # model 3 is left unfinished
     weights = {i: flatten(_random_model("digit-cnn", 10 + i)) for i in done}
@@ -201,14 +202,14 @@ def test_store_features_read_in_chunks_match_the_full_array(tmp_path: Path) -> N
         store.write_model(i, ModelResult(weights[i], {"unbiased_acc": 0.5}))
     full = np.stack([weights[i] for i in done])
     for kind in ("stats", "invariant", "raw"):
-        got = store_features(store, kind, chunk_models=2, progress=False)
+        got = np.concatenate([weight_features(chunk.weights, chunk.slots, kind)
+                              for chunk in weight_chunks(store, np.flatnonzero(store.done), chunk_models=2)])
         np.testing.assert_array_equal(got, weight_features(full, store.layout, kind))
     rows = np.array([5, 0, 4, 0])  # any order, repeats allowed, scattered across store chunks
-    got = store_features(store, "first_layer", rows=rows, chunk_models=3, progress=False)
-    expected = weight_features(np.stack([weights[i] for i in rows]), store.layout, "first_layer")
-    np.testing.assert_array_equal(got, expected)
-    assert store_features(store, "stats", rows=np.array([]), progress=False).shape == (0, 130)
-    with pytest.raises(ValueError, match=r"models \[3\].*not done"):
-        store_features(store, "stats", rows=np.array([1, 3]), progress=False)
-    with pytest.raises(ValueError, match="outside"):
-        store_features(store, "stats", rows=np.array([6]), progress=False)
+    got = np.concatenate([chunk.weights for chunk in weight_chunks(store, rows, chunk_models=3)])
+    np.testing.assert_array_equal(got, np.stack([weights[i] for i in rows]))
+    assert list(weight_chunks(store, np.array([]))) == []
+    with pytest.raises(DetectorError, match=r"models \[3\].*not done"):
+        list(weight_chunks(store, np.array([1, 3])))
+    with pytest.raises(DetectorError, match="outside"):
+        list(weight_chunks(store, np.array([6])))
