@@ -1,4 +1,5 @@
-"""``weightbias detector train|evaluate``, ``weightbias score`` and ``weightbias insidebias``.
+"""``weightbias detector train|evaluate``, ``weightbias score``, ``weightbias insidebias`` and
+``weightbias compare``.
 
 The command-line face of the detector package: each subcommand parses its arguments, calls
 the package's functions and prints a line for people or one JSON object (``--json``).
@@ -13,7 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from detector.evaluate import SPLITS, TARGETS, breakdown, labels, score_detector, split_rows, zoo_weights
+from detector.compare import DEFAULT_PERMUTATIONS, PROJECTION_KINDS, compare_zoo
+from detector.evaluate import SPLITS, TARGETS, breakdown, labels, score_detector, split_rows, zoo_features
 from detector.files import load_detector, save_detector
 from detector.insidebias import insidebias, probe_images
 from detector.models import DETECTORS, DetectorError, make_detector
@@ -43,6 +45,7 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="pool: train on one training pool's models, test on the other's (default)")
     train.add_argument("--train-pool", default="A")
     train.add_argument("--levels", nargs="+", help="keep only models at these bias levels (e.g. 0.02 0.05)")
+    _add_memory_budget(train)
     train.add_argument("--json", action="store_true", help="print one JSON object")
     train.set_defaults(handler=_train)
 
@@ -53,6 +56,7 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("store", type=Path, help="zoo store (Zarr)")
     evaluate.add_argument("--pool", help="only models of this training pool (default: all done models)")
     evaluate.add_argument("--levels", nargs="+", help="keep only models at these bias levels")
+    _add_memory_budget(evaluate)
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=_evaluate)
 
@@ -81,6 +85,45 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
     inside.add_argument("--seed", type=int, default=0)
     inside.add_argument("--json", action="store_true", help="print one JSON object")
     inside.set_defaults(handler=_insidebias)
+
+    compare = subparsers.add_parser(
+        "compare", help="report how each regularizer changes a zoo's models (HTML/Markdown + PNG + JSON)",
+        description="Group a zoo's models by (regularizer, γ) and compare every group with vanilla: detector "
+        "scores (with --detector), a PCA of weight features, per-layer weight shifts, first-layer colour "
+        "sensitivity (MNIST tasks), InsideBias (face zoos), accuracy vs fairness, and an energy distance "
+        "with a permutation test. Writes index.html, index.md, PNG plots and summary.json into --out.")
+    compare.add_argument("store", type=Path, help="zoo store (Zarr)")
+    compare.add_argument("--out", type=Path, required=True, help="report folder to write")
+    compare.add_argument("--detector", type=Path, help="detector folder from `weightbias detector train`")
+    compare.add_argument("--features", choices=PROJECTION_KINDS, default="invariant",
+                         help="weight features for the projection and the distance test (default: invariant)")
+    compare.add_argument("--permutations", type=int, default=DEFAULT_PERMUTATIONS,
+                         help=f"permutations per distance test (default: {DEFAULT_PERMUTATIONS})")
+    compare.add_argument("--seed", type=int, default=0, help="seed of the permutations and probe draws")
+    compare.add_argument("--min-models", type=int, default=3,
+                         help="groups with fewer models are shown but not tested (default: 3)")
+    compare.add_argument("--data-dir", type=Path, help="data root for face probes (InsideBias; face zoos)")
+    compare.add_argument("--per-group", type=int, default=5, help="InsideBias probe images per face group")
+    compare.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    compare.set_defaults(handler=_compare)
+
+
+def _add_memory_budget(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--memory-budget-gb", type=_positive_gb, metavar="GB",
+                        help="most memory the detector's features of the zoo may take (default: half the "
+                        "machine's); weights are read a chunk at a time, so only detectors on raw weights "
+                        "(dense, layer_conv) come near it")
+
+
+def _positive_gb(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GB, got {text}")
+    return value
+
+
+def _memory_budget(args: argparse.Namespace) -> float | None:
+    return None if args.memory_budget_gb is None else args.memory_budget_gb * 2**30
 
 
 def _rows_at_levels(store: ZooStore, rows: np.ndarray, levels: list[str] | None) -> np.ndarray:
@@ -111,8 +154,11 @@ def _train(args: argparse.Namespace) -> int:
     train_rows = _rows_at_levels(store, train_rows, args.levels)
     test_rows = _rows_at_levels(store, test_rows, args.levels)
     y = labels(store, args.target)
-    detector = make_detector(args.detector).fit(zoo_weights(store, train_rows, progress=True), y[train_rows])
-    held_out = zoo_weights(store, test_rows, progress=True)
+    detector, budget = make_detector(args.detector), _memory_budget(args)
+    train_set = zoo_features(store, train_rows, detector, progress=True, memory_budget=budget)
+    detector.fit(train_set, y[train_rows])
+    del train_set  # only the held-out features need to be in memory next
+    held_out = zoo_features(store, test_rows, detector, progress=True, memory_budget=budget)
     scores = score_detector(detector, held_out, y[test_rows]).to_dict()
     info = {"target": args.target, "split": args.split, "train_pool": args.train_pool, "levels": args.levels,
             "zoo": {"path": str(args.store), "spec_digest": store.group.attrs["spec_digest"],
@@ -134,13 +180,13 @@ def _evaluate(args: argparse.Namespace) -> int:
         rows = rows[store.field("config/pool")[rows] == args.pool]
     rows = _rows_at_levels(store, rows, args.levels or meta.get("levels"))
     y = labels(store, meta["target"])[rows]
-    weights = zoo_weights(store, rows, progress=True)
-    scores = score_detector(detector, weights, y).to_dict()
+    features = zoo_features(store, rows, detector, progress=True, memory_budget=_memory_budget(args))
+    scores = score_detector(detector, features, y).to_dict()
     result = {"detector": str(args.detector), "store": str(args.store), "target": meta["target"],
               "pool": args.pool, "scores": scores}
     regularizers = store.field("config/regularizer")[rows]
     if len(np.unique(regularizers)) > 1:
-        result["per_regularizer"] = breakdown(detector, weights, y, regularizers)
+        result["per_regularizer"] = breakdown(detector, features, y, regularizers)
     lines = [f"{meta['detector']} detector ({meta['target']}) on {args.store}"
              + (f" pool {args.pool}" if args.pool else ""), *_scores_lines(scores)]
     for name, part in result.get("per_regularizer", {}).items():
@@ -173,4 +219,19 @@ def _insidebias(args: argparse.Namespace) -> int:
     lines.append(f"  {result['default_layer']}: lowest group {result['lowest_group']} "
                  f"(min Λ {result['min_ratio']:.3f})")
     _print(result, args.json, lines)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    summary = compare_zoo(args.store, args.out, args.detector, feature_kind=args.features,
+                          n_permutations=args.permutations, seed=args.seed, min_models=args.min_models,
+                          data_dir=args.data_dir, probes_per_group=args.per_group)
+    lines = [f"{args.out / 'index.html'}: {len(summary['groups'])} groups of {summary['n_done']} models, "
+             f"baseline {summary['baseline']['label']}"]
+    for label, test in summary["distances"]["per_group"].items():
+        result = (test["skipped"] if "skipped" in test
+                  else f"energy distance {test['energy_distance']:.4f}, p {test['p_value']:.4f}")
+        lines.append(f"  {label}: {result}")
+    lines += [f"  note: {note}" for note in summary["notes"]]
+    _print(summary, args.json, lines)
     return 0
