@@ -29,7 +29,14 @@ USER_ERRORS = (ArchitectureError, CheckpointError, DatasetError, DataSourceError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightbias",
-        description="Find hidden bias in neural networks by reading their weights.")
+        description="Find hidden bias in neural networks by reading their weights.",
+        epilog="typical use:\n"
+               "  weightbias zoo generate SPEC.toml --out ZOO.zarr      generate a model zoo (Ray)\n"
+               "  weightbias detector train ZOO.zarr --out DET          learn a bias detector from it\n"
+               "  weightbias score MODEL.pt --detector DET              judge your own checkpoint\n"
+               "  weightbias compare ZOO.zarr --out REPORT              how regularizers move weights\n"
+               "'weightbias COMMAND --help' says more about each command.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_zoo_commands(commands)
     add_detector_commands(commands)

@@ -12,8 +12,7 @@ from modelzoo.spec import SpecError, load_spec, parse_spec
 from tests.conftest import REPO, tiny_spec_dict
 
 
-@pytest.mark.parametrize("name", ["quick.toml", "digitwdb.toml", "biased_mnist.toml", "regularizers.toml",
-                                  "faces.toml"])
+@pytest.mark.parametrize("name", sorted(path.name for path in (REPO / "examples").glob("*.toml")))
 def test_example_specs_are_valid(name: str) -> None:
     spec = load_spec(REPO / "examples" / name)
     assert spec.task in ("colored_mnist", "biased_mnist", "face_gender") and spec.n_models >= 8
