@@ -62,8 +62,9 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
 
     score = subparsers.add_parser("score", help="tell whether a checkpoint carries hidden bias",
                                   description="Read a checkpoint (.pt state_dict loaded with "
-                                  "weights_only, .safetensors, .h5), recognise its architecture and "
-                                  "score it with a trained detector; with --probes, add InsideBias.")
+                                  "weights_only, .safetensors, .h5: ours or Keras), recognise its "
+                                  "architecture and score it with a trained detector; with --probes, add "
+                                  "InsideBias.")
     score.add_argument("checkpoint", type=Path)
     score.add_argument("--detector", type=Path, required=True, help="detector folder")
     score.add_argument("--probes", type=Path, help="folder with one sub-folder of images per group")
