@@ -51,6 +51,17 @@ class DetectorError(ValueError):
     """Input a detector cannot take: wrong architecture, bad labels, an unfitted detector."""
 
 
+def _model_rows(values: np.ndarray, name: str, columns: str) -> np.ndarray:
+    """``values`` as float32 (models, columns), refusing another shape or a row with NaN/Inf."""
+    values = np.asarray(values)
+    if values.ndim != 2:
+        raise DetectorError(f"{name} must be (models, {columns}), got shape {values.shape}")
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if bad.size:
+        raise DetectorError(f"models {bad[:10].tolist()} have NaN or Inf {name}; they cannot be scored")
+    return values.astype(np.float32, copy=False)
+
+
 @dataclass(frozen=True)
 class WeightSet:
     """Flat weight rows of models that share one architecture, with the layout they follow."""
@@ -61,17 +72,12 @@ class WeightSet:
     width: float = 1.0
 
     def __post_init__(self) -> None:
-        weights = np.asarray(self.weights)
-        if weights.ndim != 2:
-            raise DetectorError(f"weights must be (models, parameters), got shape {weights.shape}")
+        weights = _model_rows(self.weights, "weights", "parameters")
         expected = sum(slot.size for slot in self.slots)
         if weights.shape[1] != expected:
             raise DetectorError(f"weights have {weights.shape[1]} parameters but the {self.arch} "
                                 f"(width {self.width:g}) layout has {expected}")
-        bad = np.flatnonzero(~np.isfinite(weights).all(axis=1))
-        if bad.size:
-            raise DetectorError(f"models {bad[:10].tolist()} have NaN or Inf weights; they cannot be scored")
-        object.__setattr__(self, "weights", weights.astype(np.float32, copy=False))
+        object.__setattr__(self, "weights", weights)
         object.__setattr__(self, "slots", tuple(self.slots))
 
     def __len__(self) -> int:
@@ -101,13 +107,7 @@ class FeatureSet:
     width: float = 1.0
 
     def __post_init__(self) -> None:
-        features = np.asarray(self.features)
-        if features.ndim != 2:
-            raise DetectorError(f"features must be (models, features), got shape {features.shape}")
-        bad = np.flatnonzero(~np.isfinite(features).all(axis=1))
-        if bad.size:
-            raise DetectorError(f"feature rows {bad[:10].tolist()} hold NaN or Inf; they cannot be scored")
-        object.__setattr__(self, "features", features.astype(np.float32, copy=False))
+        object.__setattr__(self, "features", _model_rows(self.features, "features", "features"))
         object.__setattr__(self, "slots", tuple(self.slots))
 
     def __len__(self) -> int:
