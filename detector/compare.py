@@ -67,7 +67,7 @@ from scipy.spatial.distance import cdist
 from sklearn.decomposition import PCA
 from tqdm.auto import tqdm
 
-from detector.evaluate import labels, split_rows, zoo_weights
+from detector.evaluate import labels, split_rows, weight_chunks
 from detector.features import feature_names, find_layers, weight_features
 from detector.files import load_detector
 from detector.insidebias import InsideBiasError, insidebias, probe_images
@@ -304,9 +304,9 @@ def read_features(store: ZooStore, rows: np.ndarray, kind: str, colour: bool, pr
                            f"({err})") from err
     out = {k: np.empty((len(rows), width), dtype=np.float32) for k, width in widths.items()}
     chroma = np.empty(len(rows)) if colour else None
-    starts = range(0, len(rows), _CHUNK_MODELS)
-    for start in tqdm(starts, desc="weight features", unit="chunk", disable=not progress):
-        block = zoo_weights(store, rows[start : start + _CHUNK_MODELS]).weights
+    n_chunks = -(-len(rows) // _CHUNK_MODELS)
+    for start, block in tqdm(_weight_blocks(store, rows), total=n_chunks, desc="weight features",
+                             unit="chunk", disable=not progress):
         stop = start + len(block)
         for k in kinds:
             out[k][start:stop] = weight_features(block, slots, k)
@@ -554,9 +554,9 @@ def _detector_part(ctx: _Context, path: str | Path | None,
     if not rows.size:
         reason = "no model of this zoo is left to score (see the notes)"
         return {"skipped": reason, "notes": notes}, _Section(title, [f"Skipped: {reason}."])
-    proba = np.vstack([detector.predict_proba(zoo_weights(ctx.store, rows[s : s + _CHUNK_MODELS]))
-                       for s in tqdm(range(0, len(rows), _CHUNK_MODELS), desc="detector", unit="chunk",
-                                     disable=not ctx.progress)])
+    proba = np.vstack([detector.predict_proba(chunk)
+                       for chunk in tqdm(weight_chunks(ctx.store, rows, _CHUNK_MODELS), desc="detector",
+                                         unit="chunk", disable=not ctx.progress)])
     classes = [str(c) for c in detector.classes_]
     try:
         truth = labels(ctx.store, meta["target"])[rows].astype(str)
@@ -728,7 +728,7 @@ def _insidebias_part(ctx: _Context, data_dir: str | Path | None, per_group: int,
     min_ratio, lowest = np.full(len(ctx.rows), np.nan), np.full(len(ctx.rows), "dead layer", dtype=object)
     layer = ""
     with tqdm(total=len(ctx.rows), desc="InsideBias", unit="model", disable=not ctx.progress) as bar:
-        for start, block in _blocks(ctx):
+        for start, block in _weight_blocks(ctx.store, ctx.rows):
             for offset, row in enumerate(block):
                 model.load_state_dict(unflatten(row, ctx.store.layout))
                 result = insidebias(model, probes)
@@ -763,9 +763,11 @@ def _insidebias_part(ctx: _Context, data_dir: str | Path | None, per_group: int,
     return part, _Section(title, text, (header, table), figure)
 
 
-def _blocks(ctx: _Context) -> Iterator[tuple[int, np.ndarray]]:
-    for start in range(0, len(ctx.rows), _CHUNK_MODELS):
-        yield start, zoo_weights(ctx.store, ctx.rows[start : start + _CHUNK_MODELS]).weights
+def _weight_blocks(store: ZooStore, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(position in ``rows``, weight rows) a chunk at a time; ``rows`` are checked once."""
+    chunks = weight_chunks(store, rows, _CHUNK_MODELS)
+    for start, chunk in zip(range(0, len(rows), _CHUNK_MODELS), chunks, strict=True):
+        yield start, chunk.weights
 
 
 def _tradeoff_part(ctx: _Context) -> tuple[dict[str, Any], _Section]:
