@@ -47,12 +47,13 @@ from PIL import Image
 from torch import nn
 
 from modelzoo.datasets import ImageSet
+from modelzoo.errors import WeightbiasError
 from modelzoo.faces import IMAGE_SUFFIXES, decode_face
 
 _BATCH = 256  # probe sets are small; batching only bounds memory for a large user folder
 
 
-class InsideBiasError(ValueError):
+class InsideBiasError(WeightbiasError, ValueError):
     """Bad probes (too few groups or images, wrong shape or dtype), an unknown layer, or an
     unreadable probe folder."""
 

@@ -45,9 +45,10 @@ from torch import nn
 
 from detector.features import UNIT_DESCRIPTORS, feature_names, find_layers, neuron_sets, weight_features
 from modelzoo.architectures import TensorSlot
+from modelzoo.errors import WeightbiasError
 
 
-class DetectorError(ValueError):
+class DetectorError(WeightbiasError, ValueError):
     """Input a detector cannot take: wrong architecture, bad labels, an unfitted detector."""
 
 

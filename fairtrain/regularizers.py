@@ -29,11 +29,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from modelzoo.errors import WeightbiasError
+
 # Keeps binary entropies and logs finite when a batch mean of σ(τh) saturates at 0 or 1.
 _EPS = 1e-6
 
 
-class RegularizerError(ValueError):
+class RegularizerError(WeightbiasError, ValueError):
     """Unknown regularizer or option, missing sensitive labels, or inputs that do not fit together."""
 
 

@@ -4,25 +4,29 @@ Part of the trainer stage. Each architecture is a plain ``nn.Module`` whose attr
 give readable ``state_dict`` keys, exposes its bottleneck layer by name (for fairness
 regularizers that tap features), and can be built at a width multiplier so detectors can be
 tested across architectures. :func:`layout` publishes, for every tensor, where it sits in
-the flat parameter vector a zoo stores (PyTorch ``state_dict`` order).
+the flat parameter vector a zoo stores (PyTorch ``state_dict`` order); the same facts, without
+torch, are in :mod:`modelzoo.layouts`.
+
+Example
+-------
+>>> model = build_model("digit-cnn", width=0.5)
+>>> n_params(model) == sum(slot.size for slot in layout(model))
+True
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from modelzoo.layouts import ArchitectureError, TensorSlot, arch_info, check_width, layout_records
+from modelzoo.layouts import scaled as _scaled
 
-class ArchitectureError(ValueError):
-    """Unknown architecture, bad width, or weights that do not fit the layout."""
-
-
-def _scaled(channels: int, width: float) -> int:
-    return max(1, round(channels * width))
+__all__ = ["ARCHITECTURES", "ArchitectureError", "DigitCNN", "GenderCNN", "TensorSlot", "build_model",
+           "flatten", "layout", "layout_records", "n_params", "unflatten"]
 
 
 class DigitCNN(nn.Module):
@@ -99,21 +103,8 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"digit-cnn": DigitCNN, "ge
 
 def build_model(arch: str, width: float = 1.0) -> nn.Module:
     """Instantiate a registered architecture at a width multiplier."""
-    if arch not in ARCHITECTURES:
-        raise ArchitectureError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}")
-    if not 0 < width <= 8:
-        raise ArchitectureError(f"width must lie in (0, 8], got {width}")
-    return ARCHITECTURES[arch](width=width)
-
-
-@dataclass(frozen=True)
-class TensorSlot:
-    """Where one tensor lives in the flat parameter vector."""
-
-    name: str
-    shape: tuple[int, ...]
-    offset: int
-    size: int
+    arch_info(arch)  # an unknown name fails with the list of known ones
+    return ARCHITECTURES[arch](width=check_width(width))
 
 
 def layout(model: nn.Module) -> list[TensorSlot]:
@@ -123,11 +114,6 @@ def layout(model: nn.Module) -> list[TensorSlot]:
         slots.append(TensorSlot(name, tuple(tensor.shape), offset, tensor.numel()))
         offset += tensor.numel()
     return slots
-
-
-def layout_records(slots: list[TensorSlot]) -> list[dict]:
-    """The layout as JSON-ready records (what a zoo store keeps in its attributes)."""
-    return [asdict(slot) | {"shape": list(slot.shape)} for slot in slots]
 
 
 def n_params(model: nn.Module) -> int:

@@ -15,6 +15,7 @@ import json
 import pickle
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
@@ -23,28 +24,31 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from modelzoo.architectures import unflatten
-from modelzoo.store import ZooStore
+from modelzoo.errors import WeightbiasError
+
+if TYPE_CHECKING:  # pragma: no cover - a checkpoint reader needs no zarr
+    from modelzoo.zoo import Zoo
 
 SUFFIXES = (".pt", ".pth", ".safetensors", ".h5")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightbiasError, ValueError):
     """A checkpoint that cannot be read, or a format we do not write."""
 
 
-def model_state_dict(store: ZooStore, index: int) -> dict[str, torch.Tensor]:
+def model_state_dict(zoo: Zoo, index: int) -> dict[str, torch.Tensor]:
     """The state_dict of stored model ``index``; refuses a model that is not done."""
-    if not 0 <= index < store.n_models:
-        raise IndexError(f"model {index} outside 0..{store.n_models - 1}")
-    if not store.done[index]:
+    if not 0 <= index < zoo.n_models:
+        raise IndexError(f"model {index} outside 0..{zoo.n_models - 1}")
+    if not zoo.done[index]:
         raise CheckpointError(f"model {index} is not done (not trained yet, or interrupted)")
-    return unflatten(store.weights(index), store.layout)
+    return unflatten(zoo.model_weights(index), list(zoo.layout))
 
 
-def model_metadata(store: ZooStore, index: int) -> dict[str, str]:
+def model_metadata(zoo: Zoo, index: int) -> dict[str, str]:
     """Architecture and config of one model, as strings (what every format can carry)."""
-    config = {name: store.group[f"config/{name}"][index].item() for name in store.config_fields()}
-    return {"arch": store.spec.arch, "width": str(store.spec.width), "task": store.spec.task,
+    config = {name: zoo.column(f"config/{name}")[index].item() for name in zoo.config_fields()}
+    return {"arch": zoo.arch, "width": str(zoo.width), "task": zoo.spec.task,
             "zoo_index": str(index), "config": json.dumps(config)}
 
 

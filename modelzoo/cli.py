@@ -1,7 +1,8 @@
 """``weightbias zoo ...``: the command-line face of modelzoo (generate, info, export, verify).
 
 A thin layer: each subcommand parses arguments, calls one public function, and prints.
-:mod:`detector.cli` mounts these under the single ``weightbias`` command.
+:mod:`detector.cli` mounts these under the single ``weightbias`` command. Handlers import what
+they call when they run, so ``weightbias --help`` and ``zoo info`` never import torch or Ray.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from modelzoo.checkpoints import model_metadata, model_state_dict, save_checkpoint
-from modelzoo.generate import generate
-from modelzoo.store import ZooStore, verify, zoo_info
+from modelzoo.zoo import open_zoo
 
 
 def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -66,6 +65,8 @@ def _non_negative(text: str) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    from modelzoo.generate import generate
+
     summary = generate(args.spec, args.out, data_dir=args.data_dir, address=args.address,
                        num_cpus=args.num_cpus, max_models=args.max_models,
                        cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
@@ -73,12 +74,12 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"{summary.store}: {summary.n_trained} models trained this run "
           f"({summary.models_per_hour:.0f} models/hour), "
           f"{summary.n_done}/{summary.n_models} done")
-    _print_info(zoo_info(ZooStore.open(args.out)))
+    _print_info(open_zoo(args.out).info())
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    info = zoo_info(ZooStore.open(args.store))
+    info = open_zoo(args.store).info()
     if args.json:
         print(json.dumps(info))
     else:
@@ -104,15 +105,16 @@ def _print_info(info: dict) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    store = ZooStore.open(args.store)
-    path = save_checkpoint(model_state_dict(store, args.model), args.out,
-                           model_metadata(store, args.model))
+    from modelzoo.checkpoints import model_metadata, model_state_dict, save_checkpoint
+
+    zoo = open_zoo(args.store)
+    path = save_checkpoint(model_state_dict(zoo, args.model), args.out, model_metadata(zoo, args.model))
     print(f"wrote model {args.model} to {path}")
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    report = verify(args.store, progress=True)
+    report = open_zoo(args.store).verify(progress=True)
     for problem in report.problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
     status = "OK" if report.ok else f"{len(report.problems)} problem(s)"

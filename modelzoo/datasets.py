@@ -24,10 +24,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
+from modelzoo.errors import WeightbiasError
 from modelzoo.sources import MNIST, user_cache_dir
+from modelzoo.tasks import N_COLORS
 
 KIM_COLORS = np.array(
     [
@@ -43,7 +44,7 @@ BAHNG_COLORS = np.array(
     ],
     dtype=np.float64,
 )
-N_COLORS = len(KIM_COLORS)  # both tasks use ten colours: the sensitive groups
+assert len(KIM_COLORS) == len(BAHNG_COLORS) == N_COLORS  # both tasks: ten colours, the sensitive groups
 TASKS = ("colored_mnist", "biased_mnist")
 SPLITS = ("train", "test_biased", "test_unbiased")
 POOLS = ("A", "B", "all")
@@ -51,7 +52,7 @@ BIASED_MNIST_UNBIASED_RHO = 0.1
 CACHE_FORMAT_VERSION = 1
 
 
-class DatasetError(ValueError):
+class DatasetError(WeightbiasError, ValueError):
     """Raised for an unknown task, split or pool, or an out-of-range bias level."""
 
 
@@ -159,6 +160,8 @@ def load_imageset(mnist: MNIST, task: str, split: str, level: float, pool: str =
 
 
 def write_imageset(path: Path, imageset: ImageSet, attrs: dict) -> None:
+    import h5py  # here, not at the top: reading specs and stores must not need it
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -175,6 +178,8 @@ def write_imageset(path: Path, imageset: ImageSet, attrs: dict) -> None:
 
 
 def read_imageset(path: Path) -> ImageSet:
+    import h5py  # here, not at the top: reading specs and stores must not need it
+
     with h5py.File(path, "r") as h5:
         if h5.attrs.get("format_version") != CACHE_FORMAT_VERSION:
             raise KeyError("stale cache format")

@@ -56,15 +56,16 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
 from modelzoo.datasets import ImageSet
+from modelzoo.errors import WeightbiasError
 from modelzoo.sources import DATA_ENV, user_cache_dir
+from modelzoo.tasks import FACE_GROUPS
 
-GROUPS = ("east_asian", "african_indian", "caucasian")
+GROUPS = FACE_GROUPS  # DiveFace's three, as the face_gender task names them
 GENDERS = ("male", "female")
 LAYOUTS = ("diveface", "fairface", "utkface")
 SPLITS = ("pool_a", "pool_b", "test")
@@ -90,7 +91,7 @@ _DIVEFACE_CLASSES = {
 }
 
 
-class FaceDataError(ValueError):
+class FaceDataError(WeightbiasError, ValueError):
     """A face folder is missing, has an unknown layout, or cannot yield a balanced split."""
 
 
@@ -457,6 +458,8 @@ def _split(labels: np.ndarray, groups: np.ndarray, test_per_cell: int | None,
 
 
 def _write_cache(path: Path, splits: dict[str, _Split], skipped: dict[str, int], attrs: dict) -> None:
+    import h5py  # here, not at the top: reading specs and stores must not need it
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     os.close(fd)
@@ -476,6 +479,8 @@ def _write_cache(path: Path, splits: dict[str, _Split], skipped: dict[str, int],
 
 
 def _read_cache(path: Path, fingerprint: str) -> FaceData:
+    import h5py  # here, not at the top: reading specs and stores must not need it
+
     with h5py.File(path, "r") as h5:
         stale = h5.attrs.get("format_version") != CACHE_FORMAT_VERSION
         if stale or h5.attrs.get("fingerprint") != fingerprint:

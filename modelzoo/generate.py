@@ -30,21 +30,19 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
-from modelzoo.architectures import build_model
-from modelzoo.datasets import ImageSet, load_imageset
-from modelzoo.faces import GROUPS, FaceData, find_face_folder, load_face_data
-from modelzoo.sources import load_mnist
+from modelzoo.datasets import ImageSet
+from modelzoo.errors import WeightbiasError
 from modelzoo.spec import ZooSpec, load_spec, parse_spec
 from modelzoo.store import StaleRunError, StoreError, ZooStore
+from modelzoo.tasks import DataKey
 from modelzoo.training import TrainingData
 from modelzoo.vectorized import ModelJob, train_models
 
 TASK_RETRIES = 3
 GPU_SHARE_DEFAULT = 0.25  # four small models share one GPU
-DataKey = tuple[str, float | str, str]  # (split, bias level or favoured face group, pool)
 
 
-class GenerateError(RuntimeError):
+class GenerateError(WeightbiasError, RuntimeError):
     """Some tasks failed after their retries; their models stay not done for a re-run."""
 
 
@@ -65,25 +63,10 @@ class GenerateSummary:
         return 3600.0 * self.n_trained / self.seconds if self.seconds > 0 else 0.0
 
 
-def data_keys(config: dict, bias_level: str) -> dict[str, DataKey]:
-    """The three datasets one model needs, by role.
-
-    Faces have one balanced test set for every model; a model's biased test set is its
-    favoured group's share of it (all of it for a balanced model).
-    """
-    if bias_level == "bias_group":
-        return {"train": ("train", "", config["pool"]),
-                "test_biased": ("test_biased", config["bias_group"], "all"),
-                "test_unbiased": ("test_unbiased", "", "all")}
-    level = config[bias_level]
-    return {"train": ("train", level, config["pool"]),
-            "test_biased": ("test_biased", level, "all"),
-            "test_unbiased": ("test_unbiased", level, "all")}
-
-
 def block_data_keys(spec: ZooSpec, block: list[int]) -> set[DataKey]:
     """Every dataset the models of ``block`` need."""
-    return {key for index in block for key in data_keys(spec.config(index), spec.bias_level).values()}
+    task = spec.task_info
+    return {key for index in block for key in task.data_keys(spec.config(index)).values()}
 
 
 def assigned_device() -> torch.device:
@@ -112,7 +95,7 @@ def train_block(spec_dict: dict, indices: list[int], store_path: str, run_id: st
         if already_done[index]:
             continue
         config = spec.config(index)
-        roles = {role: datasets[key] for role, key in data_keys(config, spec.bias_level).items()}
+        roles = {role: datasets[key] for role, key in spec.task_info.data_keys(config).items()}
         jobs.append(ModelJob(index, config, TrainingData(**roles, num_groups=spec.num_groups)))
     trained = []
     # With spec.vectorize > 1, models of this block that can train together do (in one batched
@@ -235,22 +218,5 @@ def load_datasets(spec: ZooSpec, keys: set[DataKey], data_dir: str | Path | None
                   ) -> tuple[dict[DataKey, ImageSet], str, str]:
     """The datasets named by ``keys`` (rendered or read from the cache), and the origin and
     fingerprint of the data they came from."""
-    if spec.task == "face_gender":
-        folder = find_face_folder(spec.dataset, data_dir)
-        faces = load_face_data(folder, image_size=build_model(spec.arch).input_shape[-1], seed=spec.data_seed)
-        return {key: face_dataset(faces, key) for key in keys}, str(folder.resolve()), faces.fingerprint
-    mnist = load_mnist(data_dir)
-    datasets = {key: load_imageset(mnist, spec.task, *key, seed=spec.data_seed) for key in keys}
-    return datasets, mnist.origin, mnist.fingerprint
-
-
-def face_dataset(faces: FaceData, key: DataKey) -> ImageSet:
-    """A face model's training pool, the balanced test set, or its favoured group's part of it."""
-    split, favoured, pool = key
-    if split == "train":
-        return faces.pool(pool)
-    test = faces.test
-    if split == "test_biased" and favoured != "balanced":
-        keep = test.bias == GROUPS.index(favoured)
-        return ImageSet(test.images[keep], test.labels[keep], test.bias[keep])
-    return test
+    return spec.task_info.load_datasets(keys, data_seed=spec.data_seed, arch=spec.arch, dataset=spec.dataset,
+                                        data_dir=data_dir)

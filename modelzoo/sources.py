@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from modelzoo.errors import WeightbiasError
+
 DATA_ENV = "WEIGHTBIAS_DATA"
 CACHE_ENV = "WEIGHTBIAS_CACHE"
 MIRROR_ENV = "WEIGHTBIAS_MNIST_MIRROR"
@@ -44,7 +46,7 @@ DEFAULT_MIRRORS = (
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.int16, 0x0C: np.int32, 0x0D: np.float32}
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(WeightbiasError, RuntimeError):
     """Raised when data cannot be found or a data file is malformed; names the file."""
 
 

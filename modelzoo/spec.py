@@ -14,8 +14,21 @@ A regularizer's own options are axes too, written ``reg.<option>`` in any of the
 tables (``reg.beta = [0.1, 0.5]`` under ``[sweep]``); each model's regularizer takes the
 options it accepts and ignores the rest, and an option no named regularizer accepts is an error.
 
-Every model's full config is a pure function of (spec, model index): :meth:`ZooSpec.config`.
-Errors name the offending key, e.g. ``sweep.sigma2: values must lie in (0, 1)``.
+Every model's full config is a pure function of (spec, model index): :meth:`ZooSpec.config`
+returns a typed :class:`~modelzoo.config.ModelConfig`. Each task's own axes come from its
+:class:`~modelzoo.tasks.Task`. Errors name the offending key, e.g.
+``sweep.sigma2: values must lie in (0, 1)``.
+
+Parsing imports no torch: a spec that names a fairness regularizer has it built once per
+distinct option value (which does import torch) so a bad ``reg.*`` option fails here, before
+any data are rendered or any Ray task starts.
+
+Example
+-------
+>>> spec = parse_spec({"zoo": {"task": "colored_mnist", "arch": "digit-cnn", "n_models": 4},
+...                    "sweep": {"sigma2": [0.02, 0.05]}})
+>>> spec.config(1).bias_level, spec.config(1).epochs
+(0.05, 2)
 """
 
 from __future__ import annotations
@@ -31,22 +44,14 @@ from typing import Any
 
 import numpy as np
 
-from fairtrain.regularizers import RegularizerError, check_regularizer_name, regularizer_options
-from modelzoo.architectures import ARCHITECTURES
-from modelzoo.datasets import N_COLORS, POOLS
-from modelzoo.faces import BIAS_GROUPS, GROUPS
+from modelzoo.config import REG_PREFIX, ModelConfig
+from modelzoo.errors import WeightbiasError
+from modelzoo.layouts import ARCH_INFO, arch_layout
+from modelzoo.tasks import MNIST_POOLS, TASKS, Task, get_task
 
-# Each task's own axes; the first is its bias level, which a zoo must give.
-TASK_AXES = {"colored_mnist": ("sigma2",), "biased_mnist": ("rho",), "face_gender": ("bias_group", "skew")}
-TASKS = tuple(TASK_AXES)
-FACE_POOLS = ("A", "B")
 OPTIMIZERS = ("adam", "sgd")
-# Axis name -> (type, default). A bias level has no default: a zoo must say it.
+# Axes every task has: name -> (type, default). A task's own axes come from its Task.
 AXES: dict[str, tuple[type, Any]] = {
-    "sigma2": (float, None),
-    "rho": (float, None),
-    "bias_group": (str, None),  # face_gender: the DiveFace group a training set favours, or balanced
-    "skew": (float, 0.8),  # face_gender: the favoured group's share of the training set
     "pool": (str, "A"),
     "lr": (float, 1e-3),
     "epochs": (int, 2),
@@ -74,10 +79,9 @@ EXECUTION_KEYS = ("vectorize",)
 SAMPLERS = ("choice", "uniform", "log_uniform", "int_uniform")
 MAX_MODELS = 1_000_000  # creating a store builds every config up front; a typo must not hang it
 INT_LIMIT = 2**63  # integers are stored as int64 columns
-REG_PREFIX = "reg."  # axes named reg.<option> are options of the model's regularizer
 
 
-class SpecError(ValueError):
+class SpecError(WeightbiasError, ValueError):
     """An invalid zoo spec; the message starts with the offending key."""
 
 
@@ -100,27 +104,35 @@ class ZooSpec:
     sample: dict[str, dict[str, list]] = field(default_factory=dict)
 
     @property
+    def task_info(self) -> Task:
+        """The :class:`~modelzoo.tasks.Task` this zoo trains on."""
+        return get_task(self.task)
+
+    @property
     def bias_level(self) -> str:
         """Name of the bias-level axis of this task (``sigma2``, ``rho`` or ``bias_group``)."""
-        return TASK_AXES[self.task][0]
+        return self.task_info.bias_level
 
     @property
     def num_groups(self) -> int:
         """How many sensitive groups the task has: 10 colours, or 3 DiveFace groups."""
-        return len(GROUPS) if self.task == "face_gender" else N_COLORS
+        return self.task_info.num_groups
 
     @property
     def axes(self) -> list[str]:
         """Config fields every model has, in a stable order: the task's axes, the common ones,
         then reg.* options."""
         given = {*self.fixed, *self.sweep, *self.sample}
-        return (list(TASK_AXES[self.task]) + common_axes()
+        return (list(self.task_info.axis_names) + common_axes()
                 + sorted(a for a in given if a.startswith(REG_PREFIX)))
 
     def axis_type(self, axis: str) -> type:
         """Python type of an axis's values (a reg.* option takes the type of the values given)."""
         if axis in AXES:
             return AXES[axis][0]
+        own = {a.name: a for a in self.task_info.axes}
+        if axis in own:
+            return own[axis].kind
         if axis in self.fixed:
             return type(self.fixed[axis])
         if axis in self.sweep:
@@ -146,12 +158,17 @@ class ZooSpec:
         return [dict(zip(names, cell, strict=True))
                 for cell in itertools.product(*(self.sweep[n] for n in names))]
 
-    def config(self, index: int) -> dict[str, Any]:
+    def config(self, index: int) -> ModelConfig:
         """The full training config of model ``index`` (a pure function of spec and index)."""
+        return ModelConfig.from_dict(self.task, self.config_values(index))
+
+    def config_values(self, index: int) -> dict[str, Any]:
+        """Model ``index``'s config as flat ``{axis: value}`` (the store's config columns)."""
         if not 0 <= index < self.n_models:
             raise IndexError(f"model index {index} outside 0..{self.n_models - 1}")
         grid = self.grid()
-        config = {name: AXES[name][1] for name in self.axes if name in AXES}
+        defaults = {**{a.name: a.default for a in self.task_info.axes}, **{k: v[1] for k, v in AXES.items()}}
+        config = {name: defaults[name] for name in self.axes if name in defaults}
         config.update(self.fixed)
         config.update(grid[index % len(grid)])
         rng = np.random.default_rng([self.seed, index, 1])
@@ -195,12 +212,15 @@ def load_spec(path: str | Path) -> ZooSpec:
 
 def common_axes() -> list[str]:
     """The axes every task has (everything but the task-specific ones)."""
-    specific = {axis for axes in TASK_AXES.values() for axis in axes}
-    return [a for a in AXES if a not in specific]
+    return list(AXES)
 
 
-def parse_spec(raw: dict[str, Any]) -> ZooSpec:
-    """Validate a spec given as nested dicts (the parsed TOML); raise :class:`SpecError`."""
+def parse_spec(raw: dict[str, Any], *, build_regularizers: bool = True) -> ZooSpec:
+    """Validate a spec given as nested dicts (the parsed TOML); raise :class:`SpecError`.
+
+    With ``build_regularizers`` (the default), every regularizer the spec names is built once
+    per distinct option value, so a bad option fails now; a store re-reading the spec it was
+    created from skips that (and so never imports torch)."""
     unknown = set(raw) - {"zoo", "fixed", "sweep", "sample"}
     if unknown:
         raise SpecError(f"{sorted(unknown)[0]}: unknown table; expected zoo, fixed, sweep, sample")
@@ -220,8 +240,9 @@ def parse_spec(raw: dict[str, Any]) -> ZooSpec:
     _check_zoo(zoo)
 
     tables = {name: _flat_options(name, dict(raw.get(name, {}))) for name in ("fixed", "sweep", "sample")}
-    level = TASK_AXES[zoo["task"]][0]
-    allowed = [*TASK_AXES[zoo["task"]], *common_axes()]
+    task = get_task(zoo["task"])
+    level = task.bias_level
+    allowed = [*task.axis_names, *common_axes()]
     seen: dict[str, str] = {}
     for table, entries in tables.items():
         for axis in entries:
@@ -237,20 +258,22 @@ def parse_spec(raw: dict[str, Any]) -> ZooSpec:
         raise SpecError(f"{level}: task {zoo['task']} needs its bias level in fixed, sweep or sample")
 
     for axis, value in tables["fixed"].items():
-        tables["fixed"][axis] = _checked_value(f"fixed.{axis}", axis, value)
+        tables["fixed"][axis] = _checked_value(f"fixed.{axis}", axis, value, task)
     for axis, values in tables["sweep"].items():
         where = f"sweep.{axis}"
         if not isinstance(values, list) or not values:
             raise SpecError(f"{where}: must be a non-empty list of values")
-        tables["sweep"][axis] = _same_type(where, [_checked_value(where, axis, v) for v in values])
+        tables["sweep"][axis] = _same_type(where, [_checked_value(where, axis, v, task) for v in values])
     for axis, sampler in tables["sample"].items():
-        tables["sample"][axis] = _checked_sampler(f"sample.{axis}", axis, sampler)
-    _check_options(tables, seen)
-    if zoo["task"] == "face_gender":
-        pools = _values_given(tables, "pool")
-        if not pools <= set(FACE_POOLS):
-            raise SpecError(f"pool: face_gender trains on pool {' or '.join(FACE_POOLS)}, "
-                            f"got {sorted(pools)}")
+        tables["sample"][axis] = _checked_sampler(f"sample.{axis}", axis, sampler, task)
+    named = _values_given(tables, "regularizer")
+    if named != {"none"}:  # only then is the regularizer module (and torch) needed
+        _check_options(tables, seen, named)
+        if build_regularizers:
+            _build_regularizers(zoo, tables, seen, named)
+    pools = _values_given(tables, "pool")
+    if not pools <= set(task.pools):
+        raise SpecError(f"pool: {task.name} trains on pool {' or '.join(task.pools)}, got {sorted(pools)}")
     return ZooSpec(**zoo, **tables)
 
 
@@ -263,25 +286,54 @@ def _flat_options(table: str, entries: dict[str, Any]) -> dict[str, Any]:
 
 
 def _values_given(tables: dict[str, dict[str, Any]], axis: str) -> set:
-    """Every value an axis can take in this spec (its default when no table gives it)."""
+    """Every value an axis can take in this spec (its default when no table gives it); for a
+    numeric sampler, both ends of its range."""
     if axis in tables["fixed"]:
         return {tables["fixed"][axis]}
     if axis in tables["sweep"]:
         return set(tables["sweep"][axis])
     if axis in tables["sample"]:
-        return set(tables["sample"][axis].get("choice", []))
-    return {AXES[axis][1]}
+        (_, args), = tables["sample"][axis].items()
+        return set(args)
+    return {AXES[axis][1]} if axis in AXES else set()
 
 
-def _check_options(tables: dict[str, dict[str, Any]], seen: dict[str, str]) -> None:
+def _check_options(tables: dict[str, dict[str, Any]], seen: dict[str, str], named: set[str]) -> None:
     """Every reg.* option must be taken by at least one regularizer the spec names."""
-    named = _values_given(tables, "regularizer")
+    from fairtrain.regularizers import regularizer_options
+
     accepted = set().union(*(regularizer_options(name) for name in named))
     for axis, table in seen.items():
         option = axis.removeprefix(REG_PREFIX)
         if axis.startswith(REG_PREFIX) and option not in accepted:
             raise SpecError(f"{table}.{axis}: no regularizer in this spec ({', '.join(sorted(named))}) "
                             f"takes option {option!r}; they take {sorted(accepted) or 'none'}")
+
+
+def _build_regularizers(zoo: dict[str, Any], tables: dict[str, dict[str, Any]], seen: dict[str, str],
+                        named: set[str]) -> None:
+    """Build each named regularizer once per distinct value of each of its options and of γ
+    (the others at their defaults), at the zoo's model shapes; a value it refuses is a
+    SpecError naming the key."""
+    from fairtrain.regularizers import regularizer_for_model, regularizer_options
+
+    info = ARCH_INFO[zoo["arch"]]
+    slots = {s.name: s for s in arch_layout(zoo["arch"], zoo["width"])}
+    shapes = {"feature_dim": slots[f"{info.bottleneck}.weight"].shape[0],
+              "num_groups": get_task(zoo["task"]).num_groups, "num_classes": info.num_classes}
+    gammas = _values_given(tables, "gamma")
+    for name in sorted(named - {"none"}):
+        trials = [("gamma", gamma, {}) for gamma in sorted(gammas)]
+        for option in sorted(regularizer_options(name)):
+            axis = REG_PREFIX + option
+            trials += [(axis, value, {option: value}) for value in _values_given(tables, axis)]
+        for axis, value, options in trials:
+            gamma = value if axis == "gamma" else max(gammas)
+            try:
+                regularizer_for_model(name, gamma, options=options, **shapes)
+            except (WeightbiasError, TypeError, ValueError, ArithmeticError) as err:
+                where = f"{seen.get(axis, 'fixed')}.{axis}"
+                raise SpecError(f"{where}: regularizer {name} refuses {value!r} ({err})") from err
 
 
 def _same_type(where: str, values: list) -> list:
@@ -316,16 +368,14 @@ def _bounded(where: str, value: Any) -> Any:
 def _check_zoo(zoo: dict[str, Any]) -> None:
     if zoo["task"] not in TASKS:
         raise SpecError(f"zoo.task: unknown task {zoo['task']!r}; known: {list(TASKS)}")
-    if zoo["arch"] not in ARCHITECTURES:
-        raise SpecError(f"zoo.arch: unknown architecture {zoo['arch']!r}; known: {sorted(ARCHITECTURES)}")
-    model = ARCHITECTURES[zoo["arch"]]
-    faces = zoo["task"] == "face_gender"
-    if faces != (model.num_classes == 2) or (not faces and model.input_shape != (3, 28, 28)):
-        fits = [name for name, m in ARCHITECTURES.items()
-                if (m.num_classes == 2) == faces and (faces or m.input_shape == (3, 28, 28))]
-        raise SpecError(f"zoo.arch: {zoo['arch']} does not fit task {zoo['task']}; use one of {fits}")
-    if faces and not zoo["dataset"]:
-        raise SpecError("zoo.dataset: task face_gender needs a face folder (a name under "
+    if zoo["arch"] not in ARCH_INFO:
+        raise SpecError(f"zoo.arch: unknown architecture {zoo['arch']!r}; known: {sorted(ARCH_INFO)}")
+    task = get_task(zoo["task"])
+    if zoo["arch"] not in task.archs:
+        raise SpecError(f"zoo.arch: {zoo['arch']} does not fit task {zoo['task']}; "
+                        f"use one of {list(task.archs)}")
+    if task.needs_dataset and not zoo["dataset"]:
+        raise SpecError(f"zoo.dataset: task {task.name} needs a face folder (a name under "
                         "<data root>/faces/ or a path)")
     if not 0 < zoo["width"] <= 8:
         raise SpecError(f"zoo.width: must lie in (0, 8], got {zoo['width']}")
@@ -340,24 +390,23 @@ def _check_zoo(zoo: dict[str, Any]) -> None:
             raise SpecError(f"zoo.{key}: must be non-negative, got {zoo[key]}")
 
 
-def _checked_value(where: str, axis: str, value: Any) -> Any:
+def _checked_value(where: str, axis: str, value: Any, task: Task) -> Any:
     if axis.startswith(REG_PREFIX):
         if not isinstance(value, bool | int | float | str):
             raise SpecError(f"{where}: a regularizer option takes a number, a string or a boolean, "
                             f"got {value!r}")
         return _bounded(where, value)
+    own = {a.name: a for a in task.axes}
+    if axis in own:
+        value = _typed(where, value, own[axis].kind)
+        problem = own[axis].problem(value)
+        if problem:
+            raise SpecError(f"{where}: value {value!r} must be {problem}")
+        return value
     value = _typed(where, value, AXES[axis][0])
     ok, expected = True, ""
-    if axis == "sigma2":
-        ok, expected = 0 < value < 1, "in (0, 1)"
-    elif axis == "rho":
-        ok, expected = 0 <= value <= 1, "in [0, 1]"
-    elif axis == "pool":
-        ok, expected = value in POOLS, f"one of {list(POOLS)}"
-    elif axis == "bias_group":
-        ok, expected = value in BIAS_GROUPS, f"one of {list(BIAS_GROUPS)}"
-    elif axis == "skew":
-        ok, expected = 0 < value < 1, "in (0, 1)"
+    if axis == "pool":
+        ok, expected = value in MNIST_POOLS, f"one of {list(MNIST_POOLS)}"
     elif axis == "optimizer":
         ok, expected = value in OPTIMIZERS, f"one of {list(OPTIMIZERS)}"
     elif axis == "lr":
@@ -366,7 +415,9 @@ def _checked_value(where: str, axis: str, value: Any) -> Any:
         ok, expected = value >= 1, "at least 1"
     elif axis in ("train_size", "seed", "gamma"):
         ok, expected = value >= 0, "non-negative"
-    elif axis == "regularizer":
+    elif axis == "regularizer" and value != "none":
+        from fairtrain.regularizers import RegularizerError, check_regularizer_name
+
         try:
             check_regularizer_name(value)
         except RegularizerError as err:
@@ -376,25 +427,27 @@ def _checked_value(where: str, axis: str, value: Any) -> Any:
     return value
 
 
-def _checked_sampler(where: str, axis: str, sampler: Any) -> dict[str, list]:
+def _checked_sampler(where: str, axis: str, sampler: Any, task: Task) -> dict[str, list]:
     if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
         raise SpecError(f"{where}: must be one of {{{' | '.join(f'{s} = [...]' for s in SAMPLERS)}}}")
     (how, args), = sampler.items()
     if not isinstance(args, list) or not args:
         raise SpecError(f"{where}.{how}: must be a non-empty list")
     if how == "choice":
-        values = [_checked_value(f"{where}.choice", axis, v) for v in args]
+        values = [_checked_value(f"{where}.choice", axis, v, task) for v in args]
         return {how: _same_type(f"{where}.choice", values)}
     if len(args) != 2:
         raise SpecError(f"{where}.{how}: needs exactly [low, high]")
-    kind = AXES[axis][0] if axis in AXES else type(_same_type(f"{where}.{how}", args)[0])
+    own = {a.name: a.kind for a in task.axes}
+    kind = (AXES[axis][0] if axis in AXES else own[axis] if axis in own
+            else type(_same_type(f"{where}.{how}", args)[0]))
     if kind is not int and kind is not float:
         raise SpecError(f"{where}.{how}: axis {axis} is not numeric; use choice = [...]")
     if how == "int_uniform" and kind is not int:
         raise SpecError(f"{where}.int_uniform: axis {axis} is not an integer axis")
     if how != "int_uniform" and kind is int:  # a float drawn for an integer axis would not fit its column
         raise SpecError(f"{where}.{how}: axis {axis} takes integers; use int_uniform = [low, high]")
-    low, high = (_checked_value(f"{where}.{how}", axis, v) for v in args)
+    low, high = (_checked_value(f"{where}.{how}", axis, v, task) for v in args)
     if low > high or (how == "log_uniform" and low <= 0):
         raise SpecError(f"{where}.{how}: need 0 < low <= high for log_uniform, low <= high otherwise")
     if not math.isfinite(high - low) or (how == "int_uniform" and high >= INT_LIMIT - 1):

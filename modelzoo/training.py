@@ -1,7 +1,7 @@
 """Trainer: train and evaluate one zoo model from its config.
 
 Third stage of the flow (source → dataset → **trainer** + regularizer → store → detector).
-Given a model's config (see :meth:`modelzoo.spec.ZooSpec.config`) and the rendered datasets
+Given a model's :class:`~modelzoo.config.ModelConfig` and the rendered datasets
 it needs, it returns the flat weight vector and the per-model metrics the store records. A
 fairtrain regularizer named in the config taps the model's bottleneck and adds its term; the
 sensitive attribute is each image's colour (MNIST tasks) or ethnic group (faces). It knows
@@ -15,6 +15,8 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,11 +26,13 @@ from torch import nn
 from fairtrain.metrics import representation_leakage
 from fairtrain.regularizers import FeatureTap, Regularizer, regularizer_for_model
 from modelzoo.architectures import build_model, flatten
+from modelzoo.config import ModelConfig
 from modelzoo.datasets import N_COLORS, ImageSet
-from modelzoo.faces import largest_skewed_size, skewed_subset
-from modelzoo.spec import REG_PREFIX
 
 EVAL_BATCH = 1000
+
+if TYPE_CHECKING:  # pragma: no cover - the trainer takes a spec's data, never parses specs
+    from modelzoo.spec import ZooSpec
 
 
 @dataclass(frozen=True)
@@ -61,20 +65,10 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=lr, momentum=0.9)
 
 
-def training_subset(train: ImageSet, config: dict) -> np.ndarray:
-    """Indices of the pool a model trains on.
-
-    A face model (its config names a ``bias_group``) gets the group mix of
-    :func:`~modelzoo.faces.skewed_subset`; ``train_size`` 0 means the largest size every bias
-    group can have at this skew. Otherwise: the whole pool, or a seeded random subset.
-    """
-    n_pool, train_size, seed = len(train), config["train_size"], config["seed"]
-    if "bias_group" in config:
-        size = train_size or largest_skewed_size(train.bias, config["skew"])
-        return skewed_subset(train.bias, config["bias_group"], config["skew"], size, seed)
-    if train_size == 0 or train_size >= n_pool:
-        return np.arange(n_pool)
-    return np.sort(np.random.default_rng([seed, 2]).choice(n_pool, train_size, replace=False))
+def training_subset(train: ImageSet, config: ModelConfig) -> np.ndarray:
+    """Indices of the pool a model trains on, as its task draws them
+    (:meth:`modelzoo.tasks.Task.training_subset`)."""
+    return config.task_info.training_subset(train, config)
 
 
 @dataclass(frozen=True)
@@ -90,20 +84,19 @@ def bottleneck_tap(model: nn.Module) -> FeatureTap:
     return FeatureTap(model, model.bottleneck, activation=torch.relu)
 
 
-def build_regularizer(model: nn.Module, config: dict, device: torch.device,
+def build_regularizer(model: nn.Module, config: ModelConfig, device: torch.device,
                       num_groups: int = N_COLORS) -> Regularizer | None:
     """The config's regularizer sized for ``model``'s bottleneck, or None for ``"none"``.
 
     Building a head draws its initial weights from the global RNG, so callers that must
-    reproduce :func:`train_one` call this right after initialising the model, as it does.
+    reproduce :func:`train_model` call this right after initialising the model, as it does.
     """
-    if config.get("regularizer", "none") == "none":
+    if config.regularizer == "none":
         return None
     return regularizer_for_model(
-        config["regularizer"], config["gamma"],
+        config.regularizer, config.gamma,
         feature_dim=model.get_submodule(model.bottleneck).out_features,
-        num_groups=num_groups, num_classes=model.num_classes,
-        options={k.removeprefix(REG_PREFIX): v for k, v in config.items() if k.startswith(REG_PREFIX)},
+        num_groups=num_groups, num_classes=model.num_classes, options=dict(config.reg_options),
     ).to(device)
 
 
@@ -121,9 +114,9 @@ def regularizer_term(regularizer: Regularizer, progress: float, features: torch.
     return regularizer(features, logits, target, sensitive)
 
 
-def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device,
+def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.device,
         num_groups: int = N_COLORS) -> FitResult:
-    """Train in place for ``config['epochs']``, with the config's regularizer if it names one."""
+    """Train in place for ``config.epochs``, with the config's regularizer if it names one."""
     subset = training_subset(train, config)
     images = torch.from_numpy(np.ascontiguousarray(train.images[subset]))
     labels = torch.from_numpy(np.ascontiguousarray(train.labels[subset]))
@@ -133,14 +126,14 @@ def fit(model: nn.Module, train: ImageSet, config: dict, device: torch.device,
     params = list(model.parameters())
     if regularizer is not None:
         params += list(regularizer.parameters())
-    optimizer = make_optimizer(config["optimizer"], params, config["lr"])
-    shuffler = torch.Generator().manual_seed(config["seed"])
-    total_steps, step = config["epochs"] * -(-len(labels) // config["batch_size"]), 0
+    optimizer = make_optimizer(config.optimizer, params, config.lr)
+    shuffler = torch.Generator().manual_seed(config.seed)
+    total_steps, step = config.epochs * -(-len(labels) // config.batch_size), 0
     model.train()
     result = FitResult(float("nan"), 0.0)
-    for _ in range(config["epochs"]):
+    for _ in range(config.epochs):
         ce_total, reg_total = torch.zeros((), device=device), torch.zeros((), device=device)
-        for batch in shuffled_batches(len(labels), config["batch_size"], shuffler):
+        for batch in shuffled_batches(len(labels), config.batch_size, shuffler):
             target = labels[batch].to(device, non_blocking=True)
             logits = model(as_batch(images[batch], device))
             loss = nn.functional.cross_entropy(logits, target)
@@ -188,10 +181,10 @@ def leakage(features: np.ndarray, groups: np.ndarray) -> float:
                                       groups[half:]).accuracy
 
 
-def seeded_model(arch: str, width: float, config: dict, device: torch.device) -> nn.Module:
-    """The untrained model of ``config``: the global RNG is seeded with ``config['seed']`` first,
+def seeded_model(arch: str, width: float, config: ModelConfig, device: torch.device) -> nn.Module:
+    """The untrained model of ``config``: the global RNG is seeded with ``config.seed`` first,
     so initial weights (and every later draw from the global RNG) follow from the seed alone."""
-    torch.manual_seed(config["seed"])
+    torch.manual_seed(config.seed)
     return build_model(arch, width).to(device)
 
 
@@ -219,11 +212,21 @@ def evaluate(model: nn.Module, data: TrainingData, fitted: FitResult, device: to
     return ModelResult(flatten(model), metrics)
 
 
-def train_one(arch: str, width: float, config: dict, data: TrainingData,
+def train_model(arch: str, width: float, config: ModelConfig, data: TrainingData,
               device: torch.device | str = "cpu", eval_size: int = 0) -> ModelResult:
-    """Build, train and evaluate one model; deterministic on CPU given ``config['seed']``."""
+    """Build, train and evaluate one model; deterministic on CPU given ``config.seed``."""
     device = torch.device(device)
     started = time.perf_counter()
     model = seeded_model(arch, width, config, device)
     fitted = fit(model, data.train, config, device, data.num_groups)
     return evaluate(model, data, fitted, device, eval_size, started)
+
+
+def training_data(spec: ZooSpec, config: ModelConfig, data_dir: str | Path | None = None) -> TrainingData:
+    """The three image sets ``config``'s model needs, rendered (or read from the cache) as its
+    zoo's task does it: what :func:`train_model` takes, for training one model outside Ray."""
+    task = spec.task_info
+    keys = task.data_keys(config)
+    datasets, _, _ = task.load_datasets(set(keys.values()), data_seed=spec.data_seed, arch=spec.arch,
+                                        dataset=spec.dataset, data_dir=data_dir)
+    return TrainingData(**{role: datasets[key] for role, key in keys.items()}, num_groups=task.num_groups)

@@ -10,21 +10,21 @@ loss is the sum over models of each model's mean loss, so one backward pass give
 model its own gradient, and one :class:`StackedOptimizer` (Adam or SGD with momentum, each
 elementwise, with one learning rate per row) equals one optimizer per model.
 
-It reproduces :func:`~modelzoo.training.train_one` model by model, within floating-point
+It reproduces :func:`~modelzoo.training.train_model` model by model, within floating-point
 tolerance: each model is initialised from its own seed, trains on its own subset in its own
 shuffled order, and draws its dropout masks (and any random draw of its regularizer) from a
-private copy of the global RNG stream that ``train_one`` would have used, in the same order.
+private copy of the global RNG stream that ``train_model`` would have used, in the same order.
 The batched convolutions sum in another order than single-model ones (gradients agree to
 ~1e-6 relative). With SGD the weights stay that close; Adam divides each step by
 sqrt(v) + 1e-8, so where a gradient is itself near 1e-8 a rounding difference changes that
-weight's step by up to lr, and over many steps the runs drift apart as far as ``train_one``
+weight's step by up to lr, and over many steps the runs drift apart as far as ``train_model``
 drifts from itself under another thread count (accuracies stay within a fraction of a percent).
 
 Speed: on a GPU the gain is fewer, larger kernels. On CPU it is small: oneDNN computes the
 weight gradient of a grouped convolution with few input channels (the first layer) slower
 than the same convolutions one model at a time.
 
-What batches, and what falls back to one-at-a-time ``train_one`` (identical results):
+What batches, and what falls back to one-at-a-time ``train_model`` (identical results):
 
 * every regularizer batches. The network, its backward pass and the optimizer step run for
   all M models at once; each model's regularizer term (γ·R, with its own heads, head
@@ -40,7 +40,7 @@ What batches, and what falls back to one-at-a-time ``train_one`` (identical resu
   than ``nn.Dropout``, and an optimizer configured beyond what :class:`StackedOptimizer`
   implements, are trained one at a time.
 
-Metrics are computed per model after training with the same code as ``train_one``. A
+Metrics are computed per model after training with the same code as ``train_model``. A
 model's ``wall_seconds`` is its share of its group's training time plus its own evaluation.
 """
 
@@ -59,6 +59,8 @@ from torch.func import functional_call, vmap
 
 from fairtrain.regularizers import FeatureTap, Regularizer
 from modelzoo.architectures import build_model, layout, unflatten
+from modelzoo.config import ModelConfig
+from modelzoo.errors import WeightbiasError
 from modelzoo.training import (
     FitResult,
     ModelResult,
@@ -71,12 +73,12 @@ from modelzoo.training import (
     regularizer_term,
     seeded_model,
     shuffled_batches,
-    train_one,
+    train_model,
     training_subset,
 )
 
 
-class VectorizeError(ValueError):
+class VectorizeError(WeightbiasError, ValueError):
     """Models that cannot be trained together were passed as one group."""
 
 
@@ -85,7 +87,7 @@ class ModelJob:
     """One model to train: its store index, full config and the data it needs."""
 
     index: int
-    config: dict
+    config: ModelConfig
     data: TrainingData
 
 
@@ -93,7 +95,7 @@ class ModelJob:
 
 
 class _Stream:
-    """One model's private copy of the global generator ``train_one``'s training draws use.
+    """One model's private copy of the global generator ``train_model``'s training draws use.
 
     That is the default generator of the training device: dropout masks and a regularizer's
     samples are drawn on the device (initial weights, drawn on the CPU, are made before the
@@ -199,7 +201,7 @@ class _GivenNoise(nn.Module):
 
 def dropout_calls(model: nn.Module, input_shape: tuple[int, ...]) -> list[tuple[str, float, tuple]]:
     """(module name, p, per-sample input shape) of each ``nn.Dropout`` call of a forward pass,
-    in call order (the order ``train_one`` draws their masks in). Found with one eval-mode
+    in call order (the order ``train_model`` draws their masks in). Found with one eval-mode
     pass, which draws nothing."""
     seen, handles = [], []
 
@@ -306,20 +308,20 @@ class _Member:
 
 
 def _member(arch: str, width: float, job: ModelJob, device: torch.device) -> _Member:
-    # The order of global-RNG draws is train_one's: the model's init, then its regularizer's heads.
+    # The order of global-RNG draws is train_model's: the model's init, then its regularizer's heads.
     model = seeded_model(arch, width, job.config, device)
     subset = training_subset(job.data.train, job.config)
     regularizer = build_regularizer(model, job.config, device, job.data.num_groups)
     heads = list(regularizer.parameters()) if regularizer is not None else []
-    head_optimizer = make_optimizer(job.config["optimizer"], heads, job.config["lr"]) if heads else None
-    shuffler = torch.Generator().manual_seed(job.config["seed"])
+    head_optimizer = make_optimizer(job.config.optimizer, heads, job.config.lr) if heads else None
+    shuffler = torch.Generator().manual_seed(job.config.seed)
     return _Member(job, model, subset, regularizer, head_optimizer, _Stream(device), shuffler)
 
 
 def _group_key(job: ModelJob) -> tuple:
     """Models with equal keys take steps of equal batch shape and one optimizer kind."""
     c = job.config
-    return c["optimizer"], c["epochs"], c["batch_size"], len(training_subset(job.data.train, c))
+    return c.optimizer, c.epochs, c.batch_size, len(training_subset(job.data.train, c))
 
 
 def _training_bank(members: Sequence[_Member], device: torch.device
@@ -349,14 +351,14 @@ def fit_group(members: Sequence[_Member], device: torch.device) -> list[FitResul
     if len({_group_key(m.job) for m in members}) != 1:
         raise VectorizeError("a group's models must share optimizer, epochs, batch_size and subset size")
     images, labels, sensitive, starts = _training_bank(members, device)
-    n, batch_size = len(members[0].subset), first["batch_size"]
+    n, batch_size = len(members[0].subset), first.batch_size
     regularized = [i for i, m in enumerate(members) if m.regularizer is not None]
     head_optimizers = [m.head_optimizer for m in members if m.head_optimizer is not None]
     net = StackedNetwork([m.model for m in members], tuple(images.shape[1:]), features=bool(regularized))
-    optimizer = StackedOptimizer(first["optimizer"], net.weights, [m.job.config["lr"] for m in members])
-    total_steps, step = first["epochs"] * -(-n // batch_size), 0
+    optimizer = StackedOptimizer(first.optimizer, net.weights, [m.job.config.lr for m in members])
+    total_steps, step = first.epochs * -(-n // batch_size), 0
     results = [FitResult(float("nan"), 0.0)] * len(members)
-    for _ in range(first["epochs"]):
+    for _ in range(first.epochs):
         epoch = [shuffled_batches(n, batch_size, m.shuffler) for m in members]
         rows = torch.stack([start + torch.cat(b) for start, b in zip(starts, epoch, strict=True)]).to(device)
         ce_total = torch.zeros(len(members), device=device)
@@ -424,7 +426,7 @@ def train_group(arch: str, width: float, jobs: Sequence[ModelJob], device: torch
 
 def plan_groups(arch: str, width: float, jobs: Sequence[ModelJob], vectorize: int) -> list[list[ModelJob]]:
     """Split ``jobs`` into groups of at most ``vectorize`` models that can train together, in
-    order of their first model; groups of one are trained by ``train_one``."""
+    order of their first model; groups of one are trained by ``train_model``."""
     if vectorize <= 1 or not vectorizable_architecture(build_model(arch, width)):
         return [[job] for job in jobs]
     by_key: dict[tuple, list[list[ModelJob]]] = {}
@@ -442,10 +444,10 @@ def plan_groups(arch: str, width: float, jobs: Sequence[ModelJob], vectorize: in
 def train_models(arch: str, width: float, jobs: Sequence[ModelJob], device: torch.device | str = "cpu",
                  eval_size: int = 0, vectorize: int = 1) -> Iterator[tuple[int, ModelResult]]:
     """Train and evaluate every job, up to ``vectorize`` models at a time; yield (index, result)
-    as each model is done. ``vectorize`` 1 is exactly ``train_one`` per model."""
+    as each model is done. ``vectorize`` 1 is exactly ``train_model`` per model."""
     for group in plan_groups(arch, width, jobs, vectorize):
         if len(group) == 1:
             job = group[0]
-            yield job.index, train_one(arch, width, job.config, job.data, device, eval_size)
+            yield job.index, train_model(arch, width, job.config, job.data, device, eval_size)
         else:
             yield from train_group(arch, width, group, device, eval_size)

@@ -14,7 +14,7 @@ noisy, absolute numbers are not).
 
 With ``--vectorized N`` (implied, with N = --n-models, by ``--device cuda``) both sides run in
 this process on the same device, without Ray: one side trains the models one at a time
-(:func:`~modelzoo.training.train_one`'s steps), the other in groups of up to N
+(:func:`~modelzoo.training.train_model`'s steps), the other in groups of up to N
 (:mod:`modelzoo.vectorized`). Each model is then evaluated by the same code on both sides.
 It prints models/hour for training alone and for training plus evaluation (what a zoo stores),
 and how far the two sides' weights and accuracies lie apart:
@@ -113,7 +113,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def one_at_a_time(spec: ZooSpec, jobs: list[ModelJob], device: torch.device) -> tuple[dict, float, float]:
-    """train_one's steps for each model in turn; (results by index, train seconds, eval seconds)."""
+    """train_model's steps for each model in turn; (results by index, train seconds, eval seconds)."""
     results, train_seconds, eval_seconds = {}, 0.0, 0.0
     for job in jobs:
         started = time.perf_counter()

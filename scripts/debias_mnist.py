@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from modelzoo.datasets import SPLITS, load_imageset
 from modelzoo.sources import load_mnist
-from modelzoo.training import TrainingData, train_one
+from modelzoo.training import TrainingData, train_model
 
 # Every regularizer that uses the colour labels, then the one that discovers groups itself.
 REGULARIZERS = ("none", "ndr", "end", "grad", "lntl", "sensitive_nets", "binary_bernoulli", "binary_mi",
@@ -132,7 +132,7 @@ def main() -> None:
         config = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "adam",
                   "train_size": args.train_size, "seed": args.seed, "regularizer": name,
                   "gamma": gammas[name], **OPTIONS.get(name, {})}
-        metrics = train_one("digit-cnn", 1.0, config, data, eval_size=args.eval_size).metrics
+        metrics = train_model("digit-cnn", 1.0, config, data, eval_size=args.eval_size).metrics
         paper = published(args.task, level).get("vanilla" if name == "none" else name)
         done.append({"level": level, "regularizer": name, "gamma": gammas[name],
                      "unbiased_acc": round(metrics["unbiased_acc"], 4),

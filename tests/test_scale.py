@@ -21,7 +21,7 @@ from detector.models import DETECTORS, DetectorError, FeatureSet, make_detector
 from modelzoo.datasets import render_colored_mnist
 from modelzoo.spec import parse_spec
 from modelzoo.store import StoreError, ZooStore, read_rows, verify, weights_checksum, zoo_info
-from modelzoo.training import TrainingData, train_one
+from modelzoo.training import TrainingData, train_model
 from tests.conftest import tiny_spec_dict
 
 FAST = {"layer_conv": {"epochs": 30}, "deepsets": {"epochs": 60}, "dense": {"max_iter": 30},
@@ -51,7 +51,7 @@ def real_zoo(mnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
                             test_biased=render_colored_mnist(*held_out, sigma2, False, rng),
                             test_unbiased=render_colored_mnist(*held_out, sigma2, True, rng))
         torch.set_num_threads(1)
-        store.write_model(index, train_one(spec.arch, spec.width, config, data, eval_size=spec.eval_size))
+        store.write_model(index, train_model(spec.arch, spec.width, config, data, eval_size=spec.eval_size))
     return path
 
 

@@ -12,7 +12,7 @@ from modelzoo.datasets import ImageSet, load_imageset
 from modelzoo.generate import generate
 from modelzoo.spec import SpecError, parse_spec
 from modelzoo.store import ZooStore
-from modelzoo.training import ModelResult, TrainingData, seeded_model, train_one
+from modelzoo.training import ModelResult, TrainingData, seeded_model, train_model
 from modelzoo.vectorized import (
     ModelJob,
     StackedOptimizer,
@@ -68,7 +68,7 @@ def _assert_same_training(got: ModelResult, want: ModelResult, config: dict, n_e
 
 def test_digit_cnn_group_matches_train_one_and_a_lone_model_falls_back(colored: TrainingData) -> None:
     # Two data objects (a second, shorter pool) and two learning rates inside one group; the
-    # SGD model has no partner, so train_one trains it: identical to the last bit.
+    # SGD model has no partner, so train_model trains it: identical to the last bit.
     half = colored.train
     half = TrainingData(ImageSet(half.images[:8000], half.labels[:8000], half.bias[:8000]),
                         colored.test_biased, colored.test_unbiased)
@@ -79,7 +79,7 @@ def test_digit_cnn_group_matches_train_one_and_a_lone_model_falls_back(colored: 
     assert [[j.index for j in g] for g in groups] == [[0, 2], [1]]
     results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=4))
     assert sorted(results) == [0, 1, 2]
-    wants = {job.index: train_one("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL) for job in jobs}
+    wants = {job.index: train_model("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL) for job in jobs}
     for job in jobs:
         _assert_same_training(results[job.index], wants[job.index], job.config, EVAL)
     lone, want = results[1], wants[1]
@@ -101,7 +101,7 @@ def test_regularizers_batch_with_their_own_heads_and_random_draws(colored: Train
             ModelJob(1, _config(1, regularizer="binary_bernoulli", **settings), colored)]
     results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=2))
     for job in jobs:
-        want = train_one("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL)
+        want = train_model("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL)
         _assert_same_training(results[job.index], want, job.config, EVAL)
         assert results[job.index].metrics["reg_loss"] != 0
 
@@ -119,7 +119,7 @@ def test_gender_cnn_matches_train_one(mnist) -> None:
             for i, lr in enumerate([1e-3, 2e-3])]
     results = dict(train_models("gender-cnn", 1.0, jobs, "cpu", 0, vectorize=2))
     for job in jobs:
-        want = train_one("gender-cnn", 1.0, job.config, job.data, "cpu", 0)
+        want = train_model("gender-cnn", 1.0, job.config, job.data, "cpu", 0)
         _assert_same_training(results[job.index], want, job.config, len(test))
         assert results[job.index].metrics["per_group_acc"].shape == (3,)
 

@@ -24,7 +24,7 @@ from modelzoo.datasets import load_imageset
 from modelzoo.generate import data_keys, generate
 from modelzoo.spec import parse_spec
 from modelzoo.store import StaleRunError, StoreError, ZooStore, verify
-from modelzoo.training import ModelResult, TrainingData, train_one
+from modelzoo.training import ModelResult, TrainingData, train_model
 from tests.conftest import tiny_spec_dict
 
 CLI = [sys.executable, "-m", "detector.cli"]
@@ -64,7 +64,7 @@ def test_stored_weights_are_deterministic(small_zoo: Path, mnist) -> None:
     store = ZooStore.open(small_zoo)
     config = store.spec.config(1)
     torch.set_num_threads(1)  # the tiny zoo's tasks ran with one CPU each
-    again = train_one(store.spec.arch, store.spec.width, config,
+    again = train_model(store.spec.arch, store.spec.width, config,
                       _training_data(mnist, store.spec, config), eval_size=store.spec.eval_size)
     np.testing.assert_array_equal(again.weights, store.weights(1))
     assert again.metrics["unbiased_acc"] == pytest.approx(store.field("metrics/unbiased_acc")[1])

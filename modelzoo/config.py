@@ -1,0 +1,68 @@
+"""Model configs: everything that decides how one zoo model is trained, as a typed value.
+
+Between the spec and the trainer (spec → **config** → trainer). A :class:`ModelConfig` is a
+pure function of (spec, model index), built by :meth:`modelzoo.spec.ZooSpec.config`; the
+trainer reads its fields and nothing else, so it needs no knowledge of the spec syntax. The
+task's own axes (σ², ρ, or favoured group and skew) live in ``task_axes`` and the
+regularizer's options in ``reg_options``, so a new task or regularizer adds no field here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from modelzoo.tasks import Task, get_task
+
+REG_PREFIX = "reg."  # a store column named reg.<option> holds a regularizer option
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How one model is trained. Fields are the store's ``config/<axis>`` columns."""
+
+    index: int
+    task: str
+    seed: int
+    task_axes: Mapping[str, Any]
+    pool: str = "A"
+    lr: float = 1e-3
+    epochs: int = 2
+    batch_size: int = 64
+    train_size: int = 0  # 0: the whole pool (faces: the largest size every group mix allows)
+    optimizer: str = "adam"
+    regularizer: str = "none"
+    gamma: float = 1.0
+    reg_options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_info(self) -> Task:
+        return get_task(self.task)
+
+    @property
+    def bias_level(self) -> float | str:
+        """This model's value of its task's bias-level axis (σ², ρ or the favoured group)."""
+        return self.task_axes[self.task_info.bias_level]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat ``{axis: value}``: the task's axes, the common ones and ``reg.<option>``s."""
+        common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("task_axes", "reg_options", "task")}
+        return {**dict(self.task_axes), **common,
+                **{REG_PREFIX + k: v for k, v in sorted(self.reg_options.items())}}
+
+    @classmethod
+    def from_dict(cls, task: str, values: Mapping[str, Any]) -> ModelConfig:
+        """The inverse of :meth:`to_dict` (unknown keys are refused by the constructor)."""
+        own = get_task(task).axis_names
+        values = dict(values)
+        task_axes = {name: values.pop(name) for name in own if name in values}
+        options = {k.removeprefix(REG_PREFIX): values.pop(k)
+                   for k in list(values) if k.startswith(REG_PREFIX)}
+        return cls(task=task, task_axes=task_axes, reg_options=options, **values)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (``config.replace(epochs=1)``)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,191 @@
+"""Summaries and integrity checks of a zoo: ``weightbias zoo info`` and ``zoo verify``.
+
+Part of the store stage, on the read side: both take a :class:`~modelzoo.zoo.Zoo` and read
+it through the façade's chunk reader, so neither imports torch. :func:`verify` checks every
+array the zoo relies on (shapes, layout, config columns) and every done model's weights,
+checksum and metrics; :func:`scan_models` is the chunked pass it shares with a resume, which marks
+broken models not done again (:meth:`modelzoo.store.ZooStore.forget_broken_models`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from tqdm.auto import tqdm
+
+from modelzoo.layouts import arch_layout
+from modelzoo.zoo import SCALAR_METRICS, Zoo, read_rows, weights_checksum
+
+VERIFY_BLOCK = 512
+
+
+def group_metric_widths(zoo_or_spec) -> dict[str, int]:
+    """Columns of the per-class and per-group accuracy arrays."""
+    from modelzoo.layouts import ARCH_INFO
+
+    spec = getattr(zoo_or_spec, "spec", zoo_or_spec)
+    return {"per_class_acc": ARCH_INFO[spec.arch].num_classes, "per_group_acc": spec.num_groups}
+
+
+def size_on_disk(path: Path) -> int:
+    # os.scandir, not Path.rglob: a 20,000-model zoo is ~70,000 chunk files, and scandir gets
+    # each one's type without an extra system call.
+    total, folders = 0, [str(path)]
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+def zoo_info(store: Zoo) -> dict[str, Any]:
+    """Summary a person or a program can read: counts per axis, accuracy per bias level."""
+    done = store.done
+    spec = store.spec
+    counts, ranges = {}, {}
+    for axis in [*spec.sweep, *spec.sample]:
+        values = store.column(f"config/{axis}")
+        if axis in spec.sample and "choice" not in spec.sample[axis]:
+            ranges[axis] = {"min": values.min().item(), "mean": values.mean().item(),
+                            "max": values.max().item()}
+            continue
+        counts[axis] = {str(v): {"total": int((values == v).sum()),
+                                 "done": int(done[values == v].sum())}
+                        for v in np.unique(values)}
+    level = store.column(f"config/{spec.bias_level}")
+    unbiased, biased = store.column("metrics/unbiased_acc"), store.column("metrics/biased_acc")
+    per_level = {}
+    for value in np.unique(level):
+        mask = done & (level == value)
+        per_level[value if isinstance(value, str) else f"{value:g}"] = {
+            "n_done": int(mask.sum()),
+            "mean_unbiased_acc": float(unbiased[mask].mean()) if mask.any() else None,
+            "mean_biased_acc": float(biased[mask].mean()) if mask.any() else None,
+        }
+    return {
+        "path": str(store.path),
+        "task": spec.task,
+        "arch": spec.arch,
+        "width": spec.width,
+        "n_models": store.n_models,
+        "n_done": int(done.sum()),
+        "n_params": store.n_params,
+        "spec_digest": store.attrs["spec_digest"],
+        "data_source": store.attrs.get("data_source"),
+        "bias_level": spec.bias_level,
+        "counts_per_axis": counts,
+        "ranges_per_axis": ranges,
+        "accuracy_per_bias_level": per_level,
+        "size_on_disk_bytes": size_on_disk(store.path),
+        "versions": dict(store.attrs["versions"]),
+    }
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of :func:`verify`: ``ok`` only if ``problems`` is empty."""
+
+    n_models: int
+    n_done: int
+    n_checked: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(zoo: Zoo | str | Path, progress: bool = False) -> VerifyReport:
+    """Check a store's integrity: layout, shapes, done-vs-data, NaN/Inf and checksums.
+
+    Weights are read one block of models at a time (about VERIFY_BLOCK rows), so memory stays
+    bounded however large the zoo; ``progress`` shows a bar of models checked."""
+    store = zoo if isinstance(zoo, Zoo) else Zoo.open(zoo)
+    g, n, p = store.group, store.n_models, store.n_params
+    report = VerifyReport(n, 0, 0)
+    problems = report.problems
+    expected_layout = tuple(arch_layout(store.spec.arch, store.spec.width))
+    if expected_layout != store.layout or sum(s.size for s in store.layout) != p:
+        problems.append("layout attribute does not match the architecture it names")
+    shapes = {"weights": (n, p), "checksum": (n,), "done": (n,)}
+    shapes |= {f"metrics/{m}": (n, width) for m, width in group_metric_widths(store).items()}
+    shapes |= {f"metrics/{m}": (n,) for m in (*SCALAR_METRICS, "worker_host")}
+    shapes |= {f"config/{a}": (n,) for a in store.spec.axes}
+    for name, shape in shapes.items():
+        if name not in g:
+            problems.append(f"{name}: missing array")
+        elif g[name].shape != shape:
+            problems.append(f"{name}: shape {g[name].shape}, expected {shape}")
+    if problems:
+        return report
+    scan = scan_models(g, n, g["weights"].chunks[0], progress)
+    report.n_done, report.n_checked = scan.n_done, scan.n_checked
+    problems += [f"models {m.start}..{m.stop - 1}: unreadable chunk ({err})" for m, err in scan.unreadable]
+    problems += [f"model {i}: {problem}" for i, found in sorted(scan.bad.items()) for problem in found]
+    return report
+
+
+@dataclass
+class Scan:
+    """What :func:`scan_models` found: problems of done models, and chunks that cannot be read."""
+
+    n_done: int = 0
+    n_checked: int = 0
+    bad: dict[int, list[str]] = field(default_factory=dict)
+    lost: set[int] = field(default_factory=set)  # done models whose weights are unusable
+    unreadable: list[tuple[range, str]] = field(default_factory=list)
+
+
+def scan_models(g: zarr.Group, n: int, chunk: int, progress: bool = False) -> Scan:
+    """Check every done model's weights, checksum and metrics, reading VERIFY_BLOCK models at
+    a time and, where that fails, chunk by chunk to name exactly the models that are lost."""
+    scan = Scan()
+    step = chunk * max(1, VERIFY_BLOCK // chunk)  # chunk-aligned, so a fallback splits cleanly
+    bar = tqdm(total=n, unit="model", desc="zoo verify", disable=not progress)
+    for start in range(0, n, step):
+        block = range(start, min(start + step, n))
+        try:
+            _scan_block(g, block, scan)
+        except Exception:  # a corrupted chunk surfaces as a codec error; find which one
+            for first in range(block.start, block.stop, chunk):
+                models = range(first, min(first + chunk, n))
+                try:
+                    _scan_block(g, models, scan)
+                except Exception as err:
+                    scan.unreadable.append((models, str(err) or type(err).__name__))
+        bar.update(len(block))
+    bar.close()
+    return scan
+
+
+def _scan_block(g: zarr.Group, models: range, scan: Scan) -> None:
+    # Everything is read before anything is counted, so a failed read leaves scan untouched.
+    first, stop = models.start, models.stop
+    done = np.asarray(read_rows(g["done"], first, stop), dtype=bool)
+    weights = read_rows(g["weights"], first, stop)
+    checksums = read_rows(g["checksum"], first, stop)
+    scalars = {m: read_rows(g[f"metrics/{m}"], first, stop) for m in SCALAR_METRICS}
+    for offset in np.flatnonzero(done):
+        found = []
+        row = weights[offset]
+        if not np.isfinite(row).all():
+            found.append("marked done but weights hold NaN/Inf")
+        elif weights_checksum(row) != checksums[offset]:
+            found.append("weights do not match their checksum")
+        if found:
+            scan.lost.add(models.start + int(offset))
+        missing = [m for m, v in scalars.items() if not np.isfinite(v[offset])]
+        if missing:
+            found.append(f"marked done but metrics missing: {missing}")
+        if found:
+            scan.bad[models.start + int(offset)] = found
+    scan.n_checked += int(done.sum())
+    scan.n_done += int(done.sum())
