@@ -1,6 +1,12 @@
 """``weightbias``: the one command line of the project, a thin layer over the packages.
 
 Lives in :mod:`detector` because that package is last in the flow and may import the others.
+Subcommands parse, call one public function and print; each handler imports what it calls
+when it runs, so ``weightbias --help`` starts without torch, Ray or scikit-learn.
+
+Exit status: 0 done, 1 a check found problems (``zoo verify``), 2 bad input (every
+:class:`~modelzoo.errors.WeightbiasError`, printed as one line naming the input), 130
+interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -9,21 +15,11 @@ import argparse
 import sys
 
 from detector.commands import add_detector_commands
-from detector.insidebias import InsideBiasError
-from detector.models import DetectorError
-from modelzoo.architectures import ArchitectureError
-from modelzoo.checkpoints import CheckpointError
 from modelzoo.cli import add_zoo_commands
-from modelzoo.datasets import DatasetError
-from modelzoo.faces import FaceDataError
-from modelzoo.generate import GenerateError
-from modelzoo.sources import DataSourceError
-from modelzoo.spec import SpecError
-from modelzoo.store import StoreError
+from modelzoo.errors import WeightbiasError
 
-# The project's own errors: reported as one clear line, never as a traceback.
-USER_ERRORS = (ArchitectureError, CheckpointError, DatasetError, DataSourceError, DetectorError,
-               FaceDataError, GenerateError, InsideBiasError, SpecError, StoreError)
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,9 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except USER_ERRORS as err:
+    except WeightbiasError as err:
         print(f"weightbias: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("weightbias: interrupted; what was finished is kept (re-run the same command to go on)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

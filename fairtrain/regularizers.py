@@ -6,7 +6,7 @@ Part of the trainer stage (dataset → **trainer + regularizer** → store). A r
 does not know which regularizer it runs::
 
     tap = FeatureTap(model, "fc1", activation=torch.relu)
-    reg = make_regularizer("grad", gamma=1.0, feature_dim=128, num_groups=3)
+    reg = get_regularizer("grad", gamma=1.0, feature_dim=128, num_groups=3)
     optimizer = torch.optim.Adam([*model.parameters(), *reg.parameters()])
     logits = model(images)
     loss = F.cross_entropy(logits, targets) + reg(tap.features, logits, targets, sensitive)
@@ -560,7 +560,7 @@ class UnsupervisedGroups(Regularizer):
 
     Alone, R up-weights the conflicting samples inside each class: R = (1/N) Σ_i (w_i − 1)·CE_i,
     w_i = N_y/(G_y·N_{y,g(i)}), so class proportions are kept. With ``inner`` (built by
-    ``make_regularizer("unsupervised+X")``) the pseudo-groups are passed as ``sensitive`` to X
+    ``get_regularizer("unsupervised+X")``) the pseudo-groups are passed as ``sensitive`` to X
     and R is X's term (X built with γ = 1; this module's γ scales it). Any ``sensitive`` given
     is ignored. State updates only in training mode; for the first ``warmup_steps`` training
     calls the clusters learn but the term is 0, since early features carry little structure.
@@ -744,8 +744,8 @@ def _build(cls: type[Regularizer], gamma: float, options: dict[str, Any], label:
     return cls(gamma, **options, **extra)
 
 
-def make_regularizer(name: str, gamma: float = 1.0, **options: Any) -> Regularizer:
-    """Build a registered regularizer by name, e.g. ``make_regularizer("grad", 1.0, feature_dim=128,
+def get_regularizer(name: str, gamma: float = 1.0, **options: Any) -> Regularizer:
+    """Build a registered regularizer by name, e.g. ``get_regularizer("grad", 1.0, feature_dim=128,
     num_groups=3)``. "unsupervised+X" wraps X in :class:`UnsupervisedGroups`: options go to the
     constructor(s) that accept them (``feature_dim`` to both), and X's ``num_groups`` defaults to 2,
     the number of pseudo-groups."""
@@ -817,4 +817,4 @@ def regularizer_for_model(name: str, gamma: float, *, feature_dim: int, num_grou
     if not plus:
         shapes["num_groups"] = num_groups
     chosen = {k: v for k, v in (options or {}).items() if k in accepted and k not in MODEL_SHAPES}
-    return make_regularizer(name, gamma, **{k: v for k, v in shapes.items() if k in accepted}, **chosen)
+    return get_regularizer(name, gamma, **{k: v for k, v in shapes.items() if k in accepted}, **chosen)

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fairtrain.metrics import centroid_recoverability, representation_leakage
-from fairtrain.regularizers import FeatureTap, make_regularizer, ndr_penalty
+from fairtrain.regularizers import FeatureTap, get_regularizer, ndr_penalty
 from modelzoo.architectures import build_model
 from modelzoo.sources import load_mnist
 
@@ -51,7 +51,7 @@ def parity_model(seed: int) -> nn.Module:
 
 def train(gamma: float, images: torch.Tensor, digits: torch.Tensor, args: argparse.Namespace) -> nn.Module:
     model = parity_model(args.seed)
-    ndr = make_regularizer("ndr", gamma)
+    ndr = get_regularizer("ndr", gamma)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     shuffler = torch.Generator().manual_seed(args.seed)
     model.train()

@@ -15,7 +15,7 @@ from fairtrain.regularizers import (
     Regularizer,
     RegularizerError,
     balanced_weights,
-    make_regularizer,
+    get_regularizer,
     regularizer_for_model,
     regularizer_options,
     reverse_gradient,
@@ -45,7 +45,7 @@ def dummy(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reg_of(name: str, gamma: float = 1.0) -> Regularizer:
-    return make_regularizer(name, gamma, **OPTIONS[name])
+    return get_regularizer(name, gamma, **OPTIONS[name])
 
 
 # ----------------------------------------------------------------------------- contract
@@ -83,17 +83,17 @@ def test_head_regularizer_checks_width_and_group_range() -> None:
 
 def test_registry_errors_list_what_is_known() -> None:
     with pytest.raises(RegularizerError, match=r"unknown regularizer 'nope'.*'ndr'"):
-        make_regularizer("nope", 1.0)
+        get_regularizer("nope", 1.0)
     with pytest.raises(RegularizerError, match=r"unknown regularizer 'nope'"):
-        make_regularizer("unsupervised+nope", 1.0, feature_dim=16, num_classes=10)
+        get_regularizer("unsupervised+nope", 1.0, feature_dim=16, num_classes=10)
     with pytest.raises(RegularizerError, match="unsupervised\\+X"):
-        make_regularizer("ndr+grad", 1.0)
+        get_regularizer("ndr+grad", 1.0)
     with pytest.raises(RegularizerError, match=r"does not take options \['alhpa'\]"):
-        make_regularizer("end", 1.0, alhpa=0.2)
+        get_regularizer("end", 1.0, alhpa=0.2)
     with pytest.raises(RegularizerError, match=r"needs options \['feature_dim', 'num_groups'\]"):
-        make_regularizer("grad", 1.0)
+        get_regularizer("grad", 1.0)
     with pytest.raises(RegularizerError, match="gamma"):
-        make_regularizer("ndr", -1.0)
+        get_regularizer("ndr", -1.0)
 
 
 def test_gamma_scales_the_term() -> None:
@@ -134,7 +134,7 @@ def test_ndr_cannot_cancel_signed_cosines() -> None:
 
 
 def test_end_pulls_same_class_pairs_across_bias_groups() -> None:
-    end = make_regularizer("end", 1.0, alpha=0.0, beta=1.0)
+    end = get_regularizer("end", 1.0, alpha=0.0, beta=1.0)
     targets, bias = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
     logits = torch.zeros(4, 10)
     aligned = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
@@ -142,8 +142,8 @@ def test_end_pulls_same_class_pairs_across_bias_groups() -> None:
     orthogonal = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     assert end(orthogonal, logits, targets, bias).item() == pytest.approx(0.5)
     features, logits, targets, sensitive = batch()
-    both = make_regularizer("end", 1.0, alpha=0.3, beta=0.7)
-    alone = make_regularizer("ndr", 1.0)(features, logits, targets, sensitive)
+    both = get_regularizer("end", 1.0, alpha=0.3, beta=0.7)
+    alone = get_regularizer("ndr", 1.0)(features, logits, targets, sensitive)
     parallel = both.parallel_term(features, targets, sensitive)
     expected = 0.3 * alone + 0.7 * parallel
     assert both(features, logits, targets, sensitive).item() == pytest.approx(expected.item())
@@ -172,7 +172,7 @@ def test_heads_are_parameters_of_the_regularizer(name: str) -> None:
 
 
 def test_grad_reverses_the_head_loss_into_the_features() -> None:
-    reg = make_regularizer("grad", 1.0, feature_dim=16, num_groups=3, grl_weight=0.5)
+    reg = get_regularizer("grad", 1.0, feature_dim=16, num_groups=3, grl_weight=0.5)
     features, logits, targets, sensitive = batch()
     reg(features, logits, targets, sensitive).backward()
     reversed_grad = features.grad.clone()
@@ -183,7 +183,7 @@ def test_grad_reverses_the_head_loss_into_the_features() -> None:
 
 
 def test_grad_ramp_follows_progress() -> None:
-    reg = make_regularizer("grad", 1.0, feature_dim=16, num_groups=3, ramp=True, grl_weight=2.0)
+    reg = get_regularizer("grad", 1.0, feature_dim=16, num_groups=3, ramp=True, grl_weight=2.0)
     assert reg.reversal_weight == 0.0
     reg.progress = 1.0
     assert reg.reversal_weight == pytest.approx(2.0 * (2 / (1 + math.exp(-10)) - 1))
@@ -276,9 +276,9 @@ def test_group_balanced_per_class_balances_groups_inside_each_class() -> None:
     targets = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
     groups = torch.tensor([0, 0, 0, 1, 1, 1, 1, 0])  # 3:1 inside each class, 1:1 overall
     ce = F.cross_entropy(logits, targets, reduction="none")
-    plain = make_regularizer("group_balanced")(features, logits, targets, groups)
+    plain = get_regularizer("group_balanced")(features, logits, targets, groups)
     assert plain.abs().item() < 1e-6  # the groups are balanced overall: nothing to reweight
-    per_class = make_regularizer("group_balanced", per_class=True)(features, logits, targets, groups)
+    per_class = get_regularizer("group_balanced", per_class=True)(features, logits, targets, groups)
     within = ((ce[:3].mean() + ce[3]) / 2 + (ce[4:7].mean() + ce[7]) / 2) / 2
     assert (F.cross_entropy(logits, targets) + per_class).item() == pytest.approx(within.item(), rel=1e-6)
 
@@ -330,7 +330,7 @@ def test_unsupervised_flags_the_planted_minority() -> None:
 
 
 def test_unsupervised_warmup_and_eval_leave_the_term_or_state_alone() -> None:
-    reg = make_regularizer("unsupervised", 1.0, feature_dim=16, num_classes=10, warmup_steps=1)
+    reg = get_regularizer("unsupervised", 1.0, feature_dim=16, num_classes=10, warmup_steps=1)
     features, targets, _ = planted()
     logits = torch.randn(len(targets), 10)
     assert reg(features, logits, targets).item() == 0.0
@@ -342,19 +342,19 @@ def test_unsupervised_warmup_and_eval_leave_the_term_or_state_alone() -> None:
 
 
 def test_unsupervised_plus_ndr_runs_without_sensitive_labels() -> None:
-    reg = make_regularizer("unsupervised+ndr", 2.0, feature_dim=16, num_classes=10)
+    reg = get_regularizer("unsupervised+ndr", 2.0, feature_dim=16, num_classes=10)
     assert reg.name == "unsupervised+ndr" and not reg.needs_sensitive
     features, targets, minority = planted()
     features.requires_grad_()
     term = reg(features, torch.zeros(len(targets), 10), targets, None)
-    expected = 2.0 * make_regularizer("ndr", 1.0)(features, *dummy(len(targets)), minority)
+    expected = 2.0 * get_regularizer("ndr", 1.0)(features, *dummy(len(targets)), minority)
     assert term.item() == pytest.approx(expected.item(), rel=1e-5)
     term.backward()
     assert features.grad.abs().sum() > 0
 
 
 def test_unsupervised_composite_routes_options_and_owns_the_inner_head() -> None:
-    reg = make_regularizer("unsupervised+grad", 1.0, feature_dim=16, num_classes=10, hidden=8)
+    reg = get_regularizer("unsupervised+grad", 1.0, feature_dim=16, num_classes=10, hidden=8)
     assert reg.inner.num_groups == 2 and reg.inner.feature_dim == 16
     assert {id(p) for p in reg.inner.parameters()} == {id(p) for p in reg.parameters()}
 
@@ -404,7 +404,7 @@ def test_digit_cnn_trains_with_a_regularizer(name: str, one_thread: None) -> Non
     options = {"feature_dim": 128, "num_groups": 3} if name in ("grad", "lntl", "sensitive_nets") else {}
     if name.startswith("unsupervised"):
         options = {"feature_dim": 128, "num_classes": 10}
-    reg = make_regularizer(name, 0.5, **options)
+    reg = get_regularizer(name, 0.5, **options)
     optimizer = torch.optim.Adam([*model.parameters(), *reg.parameters()], lr=1e-3)
     heads_before = [p.detach().clone() for p in reg.parameters()]
     model_before = model.fc1.weight.detach().clone()
