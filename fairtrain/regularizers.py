@@ -42,9 +42,14 @@ class RegularizerError(WeightbiasError, ValueError):
 # ----------------------------------------------------------------------------- shared pieces
 
 
-def _check_gamma(gamma: float) -> float:
-    if not math.isfinite(gamma) or gamma < 0:
-        raise RegularizerError(f"gamma must be a finite number >= 0, got {gamma}")
+# Above this a loss term overflows float32 (max ~3.4e38) as soon as R is not tiny.
+_MAX_WEIGHT = 1e30
+
+
+def _check_gamma(gamma: float, name: str = "gamma") -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not math.isfinite(gamma) \
+            or not 0 <= gamma <= _MAX_WEIGHT:
+        raise RegularizerError(f"{name} must be a finite number in [0, {_MAX_WEIGHT:g}], got {gamma!r}")
     return float(gamma)
 
 
@@ -328,8 +333,8 @@ class EnD(Regularizer):
 
     def __init__(self, gamma: float = 1.0, *, alpha: float = 0.1, beta: float = 0.1) -> None:
         super().__init__(gamma)
-        self.alpha = _check_gamma(alpha)
-        self.beta = _check_gamma(beta)
+        self.alpha = _check_gamma(alpha, "alpha")
+        self.beta = _check_gamma(beta, "beta")
 
     def parallel_term(self, features: torch.Tensor, targets: torch.Tensor,
                       sensitive: torch.Tensor) -> torch.Tensor:
@@ -381,7 +386,7 @@ class LNTL(_ReversalHeadRegularizer):
                  grl_weight: float = 1.0, ramp: bool = False, entropy_weight: float = 1.0) -> None:
         super().__init__(gamma, feature_dim=feature_dim, num_groups=num_groups, hidden=hidden,
                          grl_weight=grl_weight, ramp=ramp)
-        self.entropy_weight = _check_gamma(entropy_weight)
+        self.entropy_weight = _check_gamma(entropy_weight, "entropy_weight")
 
     def entropy_term(self, features: torch.Tensor) -> torch.Tensor:
         """log G − mean entropy of the (frozen) head's prediction; gradient reaches features only."""
