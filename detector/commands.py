@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from detector.compare import DEFAULT_PERMUTATIONS, PROJECTION_KINDS, compare_zoo
 from detector.evaluate import SPLITS, TARGETS, breakdown, labels, score_detector, split_rows, zoo_features
 from detector.files import load_detector, save_detector
 from detector.insidebias import insidebias, probe_images
 from detector.models import DETECTORS, DetectorError, make_detector
+from detector.report import DEFAULT_PERMUTATIONS, PROJECTION_KINDS
 from detector.scoring import checkpoint_weights, score_checkpoint, verdict_line
 from modelzoo.architectures import build_model
 from modelzoo.checkpoints import load_checkpoint
@@ -224,9 +224,11 @@ def _insidebias(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    summary = compare_zoo(args.store, args.out, args.detector, feature_kind=args.features,
-                          n_permutations=args.permutations, seed=args.seed, min_models=args.min_models,
-                          data_dir=args.data_dir, probes_per_group=args.per_group)
+    from detector.report import compare
+
+    summary = compare(args.store, args.out, args.detector, feature_kind=args.features,
+                      n_permutations=args.permutations, seed=args.seed, min_models=args.min_models,
+                      data_dir=args.data_dir, probes_per_group=args.per_group)
     lines = [f"{args.out / 'index.html'}: {len(summary['groups'])} groups of {summary['n_done']} models, "
              f"baseline {summary['baseline']['label']}"]
     for label, test in summary["distances"]["per_group"].items():

@@ -1,32 +1,31 @@
 """The regularizer comparison report on real zoos: files, the numbers behind them, the CLI, bad input,
-and the statistics it rests on (energy distance, Holm, chromatic fraction)."""
+and the statistics it rests on (energy distance, Holm, chromatic fraction); one section as a plain
+dict, and the atomic writing of the report's files."""
 
 from __future__ import annotations
 
 import json
-import math
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from detector.cli import main
-from detector.compare import (
-    CompareError,
-    Group,
-    choose_baseline,
-    chromatic_fraction,
-    compare_zoo,
-    energy_test,
-    holm,
-    init_chromatic_fraction,
-)
 from detector.evaluate import zoo_weights
+from detector.features import weight_features
 from detector.files import load_detector
+from detector.report import CompareError, compare
+from detector.report.chroma import chromatic_fraction, init_chromatic_fraction
+from detector.report.context import Context
+from detector.report.render import write_atomic
+from detector.report.sections_weights import distance_section
+from detector.report.stats import Group, choose_baseline, energy_test, holm, standardise
 from modelzoo.architectures import build_model, flatten, layout
-from modelzoo.generate import generate
+from modelzoo.generation import generate
 from modelzoo.spec import parse_spec
-from modelzoo.store import ZooStore
+from modelzoo.zoo import open_zoo
 from tests.conftest import tiny_spec_dict
 
 MNIST_FIGURES = {"detector", "projection", "layer_shifts", "colour_sensitivity", "tradeoff", "distances"}
@@ -56,16 +55,11 @@ def face_zoo(ray_local, tmp_path_factory: pytest.TempPathFactory, data_root: Pat
     return out
 
 
-def _numbers(value, path: str = ""):
-    """Every (path, number) in a JSON value."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _numbers(item, f"{path}/{key}")
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            yield from _numbers(item, f"{path}[{i}]")
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        yield path, value
+def _energy_by_hand(x: np.ndarray, y: np.ndarray) -> float:
+    """2·E‖X−Y‖ − E‖X−X′‖ − E‖Y−Y′‖ straight from the definition (all pairs, numpy only)."""
+    def mean_distance(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.linalg.norm(a[:, None] - b[None], axis=-1).mean())
+    return 2 * mean_distance(x, y) - mean_distance(x, x) - mean_distance(y, y)
 
 
 def _check_files(out: Path, summary: dict) -> None:
@@ -75,7 +69,10 @@ def _check_files(out: Path, summary: dict) -> None:
     for name in summary["figures"].values():
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"]({name})" in markdown and f'src="{name}"' in page
-    assert all(math.isfinite(v) for _, v in _numbers(on_disk))
+    # Exactly the figures the summary names, and no temporary file of the atomic writes left over.
+    assert {p.name for p in out.glob("*.png")} == set(summary["figures"].values())
+    assert sorted(p.name for p in out.iterdir() if not p.name.endswith(".png")) == [
+        "index.html", "index.md", "summary.json"]
 
 
 # ---------------------------------------------------------------- statistics
@@ -86,10 +83,14 @@ def test_energy_test_sees_a_shift_and_not_a_copy() -> None:
     x = rng.standard_normal((20, 5))
     same = energy_test(x, x.copy(), n_permutations=199, seed=1)
     assert same.statistic == pytest.approx(0.0, abs=1e-9) and same.p_value == 1.0
-    shifted = energy_test(x, rng.standard_normal((20, 5)) + 1.5, n_permutations=199, seed=1)
+    y = rng.standard_normal((20, 5)) + 1.5
+    shifted = energy_test(x, y, n_permutations=199, seed=1)
+    assert shifted.statistic == pytest.approx(_energy_by_hand(x, y), rel=1e-12)
     assert shifted.statistic > shifted.null_q95 > 0 and shifted.p_value == pytest.approx(1 / 200)
-    null = energy_test(x, rng.standard_normal((20, 5)), n_permutations=199, seed=1)
-    assert null.p_value > 0.05 and null.statistic >= 0
+    y = rng.standard_normal((20, 5))
+    null = energy_test(x, y, n_permutations=199, seed=1)
+    assert null.p_value > 0.05 and null.statistic == pytest.approx(_energy_by_hand(x, y), rel=1e-12)
+    assert null.statistic < shifted.statistic
     assert energy_test(x, x + 1.5, 99, seed=3) == energy_test(x, x + 1.5, 99, seed=3)  # seeded
     with pytest.raises(CompareError, match=r"one width, got shapes \(20, 5\) and \(3, 4\)"):
         energy_test(x, np.zeros((3, 4)))
@@ -128,48 +129,111 @@ def test_without_vanilla_the_lowest_gamma_group_with_enough_models_is_the_baseli
     assert choose_baseline([*groups, vanilla], min_models=3) == (vanilla, None)
 
 
+def test_distance_section_is_a_plain_dict_with_known_values() -> None:
+    rng = np.random.default_rng(4)
+    z = np.vstack([rng.standard_normal((6, 3)), rng.standard_normal((4, 3)) + 3.0,
+                   rng.standard_normal((2, 3))])
+    baseline = Group("none", "none", (0.0,), np.arange(6))
+    far = Group("ndr γ=1", "ndr", (1.0,), np.arange(6, 10))
+    small = Group("end γ=1", "end", (1.0,), np.arange(10, 12))
+    group_of = np.array(["none"] * 6 + ["ndr γ=1"] * 4 + ["end γ=1"] * 2)
+    # The section reads no zoo: everything it needs is in the context and the features.
+    ctx = Context(zoo=None, groups=[baseline, far, small], baseline=baseline, rows=np.arange(12),
+                  group_of=group_of, level=np.array(["0.02"] * 12), level_values=np.full(12, 0.02),
+                  min_models=3, progress=False)
+    part = distance_section(ctx, z, n_permutations=99, seed=0)
+    assert json.loads(json.dumps(part, allow_nan=False)) == part  # plain JSON types only, no NaN
+    tested = part["per_group"]["ndr γ=1"]
+    assert tested["energy_distance"] == pytest.approx(_energy_by_hand(z[6:10], z[:6]), rel=1e-12)
+    assert (tested["n_group"], tested["n_baseline"], tested["p_holm"]) == (4, 6, tested["p_value"])
+    assert tested["p_value"] <= 0.05  # three standard deviations apart
+    assert part["per_group"]["end γ=1"] == {"skipped": "'end γ=1' has 2 model(s), fewer than --min-models 3"}
+    assert part["baseline_split_half"]["n_group"] + part["baseline_split_half"]["n_baseline"] == 6
+
+
+def test_write_atomic_leaves_the_old_file_or_the_new_one_never_a_part(tmp_path: Path) -> None:
+    target = tmp_path / "summary.json"
+
+    def fails_half_way(handle) -> None:
+        handle.write(b'{"half": ')
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, fails_half_way)
+    assert list(tmp_path.iterdir()) == []  # no 0-byte target, no temporary file
+    target.write_text("old")
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(target, fails_half_way)
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+    write_atomic(target, lambda handle: handle.write(b"new"))
+    assert target.read_text() == "new" and list(tmp_path.iterdir()) == [target]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask  # as open() makes it, not private
+
+
 # ---------------------------------------------------------------- the report on real zoos
 
 
+@pytest.mark.slow
 def test_report_on_a_regularizer_zoo_with_a_detector(reg_zoo: Path, tmp_path: Path) -> None:
     detector = tmp_path / "det"
     assert main(["detector", "train", str(reg_zoo), "--target", "biased", "--out", str(detector)]) == 0
     out = tmp_path / "report"
-    summary = compare_zoo(reg_zoo, out, detector, n_permutations=99, progress=False)
+    summary = compare(reg_zoo, out, detector, n_permutations=99, progress=False)
     _check_files(out, summary)
     assert set(summary["figures"]) == MNIST_FIGURES
 
-    store = ZooStore.open(reg_zoo)
+    store = open_zoo(reg_zoo)
     groups = {g["label"]: g for g in summary["groups"]}
     assert {k: g["n_models"] for k, g in groups.items()} == {"none": 8, "ndr γ=0.1": 4, "ndr γ=1": 4}
     assert sorted(r for g in groups.values() for r in g["rows"]) == list(range(16))
     assert summary["baseline"] == {"label": "none", "is_vanilla": True, "note": None}
-    accuracy = store.field("metrics/unbiased_acc")
+    accuracy = store.column("metrics/unbiased_acc")
     for group in groups.values():
         assert group["unbiased_acc"]["mean"] == pytest.approx(float(accuracy[group["rows"]].mean()), rel=1e-6)
 
     # The detector was trained on pool A of this zoo: only pool B's 8 models are scored.
     scored = summary["detector"]["per_model"]
-    assert sorted(scored["row"]) == list(np.flatnonzero(store.field("config/pool") == "B"))
+    assert sorted(scored["row"]) == list(np.flatnonzero(store.column("config/pool") == "B"))
     det, _ = load_detector(detector)
     proba = det.predict_proba(zoo_weights(store, np.array(scored["row"])))
     unbiased = list(det.classes_).index("unbiased")
     np.testing.assert_allclose(scored["score"], 1 - proba[:, unbiased], rtol=1e-5, atol=1e-6)
     assert any("held-out" in note for note in summary["notes"])
 
+    # The distances and the projection, recomputed from the weights: the report's own features
+    # (invariant, standardised over the zoo) and the energy distance from its definition.
+    weights = zoo_weights(store, np.arange(16)).weights
+    z = standardise(weight_features(weights, store.layout, "invariant").astype(np.float32))
+    tests = summary["distances"]["per_group"]
     for label in ("ndr γ=0.1", "ndr γ=1"):
-        test = summary["distances"]["per_group"][label]
-        assert test["energy_distance"] >= 0 and 1 / 100 <= test["p_value"] <= test["p_holm"] <= 1
+        test = tests[label]
+        by_hand = _energy_by_hand(z[groups[label]["rows"]], z[groups["none"]["rows"]])
+        assert test["energy_distance"] == pytest.approx(by_hand, rel=1e-6)
         assert (test["n_group"], test["n_baseline"]) == (4, 8)
         shifts = summary["layer_shifts"]["values"][label]
         assert all(len(shifts[m]) == len(store.layout) for m in summary["layer_shifts"]["measures"])
+    # Holm over two tests by hand: the smaller p doubled, the larger not below it.
+    low, high = sorted(tests.values(), key=lambda t: t["p_value"])
+    assert low["p_holm"] == pytest.approx(min(1.0, 2 * low["p_value"]))
+    assert high["p_holm"] == pytest.approx(max(low["p_holm"], high["p_value"]))
     assert summary["distances"]["baseline_split_half"]["p_value"] > 0.05  # vanilla vs vanilla: no difference
-    chroma = summary["colour_sensitivity"]["per_model"]["chromatic_fraction"]
-    assert len(chroma) == 16 and all(0 < c < 1 for c in chroma)
-    assert sum(summary["projection"]["explained_variance_ratio"]) <= 1
+    colour = summary["colour_sensitivity"]
+    np.testing.assert_allclose(colour["per_model"]["chromatic_fraction"],
+                               chromatic_fraction(weights, store.layout))
+    for label, group in groups.items():
+        chroma = chromatic_fraction(weights[group["rows"]], store.layout)
+        assert colour["per_group"][label]["chromatic_fraction"]["mean"] == pytest.approx(chroma.mean())
+    projection = summary["projection"]
+    pc1, pc2 = np.array(projection["per_model"]["pc1"]), np.array(projection["per_model"]["pc2"])
+    ratio = projection["explained_variance_ratio"]
+    assert np.array([np.var(pc1), np.var(pc2)]) / z.var(axis=0).sum() == pytest.approx(ratio, rel=1e-6)
+    assert ratio[0] >= ratio[1] and abs(np.corrcoef(pc1, pc2)[0, 1]) < 1e-6
     assert "colored_mnist" in summary["insidebias"]["skipped"]
 
 
+@pytest.mark.slow
 def test_cli_reports_groups_too_small_to_test(reg_zoo: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "report"
     argv = ["compare", str(reg_zoo), "--out", str(out), "--permutations", "49", "--min-models", "5",
@@ -187,6 +251,7 @@ def test_cli_reports_groups_too_small_to_test(reg_zoo: Path, tmp_path: Path, cap
     assert "detector" not in summary["figures"] and summary["detector"] == {"skipped": "no --detector given"}
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_input_with_one_line(reg_zoo: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "never"
     cases = [
@@ -205,12 +270,13 @@ def test_cli_refuses_bad_input_with_one_line(reg_zoo: Path, tmp_path: Path, caps
     assert "exists and is not a folder" in capsys.readouterr().err and afile.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_zoo_without_vanilla_falls_back_with_a_note(ray_local, tmp_path: Path, data_root: Path) -> None:
     raw = tiny_spec_dict(n_models=4, models_per_task=2, regularizer="end", sigma2=0.02)
     raw["sweep"] = {"gamma": [0.1, 1.0], "reg.beta": [0.1, 0.5]}
     zoo = tmp_path / "end.zarr"
     generate(parse_spec(raw), zoo, data_dir=data_root, progress=False)
-    summary = compare_zoo(zoo, tmp_path / "report", n_permutations=19, min_models=2, progress=False)
+    summary = compare(zoo, tmp_path / "report", n_permutations=19, min_models=2, progress=False)
     _check_files(tmp_path / "report", summary)
     assert summary["baseline"]["label"] == "end γ=0.1" and not summary["baseline"]["is_vanilla"]
     assert "no vanilla" in summary["notes"][0]
@@ -221,24 +287,31 @@ def test_zoo_without_vanilla_falls_back_with_a_note(ray_local, tmp_path: Path, d
     assert "a split-half check needs 4+" in summary["distances"]["baseline_split_half"]["skipped"]
 
 
+@pytest.mark.slow
 def test_face_zoo_report_has_insidebias_and_skips_it_without_data(face_zoo: Path, tmp_path: Path,
                                                                     data_root: Path) -> None:
     out = tmp_path / "report"
-    summary = compare_zoo(face_zoo, out, n_permutations=19, min_models=2, data_dir=data_root,
-                          probes_per_group=3, progress=False)
+    summary = compare(face_zoo, out, n_permutations=19, min_models=2, data_dir=data_root,
+                      probes_per_group=3, progress=False)
     _check_files(out, summary)
     assert "insidebias" in summary["figures"] and "colour_sensitivity" not in summary["figures"]
     inside = summary["insidebias"]
     assert inside["layer"] == "conv5" and set(inside["per_group"]) == {"none", "grad γ=0.1"}
-    for entry in inside["per_group"].values():
-        assert 0 < entry["min_ratio"]["min"] <= entry["min_ratio"]["max"] <= 1
-        assert sum(entry["lowest_group_share"].values()) == pytest.approx(1.0)
     assert len(inside["per_model"]["lowest_group"]) == 4
+    # Each group's entry is its own models' numbers (per_model), not another group's.
+    model = inside["per_model"]
+    for label, entry in inside["per_group"].items():
+        mine = [i for i, g in enumerate(model["group"]) if g == label]
+        assert [model["row"][i] for i in mine] == {g["label"]: g["rows"] for g in summary["groups"]}[label]
+        assert entry["min_ratio"]["mean"] == pytest.approx(np.mean([model["min_ratio"][i] for i in mine]))
+        lowest = [model["lowest_group"][i] for i in mine]
+        shares = {c: lowest.count(c) / len(mine) for c in entry["lowest_group_share"]}
+        assert entry["lowest_group_share"] == shares
 
     empty = tmp_path / "no_data"
     empty.mkdir()
-    skipped = compare_zoo(face_zoo, tmp_path / "report2", n_permutations=19, min_models=2, data_dir=empty,
-                          progress=False)
+    skipped = compare(face_zoo, tmp_path / "report2", n_permutations=19, min_models=2, data_dir=empty,
+                      progress=False)
     assert "face probes could not be loaded" in skipped["insidebias"]["skipped"]
     assert any(note.startswith("InsideBias skipped") for note in skipped["notes"])
     assert "insidebias" not in skipped["figures"]
