@@ -5,7 +5,7 @@ Flow, one module per stage: :mod:`~modelzoo.sources` (find and read MNIST) →
 HDF5 cache) → :mod:`~modelzoo.training` with :mod:`~modelzoo.architectures` (train one
 model from its :class:`ModelConfig`) → :mod:`~modelzoo.store` (write a Zarr zoo) and
 :mod:`~modelzoo.zoo` (read it). :mod:`~modelzoo.spec` describes a zoo, :mod:`~modelzoo.tasks`
-holds what differs between tasks, :mod:`~modelzoo.generate` runs a spec on Ray, and
+holds what differs between tasks, :mod:`~modelzoo.generation` runs a spec on Ray, and
 :mod:`~modelzoo.checkpoints` reads and writes checkpoint files without unpickling.
 
 Names are imported on first use, so ``import modelzoo`` is instant and reading a spec or a
@@ -39,8 +39,8 @@ _EXPORTS = {
     "register_task": "modelzoo.tasks",
     "Zoo": "modelzoo.zoo", "open_zoo": "modelzoo.zoo", "StoreError": "modelzoo.zoo",
     "VerifyReport": "modelzoo.verify",
-    "generate": "modelzoo.generate", "GenerateSummary": "modelzoo.generate",
-    "GenerateError": "modelzoo.generate",
+    "generate": "modelzoo.generation", "GenerateSummary": "modelzoo.generation",
+    "GenerateError": "modelzoo.generation",
     "train_model": "modelzoo.training", "training_data": "modelzoo.training",
     "TrainingData": "modelzoo.training", "ModelResult": "modelzoo.training",
     "build_model": "modelzoo.architectures", "ARCHITECTURES": "modelzoo.architectures",

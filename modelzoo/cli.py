@@ -65,7 +65,7 @@ def _non_negative(text: str) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from modelzoo.generate import generate
+    from modelzoo.generation import generate
 
     summary = generate(args.spec, args.out, data_dir=args.data_dir, address=args.address,
                        num_cpus=args.num_cpus, max_models=args.max_models,

@@ -79,6 +79,9 @@ EXECUTION_KEYS = ("vectorize",)
 SAMPLERS = ("choice", "uniform", "log_uniform", "int_uniform")
 MAX_MODELS = 1_000_000  # creating a store builds every config up front; a typo must not hang it
 INT_LIMIT = 2**63  # integers are stored as int64 columns
+# Far beyond any real zoo model, yet small enough that a typo (epochs = 1e11) fails at once
+# instead of training for centuries.
+LIMITS = {"epochs": 100_000, "batch_size": 1_000_000}
 
 
 class SpecError(WeightbiasError, ValueError):
@@ -178,6 +181,16 @@ class ZooSpec:
             config["seed"] = int(np.random.default_rng([self.seed, index, 0]).integers(2**31 - 1))
         return {"index": index, **config}
 
+    def config_columns(self) -> dict[str, np.ndarray]:
+        """Every model's config as one typed column per axis: what a store's ``config/`` holds."""
+        configs = [self.config_values(i) for i in range(self.n_models)]
+        return {axis: np.array([c[axis] for c in configs], dtype=self.column_dtype(axis))
+                for axis in self.axes}
+
+    def column_dtype(self, axis: str) -> type:
+        # Strings are stored variable-length (zarr's spec'd string type), never fixed-width.
+        return {float: np.float64, int: np.int64, bool: np.bool_, str: str}[self.axis_type(axis)]
+
     def blocks(self) -> list[range]:
         """Model indices grouped by store chunk; one Ray task writes one block at a time."""
         size = self.models_per_task
@@ -267,10 +280,9 @@ def parse_spec(raw: dict[str, Any], *, build_regularizers: bool = True) -> ZooSp
     for axis, sampler in tables["sample"].items():
         tables["sample"][axis] = _checked_sampler(f"sample.{axis}", axis, sampler, task)
     named = _values_given(tables, "regularizer")
-    if named != {"none"}:  # only then is the regularizer module (and torch) needed
-        _check_options(tables, seen, named)
-        if build_regularizers:
-            _build_regularizers(zoo, tables, seen, named)
+    _check_options(tables, seen, named)
+    if named != {"none"} and build_regularizers:  # only then is the regularizer module (and torch) needed
+        _build_regularizers(zoo, tables, seen, named)
     pools = _values_given(tables, "pool")
     if not pools <= set(task.pools):
         raise SpecError(f"pool: {task.name} trains on pool {' or '.join(task.pools)}, got {sorted(pools)}")
@@ -300,9 +312,12 @@ def _values_given(tables: dict[str, dict[str, Any]], axis: str) -> set:
 
 def _check_options(tables: dict[str, dict[str, Any]], seen: dict[str, str], named: set[str]) -> None:
     """Every reg.* option must be taken by at least one regularizer the spec names."""
-    from fairtrain.regularizers import regularizer_options
+    if named == {"none"}:
+        accepted: set[str] = set()  # "none" takes no option, and needs no torch to say so
+    else:
+        from fairtrain.regularizers import regularizer_options
 
-    accepted = set().union(*(regularizer_options(name) for name in named))
+        accepted = set().union(*(regularizer_options(name) for name in named))
     for axis, table in seen.items():
         option = axis.removeprefix(REG_PREFIX)
         if axis.startswith(REG_PREFIX) and option not in accepted:
@@ -412,7 +427,7 @@ def _checked_value(where: str, axis: str, value: Any, task: Task) -> Any:
     elif axis == "lr":
         ok, expected = 0 < value < 10, "in (0, 10)"
     elif axis in ("epochs", "batch_size"):
-        ok, expected = value >= 1, "at least 1"
+        ok, expected = 1 <= value <= LIMITS[axis], f"in [1, {LIMITS[axis]:,}]"
     elif axis in ("train_size", "seed", "gamma"):
         ok, expected = value >= 0, "non-negative"
     elif axis == "regularizer" and value != "none":

@@ -84,11 +84,6 @@ def _writing(path: Path, what: str) -> Iterator[None]:
                          "space or make the store writable, then re-run the same command to go on") from err
 
 
-def _config_dtype(spec: ZooSpec, axis: str) -> type:
-    # Strings are stored variable-length (zarr's spec'd string type), never fixed-width.
-    return {float: np.float64, int: np.int64, bool: np.bool_, str: str}[spec.axis_type(axis)]
-
-
 class ZooStore(Zoo):
     """A zoo being generated: the :class:`~modelzoo.zoo.Zoo` reader plus the writes a run makes.
     Create or resume with :meth:`create`; a Ray task reopens it with ``open(path, "r+")``."""
@@ -106,6 +101,7 @@ class ZooStore(Zoo):
                         f"{existing.get('spec_digest')} vs {spec.digest()}); choose another "
                         "--out or pass --overwrite")
                 store = cls.open(path, mode="r+")
+                store.repair_configs()
                 lost = store.forget_broken_models()
                 if lost:
                     logger.warning("%s: the stored weights of models %s are unreadable or fail their "
@@ -114,8 +110,11 @@ class ZooStore(Zoo):
             # Only ever delete what we created ourselves and never finished.
             if existing.get("format") != FORMAT:
                 raise StoreError(f"{path} exists and is not a weightbias zoo; refusing to touch it")
+        elif path.exists():
+            _check_ours(path)
         with _writing(path, "a new zoo store"):
             if path.exists():
+                logger.warning("%s: --overwrite removes this zoo store (%s)", path, _describe_existing(path))
                 shutil.rmtree(path)
             _build(path, spec)
         return cls.open(path, mode="r+")
@@ -162,6 +161,23 @@ class ZooStore(Zoo):
                 g[f"metrics/{name}"][index] = value
             g["done"][index] = True
 
+    def repair_configs(self) -> list[str]:
+        """Rewrite every config column that no longer matches the spec; return their names."""
+        from modelzoo.verify import config_problems
+
+        broken = sorted(config_problems(self))
+        if broken:
+            columns = self.spec.config_columns()
+            with _writing(self.path, "the repaired config columns"):
+                for name in broken:
+                    axis = name.removeprefix("config/")
+                    if name in self.group:
+                        del self.group[name]
+                    _write_config_column(self.group["config"], self.spec, axis, columns[axis])
+            logger.warning("%s: config columns %s did not match the spec; rewritten from it",
+                           self.path, broken)
+        return broken
+
     def forget_broken_models(self) -> list[int]:
         """Mark not done every done model whose weights are unreadable or wrong; return them.
 
@@ -184,6 +200,26 @@ class ZooStore(Zoo):
         return sorted({*scan.lost, *(i for models, _ in scan.unreadable for i in models)})
 
 
+def _write_config_column(group: zarr.Group, spec: ZooSpec, axis: str, values: np.ndarray) -> None:
+    # One chunk for the whole column: configs are written once, at creation, by the driver.
+    array = group.create_array(axis, shape=values.shape, chunks=values.shape, dtype=spec.column_dtype(axis))
+    array[:] = values
+
+
+def _check_ours(path: Path) -> None:
+    """Refuse to delete anything but a zoo store weightbias created (its own attributes say so)."""
+    if not path.is_dir() or _existing_zoo_attrs(path).get("format") != FORMAT:
+        what = "a file" if path.is_file() else "a folder that is not a weightbias zoo store"
+        raise StoreError(f"{path} is {what}; --overwrite only ever replaces a zoo store weightbias "
+                         "created. Choose another --out, or move it away yourself")
+
+
+def _describe_existing(path: Path) -> str:
+    attrs = _existing_zoo_attrs(path)
+    n = attrs.get("spec", {}).get("zoo", {}).get("n_models", "?")
+    return f"{n} models, spec digest {attrs.get('spec_digest', '?')}, state {attrs.get('state', '?')}"
+
+
 def _existing_zoo_attrs(path: Path) -> dict[str, Any]:
     if not (path / "zarr.json").is_file():
         return {}
@@ -203,12 +239,9 @@ def _build(path: Path, spec: ZooSpec) -> None:
     g.create_array("weights", shape=(n, p), chunks=(chunk, p), dtype="float32", fill_value=np.nan)
     g.create_array("checksum", shape=(n,), chunks=(chunk,), dtype="uint32", fill_value=0)
     g.create_array("done", shape=(n,), chunks=(chunk,), dtype="bool", fill_value=False)
-    configs = [spec.config_values(i) for i in range(n)]
     config_group = g.create_group("config")
-    for axis in spec.axes:
-        dtype = _config_dtype(spec, axis)
-        array = config_group.create_array(axis, shape=(n,), chunks=(n,), dtype=dtype)
-        array[:] = np.array([c[axis] for c in configs], dtype=dtype)
+    for axis, values in spec.config_columns().items():
+        _write_config_column(config_group, spec, axis, values)
     metrics = g.create_group("metrics")
     for name in SCALAR_METRICS:
         metrics.create_array(name, shape=(n,), chunks=(chunk,), dtype="float32", fill_value=np.nan)

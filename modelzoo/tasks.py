@@ -103,7 +103,10 @@ class Task:
     def training_subset(self, train: ImageSet, config: ModelConfig) -> np.ndarray:
         """Indices of the pool a model trains on: all of it, or a seeded random subset."""
         n_pool = len(train)
-        if config.train_size == 0 or config.train_size >= n_pool:
+        if config.train_size > n_pool:
+            raise TaskError(f"model {config.index}: train_size {config.train_size} is larger than pool "
+                            f"{config.pool}'s {n_pool} images; lower train_size (0 means the whole pool)")
+        if config.train_size in (0, n_pool):
             return np.arange(n_pool)
         rng = np.random.default_rng([config.seed, 2])
         return np.sort(rng.choice(n_pool, config.train_size, replace=False))

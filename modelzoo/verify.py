@@ -126,11 +126,30 @@ def verify(zoo: Zoo | str | Path, progress: bool = False) -> VerifyReport:
             problems.append(f"{name}: shape {g[name].shape}, expected {shape}")
     if problems:
         return report
+    problems += [f"{name}: {problem}" for name, problem in config_problems(store).items()]
     scan = scan_models(g, n, g["weights"].chunks[0], progress)
     report.n_done, report.n_checked = scan.n_done, scan.n_checked
     problems += [f"models {m.start}..{m.stop - 1}: unreadable chunk ({err})" for m, err in scan.unreadable]
     problems += [f"model {i}: {problem}" for i, found in sorted(scan.bad.items()) for problem in found]
     return report
+
+
+def config_problems(zoo: Zoo) -> dict[str, str]:
+    """Config columns that differ from the spec they are a pure function of (a damaged or
+    deleted chunk reads back as its fill value), by array name."""
+    found = {}
+    for axis, expected in zoo.spec.config_columns().items():
+        name = f"config/{axis}"
+        try:
+            stored = zoo.column(name)
+        except Exception as err:  # an unreadable chunk surfaces as a codec error
+            found[name] = f"unreadable ({err})"
+            continue
+        wrong = np.flatnonzero(stored.astype(expected.dtype) != expected)
+        if wrong.size:
+            found[name] = (f"{wrong.size} model(s) disagree with the spec (first: model {wrong[0]}, "
+                           f"stored {stored[wrong[0]].item()!r}, spec {expected[wrong[0]].item()!r})")
+    return found
 
 
 @dataclass

@@ -158,8 +158,15 @@ class Zoo:
 
     # -- weights -----------------------------------------------------------------------------
     def model_weights(self, index: int) -> np.ndarray:
-        """The flat weight row of model ``index`` (refused unless it is done)."""
-        return self.weights(np.array([index]))[0]
+        """The flat weight row of model ``index``, checked against its stored checksum
+        (refused unless it is done, finite and intact: an export must never hold garbage)."""
+        row = self.weights(np.array([index]))[0]
+        checksum = self.column("checksum")[index]
+        if not np.isfinite(row).all() or weights_checksum(row) != checksum:
+            raise StoreError(f"{self.path}: the stored weights of model {index} are damaged (NaN/Inf or "
+                             "checksum mismatch); run `weightbias zoo verify`, then re-run `zoo generate` "
+                             "with the same spec to retrain it")
+        return row
 
     def weights(self, rows: np.ndarray) -> np.ndarray:
         """Weight rows of the done models ``rows``, in that order, as float32 (len(rows), P)."""

@@ -39,6 +39,7 @@ from modelzoo.training import TrainingData
 from modelzoo.vectorized import ModelJob, train_models
 
 TASK_RETRIES = 3
+CONNECT_TIMEOUT_S = 5
 GPU_SHARE_DEFAULT = 0.25  # four small models share one GPU
 
 
@@ -57,6 +58,7 @@ class GenerateSummary:
     seconds: float
     n_done: int = 0
     failures: list[str] = field(default_factory=list)
+    superseded: bool = False  # another driver took the store over during this run
 
     @property
     def models_per_hour(self) -> float:
@@ -83,7 +85,7 @@ def train_block(spec_dict: dict, indices: list[int], store_path: str, run_id: st
     started = time.perf_counter()
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
-    spec = parse_spec(spec_dict)
+    spec = parse_spec(spec_dict, build_regularizers=False)  # the driver checked it
     store = ZooStore.open(store_path, mode="r+")
     keys = list(data_refs)
     datasets: dict[DataKey, ImageSet] = dict(zip(keys, ray.get([data_refs[k] for k in keys]),
@@ -97,17 +99,18 @@ def train_block(spec_dict: dict, indices: list[int], store_path: str, run_id: st
         config = spec.config(index)
         roles = {role: datasets[key] for role, key in spec.task_info.data_keys(config).items()}
         jobs.append(ModelJob(index, config, TrainingData(**roles, num_groups=spec.num_groups)))
-    trained = []
+    trained, superseded = [], False
     # With spec.vectorize > 1, models of this block that can train together do (in one batched
     # computation); each is still written, and only then marked done, one by one.
     for index, result in train_models(spec.arch, spec.width, jobs, device, spec.eval_size, spec.vectorize):
         try:
             store.write_model(index, result, run_id)
         except StaleRunError:
-            break  # a newer run owns the store now; it will train what is left
+            superseded = True  # a newer run owns the store now; it will train what is left
+            break
         trained.append(index)
-    return {"trained": trained, "host": socket.gethostname(), "pid": os.getpid(),
-            "seconds": time.perf_counter() - started}
+    return {"trained": trained, "superseded": superseded, "host": socket.gethostname(), "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(), "seconds": time.perf_counter() - started}
 
 
 def task_error(err: Exception) -> Exception:
@@ -149,8 +152,7 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
     """Generate (or resume) the zoo described by ``spec`` into the store at ``out``."""
     if not isinstance(spec, ZooSpec):
         spec = load_spec(spec)
-    if max_models is not None and max_models < 0:
-        raise ValueError(f"max_models must be non-negative, got {max_models}")
+    check_resources(address, num_cpus, cpus_per_task, gpus_per_task, max_models)
     store = ZooStore.create(out, spec, overwrite=overwrite)
     done = store.done
     summary = GenerateSummary(str(out), spec.n_models, int(done.sum()), 0, 0.0, int(done.sum()))
@@ -160,9 +162,10 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
 
     started_here = start_ray(address, num_cpus)
     try:
-        refs = put_datasets(spec, blocks, store, data_dir)
         if gpus_per_task is None:
             gpus_per_task = GPU_SHARE_DEFAULT if ray.cluster_resources().get("GPU", 0) else 0
+        check_cluster_fits(cpus_per_task, gpus_per_task)
+        refs = put_datasets(spec, blocks, store, data_dir)
         task = train_block.options(num_cpus=cpus_per_task, num_gpus=gpus_per_task)
         spec_dict = spec.to_dict()
         run_id = store.begin_run()
@@ -180,6 +183,7 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
                 try:
                     receipt = ray.get(ready[0])
                     summary.n_trained += len(receipt["trained"])
+                    summary.superseded |= receipt["superseded"]
                     bar.update(len(receipt["trained"]))
                 except StoreError as err:
                     # No space, or an unwritable store: every other block would train models
@@ -198,10 +202,49 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
     finally:
         if started_here:
             ray.shutdown()
+    if summary.superseded:
+        raise GenerateError(f"{out}: another `zoo generate` took this store over while this run was going "
+                            f"(its run id replaced ours); this run stopped with {summary.n_done}/"
+                            f"{summary.n_models} done and the other run goes on. Run one driver per store")
     if summary.failures:
         raise GenerateError(f"{len(summary.failures)} task(s) failed; "
                             "re-run the same command to retry them:\n" + "\n".join(summary.failures))
     return summary
+
+
+def check_resources(address: str | None, num_cpus: int | None, cpus_per_task: float,
+                    gpus_per_task: float | None, max_models: int | None) -> None:
+    """Refuse, before any work, settings under which no task could ever start (Ray would wait
+    for resources that never come, silently, forever)."""
+    if max_models is not None and max_models < 0:
+        raise GenerateError(f"--max-models must be 0 or more, got {max_models}")
+    if num_cpus is not None and num_cpus < 1:
+        raise GenerateError(f"--num-cpus must be at least 1, got {num_cpus}")
+    if not cpus_per_task > 0:
+        raise GenerateError(f"--cpus-per-task must be more than 0, got {cpus_per_task}")
+    if gpus_per_task is not None and gpus_per_task < 0:
+        raise GenerateError(f"--gpus-per-task must be 0 or more, got {gpus_per_task}")
+    if address is None and cpus_per_task > (num_cpus or os.cpu_count() or 1):
+        raise GenerateError(f"--cpus-per-task {cpus_per_task:g} is more than the local Ray instance's "
+                            f"{num_cpus or os.cpu_count()} CPUs, so no task could ever start")
+    if address and address not in ("auto", "local") and "://" not in address:
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=CONNECT_TIMEOUT_S).close()
+        except (OSError, ValueError) as err:
+            raise GenerateError(f"--address {address}: no Ray head answers there ({err}); start one with "
+                                "`ray start --head` or leave --address out for a local instance") from err
+
+
+def check_cluster_fits(cpus_per_task: float, gpus_per_task: float) -> None:
+    """Refuse a task shape no node of the running Ray cluster can hold."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    for resource, need, flag in (("CPU", cpus_per_task, "--cpus-per-task"),
+                                 ("GPU", gpus_per_task, "--gpus-per-task")):
+        largest = max((node.get(resource, 0) for node in nodes), default=0)
+        if need > largest:
+            raise GenerateError(f"{flag} {need:g}: no node of the Ray cluster has that many {resource}s "
+                                f"(the largest has {largest:g}), so no task could ever start")
 
 
 def put_datasets(spec: ZooSpec, blocks: list[list[int]], store: ZooStore,
@@ -211,6 +254,7 @@ def put_datasets(spec: ZooSpec, blocks: list[list[int]], store: ZooStore,
     needed = set().union(*(block_data_keys(spec, block) for block in blocks))
     datasets, origin, fingerprint = load_datasets(spec, needed, data_dir)
     store.record_data_source(origin, fingerprint)
+    check_training_sets(spec, blocks, datasets)
     return {key: ray.put(imageset) for key, imageset in datasets.items()}
 
 
@@ -220,3 +264,16 @@ def load_datasets(spec: ZooSpec, keys: set[DataKey], data_dir: str | Path | None
     fingerprint of the data they came from."""
     return spec.task_info.load_datasets(keys, data_seed=spec.data_seed, arch=spec.arch, dataset=spec.dataset,
                                         data_dir=data_dir)
+
+
+def check_training_sets(spec: ZooSpec, blocks: list[list[int]], datasets: dict[DataKey, ImageSet]) -> None:
+    """Draw each distinct training set the pending models ask for once, here in the driver, so a
+    train_size the pool cannot supply fails before any task starts (naming the model)."""
+    task, tried = spec.task_info, set()
+    for index in (i for block in blocks for i in block):
+        config = spec.config(index)
+        key = task.data_keys(config)["train"]
+        shape = (key, config.train_size, tuple(sorted(config.task_axes.items())))
+        if shape not in tried:
+            tried.add(shape)
+            task.training_subset(datasets[key], config)

@@ -1,0 +1,209 @@
+"""Bad settings are refused before any work, and nothing a user owns is ever deleted or faked.
+
+Real files, the real Ray, Zarr and MNIST; each case is one a new user hit (settings that made
+Ray wait forever, ``--overwrite`` on a folder of notes, an export of a damaged model...).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import modelzoo
+from modelzoo.generation import GenerateError, check_cluster_fits, check_resources
+from modelzoo.store import ZooStore
+from modelzoo.training import ModelResult
+from tests.conftest import tiny_spec_dict
+
+CLI = [sys.executable, "-m", "detector.cli"]
+
+
+def _fake_zoo(path: Path, n_models: int = 4) -> ZooStore:
+    """A real store whose models are marked done with random weights (no training)."""
+    store = ZooStore.create(path, modelzoo.parse_spec(tiny_spec_dict(n_models)))
+    rng = np.random.default_rng(0)
+    for index in range(n_models):
+        weights = rng.standard_normal(store.n_params).astype(np.float32)
+        metrics = {"unbiased_acc": 0.5, "biased_acc": 0.9, "leakage": 0.3, "train_loss": 1.0,
+                   "reg_loss": 0.0, "wall_seconds": 1.0, "worker_host": "test",
+                   "per_class_acc": np.full(10, 0.5, np.float32),
+                   "per_group_acc": np.full(10, 0.5, np.float32)}
+        store.write_model(index, ModelResult(weights, metrics))
+    return store
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"num_cpus": 0}, "--num-cpus must be at least 1"),
+    ({"num_cpus": 1, "cpus_per_task": 8}, "no task could ever start"),
+    ({"cpus_per_task": 0}, "--cpus-per-task must be more than 0"),
+    ({"gpus_per_task": -1}, "--gpus-per-task must be 0 or more"),
+    ({"max_models": -1}, "--max-models must be 0 or more"),
+])
+def test_settings_no_task_could_run_under_are_refused_up_front(settings: dict, message: str) -> None:
+    arguments = {"address": None, "num_cpus": None, "cpus_per_task": 1, "gpus_per_task": None,
+                 "max_models": None} | settings
+    with pytest.raises(GenerateError, match=message):
+        check_resources(**arguments)
+
+
+def test_an_address_where_no_head_listens_fails_in_seconds_not_forever() -> None:
+    started = time.perf_counter()
+    with pytest.raises(GenerateError, match="no Ray head answers there"):
+        check_resources(f"127.0.0.1:{_free_port()}", None, 1, None, None)
+    assert time.perf_counter() - started < 10
+
+
+def test_gpus_no_node_has_are_refused(ray_local) -> None:
+    with pytest.raises(GenerateError, match="no node of the Ray cluster has that many GPUs"):
+        check_cluster_fits(1, 1)
+    check_cluster_fits(1, 0)  # what the local instance does have passes
+
+
+def test_overwrite_never_deletes_what_weightbias_did_not_create(tmp_path: Path) -> None:
+    spec = modelzoo.parse_spec(tiny_spec_dict())
+    notes = tmp_path / "notes"
+    (notes / "sub").mkdir(parents=True)
+    (notes / "notes.txt").write_text("mine")
+    (notes / "sub" / "a.csv").write_text("1,2")
+    foreign = tmp_path / "foreign.zarr"
+    zarr.open_group(foreign, mode="w").create_array("x", shape=(3,), dtype="int8")
+    for path in (notes, foreign, notes / "notes.txt"):
+        with pytest.raises(modelzoo.StoreError, match="--overwrite only ever replaces a zoo store"):
+            ZooStore.create(path, spec, overwrite=True)
+    assert (notes / "notes.txt").read_text() == "mine" and (notes / "sub" / "a.csv").is_file()
+    assert (foreign / "x" / "zarr.json").is_file()
+    ours = tmp_path / "ours.zarr"
+    _fake_zoo(ours)
+    ZooStore.create(ours, spec, overwrite=True)  # our own store is replaced: empty again
+    assert not modelzoo.open_zoo(ours).done.any()
+
+
+def test_a_deleted_config_chunk_is_found_by_verify_and_repaired_by_a_resume(tmp_path: Path) -> None:
+    path = tmp_path / "zoo.zarr"
+    store = _fake_zoo(path)
+    assert store.verify().ok
+    (path / "config" / "sigma2" / "c" / "0").unlink()
+    zoo = modelzoo.open_zoo(path)
+    assert zoo.column("config/sigma2").tolist() == [0.0] * 4  # what a reader would have believed
+    report = zoo.verify()
+    assert not report.ok and any(p.startswith("config/sigma2: 4 model(s) disagree") for p in report.problems)
+    ZooStore.create(path, zoo.spec)  # what `zoo generate` does on a resume
+    repaired = modelzoo.open_zoo(path)
+    assert repaired.verify().ok
+    assert repaired.column("config/sigma2").tolist() == [0.02, 0.05, 0.02, 0.05]
+    assert repaired.done.all()  # repairing configs retrains nothing
+
+
+def test_export_refuses_a_model_whose_weights_are_damaged(tmp_path: Path) -> None:
+    path = tmp_path / "zoo.zarr"
+    _fake_zoo(path)
+    shutil.rmtree(path / "weights" / "c" / "0")  # models 0 and 1 (one block) lose their weights
+    export = [*CLI, "zoo", "export", str(path), "--model", "0", "--out", str(tmp_path / "m.pt")]
+    result = subprocess.run(export, capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "stored weights of model 0 are damaged" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "m.pt").exists()
+    row = modelzoo.open_zoo(path).model_weights(2)  # an intact model still exports
+    assert zlib.crc32(row.tobytes()) == modelzoo.open_zoo(path).column("checksum")[2]
+
+
+@pytest.mark.parametrize(("fixed", "message"), [
+    ({"epochs": 100_001}, "fixed.epochs: value 100001 must be in \\[1, 100,000\\]"),
+    ({"regularizer": "grad", "reg.hidden": -1}, "fixed.reg.hidden: regularizer grad refuses -1"),
+    ({"regularizer": "binary_bernoulli", "reg.tau": "six"}, "fixed.reg.tau: regularizer binary_bernoulli"),
+    ({"regularizer": "grad", "gamma": 1e300}, "fixed.gamma: regularizer grad refuses 1e\\+300"),
+])
+def test_settings_that_would_fail_in_every_task_fail_when_the_spec_is_read(fixed: dict, message: str) -> None:
+    raw = tiny_spec_dict()
+    raw["fixed"] |= fixed
+    with pytest.raises(modelzoo.SpecError, match=message):
+        modelzoo.parse_spec(raw)
+
+
+@pytest.mark.slow
+def test_a_train_size_larger_than_the_pool_is_refused_before_any_training(ray_local, tmp_path: Path) -> None:
+    raw = tiny_spec_dict(n_models=2)
+    raw["fixed"]["train_size"] = 30_001  # pool A holds 30,000 digits
+    raw["sweep"] = {"sigma2": [0.02]}
+    with pytest.raises(modelzoo.WeightbiasError, match="train_size 30001 is larger than pool A's 30000"):
+        modelzoo.generate(modelzoo.parse_spec(raw), tmp_path / "zoo.zarr", progress=False)
+    assert not modelzoo.open_zoo(tmp_path / "zoo.zarr").done.any()
+
+
+def _spec_file(tmp_path: Path, n_models: int, models_per_task: int, train_size: int) -> Path:
+    spec = tmp_path / "spec.toml"
+    spec.write_text(f"""[zoo]
+task = "colored_mnist"
+arch = "digit-cnn"
+n_models = {n_models}
+models_per_task = {models_per_task}
+eval_size = 200
+[fixed]
+epochs = 1
+train_size = {train_size}
+[sweep]
+sigma2 = [0.02, 0.05]
+""")
+    return spec
+
+
+def _wait_for_done(path: Path, at_least: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (path / "zarr.json").is_file():
+            try:
+                if modelzoo.open_zoo(path).done.sum() >= at_least:
+                    return
+            except modelzoo.StoreError:
+                pass  # still being created
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.5)
+    raise AssertionError(f"fewer than {at_least} models done after {timeout} s")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_run_with_exit_130_and_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "zoo.zarr"
+    spec = _spec_file(tmp_path, 40, 1, 1024)
+    command = [*CLI, "zoo", "generate", str(spec), "--out", str(out), "--num-cpus", "1"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_done(out, 1, process)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "weightbias: interrupted" in stderr and "Traceback" not in stderr
+    assert modelzoo.open_zoo(out).verify().ok  # what was done is kept, intact
+
+
+@pytest.mark.slow
+def test_a_second_driver_takes_over_and_the_first_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "zoo.zarr"
+    spec = _spec_file(tmp_path, 24, 1, 1024)
+    first = subprocess.Popen([*CLI, "zoo", "generate", str(spec), "--out", str(out), "--num-cpus", "1"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    _wait_for_done(out, 2, first)
+    second = subprocess.run([*CLI, "zoo", "generate", str(spec), "--out", str(out), "--num-cpus", "1"],
+                            capture_output=True, text=True, timeout=600)
+    _, first_err = first.communicate(timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert first.returncode == 2, first_err
+    assert "another `zoo generate` took this store over" in first_err
+    zoo = modelzoo.open_zoo(out)
+    assert zoo.done.all() and zoo.verify().ok  # every model exactly once, nothing lost
