@@ -29,7 +29,11 @@ from modelzoo.errors import WeightbiasError
 if TYPE_CHECKING:  # pragma: no cover - a checkpoint reader needs no zarr
     from modelzoo.zoo import Zoo
 
-SUFFIXES = (".pt", ".pth", ".safetensors", ".h5")
+SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".h5")
+TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")  # torch.save files: a state_dict keeps the modules' order
+# Where training code puts the state_dict inside a checkpoint dict: Lightning's ``state_dict``
+# (beside epoch, optimizer_states, hyper_parameters), and the common hand-written recipes.
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "net", "module")
 
 
 class CheckpointError(WeightbiasError, ValueError):
@@ -60,7 +64,7 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path,
     suffix = path.suffix.lower()
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    if suffix in (".pt", ".pth"):
+    if suffix in TORCH_SUFFIXES:
         torch.save(tensors, path)
     elif suffix == ".safetensors":
         save_file(tensors, str(path), metadata=metadata)
@@ -81,7 +85,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such file")
     suffix = path.suffix.lower()
     try:
-        if suffix in (".pt", ".pth"):
+        if suffix in TORCH_SUFFIXES:
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         elif suffix == ".safetensors":
             loaded = load_file(str(path))
@@ -101,11 +105,23 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     except (OSError, RuntimeError, ValueError, EOFError, KeyError, IndexError, TypeError, AttributeError,
             struct.error, SafetensorError) as err:
         raise CheckpointError(f"{path}: not a readable {suffix} checkpoint ({err})") from err
-    if isinstance(loaded, dict) and "state_dict" in loaded and isinstance(loaded["state_dict"], dict):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise CheckpointError(f"{path}: holds no state_dict (expected a mapping of names to tensors)")
+    loaded = _inner_state_dict(loaded)
+    if not _is_tensor_mapping(loaded):
+        raise CheckpointError(f"{path}: holds no state_dict (expected a mapping of names to tensors, "
+                              f"possibly under one of the keys {list(STATE_DICT_KEYS)})")
     return loaded
+
+
+def _inner_state_dict(loaded: object) -> object:
+    """The mapping of names to tensors inside a checkpoint dict, or ``loaded`` as it is."""
+    if not isinstance(loaded, dict) or _is_tensor_mapping(loaded):
+        return loaded
+    return next((loaded[key] for key in STATE_DICT_KEYS if _is_tensor_mapping(loaded.get(key))), loaded)
+
+
+def _is_tensor_mapping(value: object) -> bool:
+    return (isinstance(value, dict) and bool(value)
+            and all(isinstance(v, torch.Tensor) for v in value.values()))
 
 
 def _read_h5(path: Path) -> dict[str, torch.Tensor]:
