@@ -7,7 +7,11 @@ and the index of the colour each image got (the bias attribute).
 * ColoredMNIST (Kim et al., CVPR 2019): colour on the strokes, black background. Each
   training image of class y takes per-channel colour ~ N(mean_y / 255, σ²), resampled until
   inside (0, 1); smaller σ² means stronger bias. The unbiased test set draws the mean colour
-  uniformly from the ten, independent of the label.
+  uniformly from the ten, independent of the label. The sensitive attribute is the colour
+  actually drawn, not the class it was drawn for: each image keeps its jittered RGB
+  (``ImageSet.colors``) and its group is the nearest of the ten mean colours, which differs
+  from the digit in about a fifth of training images at σ² 0.02 and two fifths at 0.05.
+  :func:`lntl_color_target` gives LNTL's per-pixel form of the same attribute.
 * Biased-MNIST (Bahng et al., ICML 2020): digit binarised to white, colour in the
   background; with probability ρ an image gets its class colour, otherwise one of the other
   nine uniformly. The unbiased test set uses ρ = 0.1.
@@ -49,7 +53,8 @@ TASKS = ("colored_mnist", "biased_mnist")
 SPLITS = ("train", "test_biased", "test_unbiased")
 POOLS = ("A", "B", "all")
 BIASED_MNIST_UNBIASED_RHO = 0.1
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: ColoredMNIST groups are the nearest mean colour, and colours are kept
+LNTL_SIZE, LNTL_BINS = 14, 8  # LNTL's colour target: a 14×14 map, 8 levels per channel
 
 
 class DatasetError(WeightbiasError, ValueError):
@@ -63,6 +68,7 @@ class ImageSet:
     images: np.ndarray
     labels: np.ndarray
     bias: np.ndarray
+    colors: np.ndarray | None = None  # ColoredMNIST: each image's drawn RGB in (0, 1), (N, 3)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -96,10 +102,29 @@ def render_colored_mnist(gray: np.ndarray, labels: np.ndarray, sigma2: float, un
     """Colour digit strokes: pixel = gray intensity × jittered colour."""
     if not 0 < sigma2 < 1:
         raise DatasetError(f"sigma2 must lie in (0, 1), got {sigma2}")
-    bias = rng.integers(0, 10, len(labels)) if unbiased else labels.copy()
-    colors = jittered_colors(KIM_COLORS[bias], sigma2, rng)
+    drawn_for = rng.integers(0, 10, len(labels)) if unbiased else labels.copy()
+    colors = jittered_colors(KIM_COLORS[drawn_for], sigma2, rng)
     images = gray[:, None].astype(np.float32) * colors[:, :, None, None].astype(np.float32)
-    return ImageSet(np.rint(images).astype(np.uint8), labels.astype(np.int64), bias.astype(np.int64))
+    return ImageSet(np.rint(images).astype(np.uint8), labels.astype(np.int64), nearest_color(colors),
+                    colors.astype(np.float32))
+
+
+def nearest_color(colors: np.ndarray) -> np.ndarray:
+    """Index of the nearest of the ten ColoredMNIST mean colours to each RGB row in (0, 1)."""
+    distances = ((colors[:, None, :] - KIM_COLORS[None] / 255.0) ** 2).sum(axis=2)
+    return distances.argmin(axis=1).astype(np.int64)
+
+
+def lntl_color_target(images: np.ndarray) -> np.ndarray:
+    """LNTL's per-pixel colour target (Kim et al.): each image average-pooled to 14×14, each
+    channel quantised ``value // 32`` into 8 bins; background (black) pixels are -1, which a
+    loss ignores. Returns int64 (N, 3, 14, 14)."""
+    n, channels, height, width = images.shape
+    pooled = images.reshape(n, channels, LNTL_SIZE, height // LNTL_SIZE, LNTL_SIZE, width // LNTL_SIZE)
+    pooled = pooled.astype(np.float32).mean(axis=(3, 5))
+    target = (pooled // (256 // LNTL_BINS)).astype(np.int64)
+    background = pooled.max(axis=1, keepdims=True) == 0
+    return np.where(np.broadcast_to(background, target.shape), -1, target)
 
 
 def render_biased_mnist(gray: np.ndarray, labels: np.ndarray, rho: float,
@@ -170,6 +195,8 @@ def write_imageset(path: Path, imageset: ImageSet, attrs: dict) -> None:
             h5.create_dataset("images", data=imageset.images, chunks=True, compression="lzf")
             h5.create_dataset("labels", data=imageset.labels)
             h5.create_dataset("bias", data=imageset.bias)
+            if imageset.colors is not None:
+                h5.create_dataset("colors", data=imageset.colors)
             h5.attrs.update({**attrs, "format_version": CACHE_FORMAT_VERSION})
         os.replace(tmp, path)
     finally:
@@ -183,4 +210,5 @@ def read_imageset(path: Path) -> ImageSet:
     with h5py.File(path, "r") as h5:
         if h5.attrs.get("format_version") != CACHE_FORMAT_VERSION:
             raise KeyError("stale cache format")
-        return ImageSet(h5["images"][()], h5["labels"][()], h5["bias"][()])
+        colors = h5["colors"][()] if "colors" in h5 else None
+        return ImageSet(h5["images"][()], h5["labels"][()], h5["bias"][()], colors)
