@@ -50,6 +50,15 @@ def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--out", type=Path, required=True, help="FILE.pt | FILE.safetensors | FILE.h5")
     export.set_defaults(handler=_export)
 
+    data = commands.add_parser("data", help="show what one model of a spec trains on (data card)",
+                               description="Write the class × sensitive-group table (card.json) and a "
+                               "grid of training images (train_grid.png) of model --model of SPEC.")
+    data.add_argument("spec", type=Path, help="zoo spec (TOML)")
+    data.add_argument("--model", type=_non_negative, required=True, help="model index")
+    data.add_argument("--out", type=Path, required=True, help="folder for card.json and train_grid.png")
+    data.add_argument("--data-dir", type=Path, help="data root (else $WEIGHTBIAS_DATA or the cache)")
+    data.set_defaults(handler=_data)
+
     check = commands.add_parser("verify", help="check a zoo's integrity",
                                 description="Check shapes, NaN/Inf, done-vs-data consistency and "
                                 "checksums. Exit status 1 if anything is wrong.")
@@ -110,6 +119,19 @@ def _export(args: argparse.Namespace) -> int:
     zoo = open_zoo(args.store)
     path = save_checkpoint(model_state_dict(zoo, args.model), args.out, model_metadata(zoo, args.model))
     print(f"wrote model {args.model} to {path}")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from modelzoo.datacard import data_card
+
+    card = data_card(args.spec, args.model, args.out, args.data_dir)
+    print(f"model {card['model']}: {card['n_train']} training images; group share "
+          + ", ".join(f"{g} {s:.2f}" for g, s in zip(card["groups"], card["group_share"], strict=True)))
+    if "group_differs_from_class" in card:
+        differs = card["group_differs_from_class"]
+        print(f"  the colour is nearest another digit's mean colour in {differs:.1%} of them")
+    print(f"wrote {args.out / 'card.json'} and {args.out / 'train_grid.png'}")
     return 0
 
 

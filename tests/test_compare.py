@@ -19,10 +19,10 @@ from detector.files import load_detector
 from detector.report import CompareError, compare
 from detector.report.chroma import chromatic_fraction, init_chromatic_fraction
 from detector.report.context import Context
-from detector.report.render import write_atomic
 from detector.report.sections_weights import distance_section
 from detector.report.stats import Group, choose_baseline, energy_test, holm, standardise
 from modelzoo.architectures import build_model, flatten, layout
+from modelzoo.atomic import write_atomic
 from modelzoo.generation import generate
 from modelzoo.spec import parse_spec
 from modelzoo.zoo import open_zoo

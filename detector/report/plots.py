@@ -19,8 +19,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from detector.report.render import write_atomic
 from detector.report.sections_weights import SHIFT_MEASURES
+from modelzoo.atomic import write_atomic
 
 SHIFT_TITLES = {"mean_shift_in_std": "mean weight − baseline's, in baseline weight-std units",
                 "std_change_pct": "weight std, % change vs baseline",

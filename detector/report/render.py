@@ -7,14 +7,13 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from detector.report.options import VANILLA
+from modelzoo.atomic import write_text_atomic
 
 SECTION_ORDER = ("groups", "detector", "projection", "layer_shifts", "colour_sensitivity", "insidebias",
                  "tradeoff", "distances")
@@ -36,28 +35,6 @@ class Section:
 
 
 # ---------------------------------------------------------------- files
-
-
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write file ``path`` by calling ``write`` on a temporary file beside it, then renaming it over
-    ``path``: whoever looks (and a run that fails half-way) sees the old file or the new one whole."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
-    # os.open with 0o666 leaves the permissions to the umask, as a plain open() would
-    # (tempfile.mkstemp would make every report file private to its owner).
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    write_atomic(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 def write_report_files(out: Path, summary: dict[str, Any]) -> None:
