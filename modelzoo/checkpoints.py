@@ -21,9 +21,10 @@ import h5py
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from modelzoo.architectures import unflatten
+from modelzoo.atomic import write_atomic, write_bytes_atomic
 from modelzoo.errors import WeightbiasError
 
 if TYPE_CHECKING:  # pragma: no cover - a checkpoint reader needs no zarr
@@ -64,15 +65,20 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path,
     suffix = path.suffix.lower()
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Every format goes through a temporary file and a rename: a full disk or a kill never
+    # leaves a truncated checkpoint that looks like a real one.
     if suffix in TORCH_SUFFIXES:
-        torch.save(tensors, path)
+        write_atomic(path, lambda handle: torch.save(tensors, handle))
     elif suffix == ".safetensors":
-        save_file(tensors, str(path), metadata=metadata)
+        write_bytes_atomic(path, save(tensors, metadata=metadata))
     elif suffix == ".h5":
-        with h5py.File(path, "w") as h5:
-            for name, tensor in tensors.items():
-                h5.create_dataset(name, data=tensor.numpy())
-            h5.attrs.update(metadata)
+        def write_h5(handle) -> None:
+            with h5py.File(handle, "w") as h5:
+                for name, tensor in tensors.items():
+                    h5.create_dataset(name, data=tensor.numpy())
+                h5.attrs.update(metadata)
+
+        write_atomic(path, write_h5)
     else:
         raise CheckpointError(f"{path}: unknown checkpoint suffix {suffix!r}; use one of {SUFFIXES}")
     return path
