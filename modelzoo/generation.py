@@ -32,11 +32,13 @@ from tqdm.auto import tqdm
 
 from modelzoo.datasets import ImageSet
 from modelzoo.errors import WeightbiasError
+from modelzoo.lease import Lease
 from modelzoo.spec import ZooSpec, load_spec, parse_spec
 from modelzoo.store import StaleRunError, StoreError, ZooStore
 from modelzoo.tasks import DataKey
 from modelzoo.training import TrainingData
 from modelzoo.vectorized import ModelJob, train_models
+from modelzoo.zoo import local_path
 
 TASK_RETRIES = 3
 CONNECT_TIMEOUT_S = 5
@@ -153,6 +155,28 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
     if not isinstance(spec, ZooSpec):
         spec = load_spec(spec)
     check_resources(address, num_cpus, cpus_per_task, gpus_per_task, max_models)
+    lease = Lease(local_path(out))
+    if (lease.path.parent / "zarr.json").is_file():
+        lease.acquire()  # a store another live driver is generating is refused before it is touched
+    try:
+        summary = _run(spec, out, lease, data_dir=data_dir, address=address, num_cpus=num_cpus,
+                       max_models=max_models, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task,
+                       overwrite=overwrite, progress=progress)
+    finally:
+        lease.release()
+    if summary.superseded:
+        raise GenerateError(f"{out}: another `zoo generate` took this store over while this run was going "
+                            f"(its run id replaced ours); this run stopped with {summary.n_done}/"
+                            f"{summary.n_models} done and the other run goes on. Run one driver per store")
+    if summary.failures:
+        raise GenerateError(f"{len(summary.failures)} task(s) failed; "
+                            "re-run the same command to retry them:\n" + "\n".join(summary.failures))
+    return summary
+
+
+def _run(spec: ZooSpec, out: str | Path, lease: Lease, *, data_dir, address, num_cpus, max_models,
+         cpus_per_task, gpus_per_task, overwrite, progress) -> GenerateSummary:
+    """Create or resume the store, then train what is not done, holding ``lease`` throughout."""
     store = ZooStore.create(out, spec, overwrite=overwrite)
     done = store.done
     summary = GenerateSummary(str(out), spec.n_models, int(done.sum()), 0, 0.0, int(done.sum()))
@@ -160,6 +184,16 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
     if not blocks:
         return summary
 
+    with lease:
+        return _train_pending(spec, out, store, blocks, summary, data_dir=data_dir, address=address,
+                              num_cpus=num_cpus, cpus_per_task=cpus_per_task,
+                              gpus_per_task=gpus_per_task, progress=progress)
+
+
+def _train_pending(spec: ZooSpec, out: str | Path, store: ZooStore, blocks: list[list[int]],
+                   summary: GenerateSummary, *, data_dir, address, num_cpus, cpus_per_task,
+                   gpus_per_task, progress) -> GenerateSummary:
+    """Schedule one Ray task per pending block and collect their receipts."""
     started_here = start_ray(address, num_cpus)
     try:
         if gpus_per_task is None:
@@ -202,13 +236,6 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
     finally:
         if started_here:
             ray.shutdown()
-    if summary.superseded:
-        raise GenerateError(f"{out}: another `zoo generate` took this store over while this run was going "
-                            f"(its run id replaced ours); this run stopped with {summary.n_done}/"
-                            f"{summary.n_models} done and the other run goes on. Run one driver per store")
-    if summary.failures:
-        raise GenerateError(f"{len(summary.failures)} task(s) failed; "
-                            "re-run the same command to retry them:\n" + "\n".join(summary.failures))
     return summary
 
 
