@@ -46,7 +46,8 @@ _EXPORTS = {
     "build_model": "modelzoo.architectures", "ARCHITECTURES": "modelzoo.architectures",
     "TensorSlot": "modelzoo.layouts", "arch_layout": "modelzoo.layouts",
     "load_checkpoint": "modelzoo.checkpoints", "save_checkpoint": "modelzoo.checkpoints",
-    "recognize": "modelzoo.recognition", "Recognized": "modelzoo.recognition", "RecognitionError": "modelzoo.recognition",
+    "recognize": "modelzoo.recognition", "Recognized": "modelzoo.recognition",
+    "RecognitionError": "modelzoo.recognition",
     "model_state_dict": "modelzoo.checkpoints", "CheckpointError": "modelzoo.checkpoints",
     "load_mnist": "modelzoo.sources",
 }
