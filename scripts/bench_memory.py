@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from modelzoo.generate import block_data_keys, generate, load_datasets, start_ray
+from modelzoo.generation import block_data_keys, generate, load_datasets, start_ray
 from modelzoo.spec import ZooSpec, parse_spec
 
 

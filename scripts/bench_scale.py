@@ -14,10 +14,10 @@ process and through the ``weightbias`` command line:
   zarr and nothing else (``verify_vs_read`` is verify's MB/s over that read's; 1.0 means
   checking costs nothing on top of reading), and the three columns ``zoo info`` needs read
   through zarr itself (``info_columns_zarr_s``; the store reads them faster, see
-  :func:`modelzoo.store.read_rows`).
+  :func:`modelzoo.zoo.read_rows`).
 
 The plain read goes first, so verify never reads files warmer than it did. ``cli_*`` times
-include starting Python and importing torch, zarr and scikit-learn (``cli_startup_s``, the time
+include starting Python and importing the command line's modules (``cli_startup_s``, the time
 of ``weightbias --help``). The store lives under a temporary folder (``--dir``, default /tmp)
 and is deleted afterwards. Prints one JSON line.
 
@@ -36,13 +36,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 
 from modelzoo.spec import ZooSpec, parse_spec
-from modelzoo.store import SCALAR_METRICS, ZooStore, group_metric_widths, size_on_disk, verify, zoo_info
+from modelzoo.store import ZooStore
+from modelzoo.verify import SCALAR_METRICS, group_metric_widths, size_on_disk
+from modelzoo.zoo import open_zoo, weights_checksum
 
 CLI = [sys.executable, "-m", "detector.cli"]
 
@@ -69,7 +70,7 @@ def fill(store: ZooStore, write_models: int, seed: int = 0) -> None:
         weights = rng.standard_normal((rows, p), dtype=np.float32)
         weights *= 0.05
         g["weights"][start:stop] = weights
-        g["checksum"][start:stop] = np.array([zlib.crc32(row.tobytes()) for row in weights], dtype=np.uint32)
+        g["checksum"][start:stop] = np.array([weights_checksum(row) for row in weights], dtype=np.uint32)
         for name in SCALAR_METRICS:
             g[f"metrics/{name}"][start:stop] = rng.uniform(0.1, 1.0, rows).astype(np.float32)
         for name, width in widths.items():
@@ -134,8 +135,8 @@ def main() -> None:
         size = size_on_disk(path)
 
         read_s = plain_read_seconds(store, write_models)  # first, so verify never reads warmer files
-        report, verify_s = timed(verify, path)
-        info, info_s = timed(zoo_info, ZooStore.open(path))
+        report, verify_s = timed(lambda: open_zoo(path).verify())
+        info, info_s = timed(lambda: open_zoo(path).info())
         columns_zarr_s = zarr_columns_seconds(store)
         assert info["n_done"] == args.n_models, info["n_done"]
         assert report.ok and report.n_checked == args.n_models, report.problems[:5]

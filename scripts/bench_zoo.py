@@ -40,7 +40,7 @@ from torch import nn
 
 from fairtrain.metrics import representation_leakage
 from modelzoo.architectures import build_model
-from modelzoo.generate import block_data_keys, data_keys, generate, load_datasets
+from modelzoo.generation import block_data_keys, generate, load_datasets
 from modelzoo.spec import ZooSpec, parse_spec
 from modelzoo.training import TrainingData, evaluate, fit, seeded_model, training_subset
 from modelzoo.vectorized import ModelJob, fit_jobs, plan_groups
@@ -73,20 +73,20 @@ def bare_loop(spec: ZooSpec, datasets: dict, threads: int) -> float:
     started = time.perf_counter()
     for index in range(spec.n_models):
         config = spec.config(index)
-        keys = data_keys(config, spec.bias_level)
+        keys = spec.task_info.data_keys(config)
         train = datasets[keys["train"]]
-        torch.manual_seed(config["seed"])
+        torch.manual_seed(config.seed)
         model = build_model(spec.arch, spec.width)
-        optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
+        optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
         subset = training_subset(train, config)
         images = torch.from_numpy(train.images[subset])
         labels = torch.from_numpy(train.labels[subset])
-        shuffler = torch.Generator().manual_seed(config["seed"])
+        shuffler = torch.Generator().manual_seed(config.seed)
         model.train()
-        for _ in range(config["epochs"]):
+        for _ in range(config.epochs):
             order = torch.randperm(len(labels), generator=shuffler)
-            for start in range(0, len(order), config["batch_size"]):
-                batch = order[start : start + config["batch_size"]]
+            for start in range(0, len(order), config.batch_size):
+                batch = order[start : start + config.batch_size]
                 loss = nn.functional.cross_entropy(model(images[batch].float() / 255), labels[batch])
                 optimizer.zero_grad()
                 loss.backward()
@@ -153,10 +153,10 @@ def bench_vectorized(spec: ZooSpec, datasets: dict, device: torch.device, group_
     jobs = []
     for index in range(spec.n_models):
         config = spec.config(index)
-        roles = {role: datasets[key] for role, key in data_keys(config, spec.bias_level).items()}
+        roles = {role: datasets[key] for role, key in spec.task_info.data_keys(config).items()}
         jobs.append(ModelJob(index, config, TrainingData(**roles, num_groups=spec.num_groups)))
     # Warm-up (CUDA context, kernel selection, vmap tracing) on two short models, untimed.
-    warm = [ModelJob(j.index, j.config | {"train_size": 2 * j.config["batch_size"], "epochs": 1}, j.data)
+    warm = [ModelJob(j.index, j.config.replace(train_size=2 * j.config.batch_size, epochs=1), j.data)
             for j in jobs[:2]]
     one_at_a_time(spec, warm[:1], device)
     vectorized(spec, warm, device, 2)
@@ -217,7 +217,7 @@ def main() -> None:
             "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                             else platform.processor() or platform.machine()),
             "n_models": spec.n_models, "vectorize": args.vectorized, "train_size": train_size,
-            "epochs": spec.config(0)["epochs"], "batch_size": spec.config(0)["batch_size"],
+            "epochs": spec.config(0).epochs, "batch_size": spec.config(0).batch_size,
             "eval_size": args.eval_size, "torch_threads": args.num_cpus, **figures, "target_ratio": 20,
         }))
         return

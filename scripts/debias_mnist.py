@@ -26,8 +26,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 from tqdm import tqdm
 
+from modelzoo.config import ModelConfig
 from modelzoo.datasets import SPLITS, load_imageset
 from modelzoo.sources import load_mnist
+from modelzoo.tasks import get_task
 from modelzoo.training import TrainingData, train_model
 
 # Every regularizer that uses the colour labels, then the one that discovers groups itself.
@@ -37,7 +39,7 @@ REGULARIZERS = ("none", "ndr", "end", "grad", "lntl", "sensitive_nets", "binary_
 DEFAULT_GAMMA = {"none": 0.0, "ndr": 1.0, "end": 1.0, "grad": 0.1, "lntl": 0.1, "sensitive_nets": 1.0,
                  "binary_bernoulli": 1.0, "binary_mi": 1.0, "group_balanced": 1.0, "unsupervised": 1.0}
 # Colour is equally common overall, so balancing must happen inside each digit class.
-OPTIONS = {"group_balanced": {"reg.per_class": True}}
+OPTIONS = {"group_balanced": {"per_class": True}}
 # Unbiased-test accuracy (%) by ρ, DESIGN §2 (Bahng et al. 2020; Tartaglione et al. 2021;
 # Cerrato et al. 2023).
 PUBLISHED_BIASED_MNIST = {
@@ -120,7 +122,7 @@ def main() -> None:
         if previous.get("settings") == settings:
             done = previous["rows"]
     mnist = load_mnist(args.data_dir)
-    level_name = "rho" if args.task == "biased_mnist" else "sigma2"
+    level_name = get_task(args.task).bias_level  # rho or sigma2
     result = {"benchmark": "debias_mnist", "task": args.task, "level_name": level_name,
               "levels": list(levels), "regularizers": args.regularizers,
               "settings": settings, "data": mnist.origin, "rows": done}
@@ -129,9 +131,10 @@ def main() -> None:
         if any(r["level"] == level and r["regularizer"] == name and r["gamma"] == gammas[name] for r in done):
             continue
         data = TrainingData(*(load_imageset(mnist, args.task, split, level, "all") for split in SPLITS))
-        config = {"lr": args.lr, "epochs": args.epochs, "batch_size": args.batch_size, "optimizer": "adam",
-                  "train_size": args.train_size, "seed": args.seed, "regularizer": name,
-                  "gamma": gammas[name], **OPTIONS.get(name, {})}
+        config = ModelConfig(index=0, task=args.task, seed=args.seed, task_axes={level_name: level},
+                             pool="all", lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                             optimizer="adam", train_size=args.train_size, regularizer=name,
+                             gamma=gammas[name], reg_options=OPTIONS.get(name, {}))
         metrics = train_model("digit-cnn", 1.0, config, data, eval_size=args.eval_size).metrics
         paper = published(args.task, level).get("vanilla" if name == "none" else name)
         done.append({"level": level, "regularizer": name, "gamma": gammas[name],

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelzoo.generate import generate
-from modelzoo.spec import parse_spec
-from modelzoo.store import ZooStore
+import modelzoo
 
 KIM_BASELINE = {0.020: 0.4055, 0.025: 0.4813, 0.030: 0.5996, 0.035: 0.6626,
                 0.040: 0.7333, 0.045: 0.7973, 0.050: 0.8450}
@@ -35,19 +33,19 @@ def main() -> None:
     args = parser.parse_args()
 
     levels = sorted(KIM_BASELINE)
-    spec = parse_spec({
+    spec = modelzoo.parse_spec({
         "zoo": {"task": "colored_mnist", "arch": "digit-cnn", "n_models": len(levels) * args.seeds,
                 "seed": 2019, "models_per_task": 1},
         "fixed": {"pool": "all", "epochs": args.epochs, "lr": args.lr, "batch_size": 64,
                   "optimizer": "adam", "train_size": 0},
         "sweep": {"sigma2": levels},
     })
-    generate(spec, args.out, data_dir=args.data_dir)
-    store = ZooStore.open(args.out)
-    sigma2, acc = store.field("config/sigma2"), store.field("metrics/unbiased_acc")
+    modelzoo.generate(spec, args.out, data_dir=args.data_dir)
+    zoo = modelzoo.open_zoo(args.out)
+    sigma2, acc = zoo.column("config/sigma2"), zoo.column("metrics/unbiased_acc")
     rows = []
     for level in levels:
-        ours = acc[np.isclose(sigma2, level) & store.done]
+        ours = acc[np.isclose(sigma2, level) & zoo.done]
         rows.append({"sigma2": level, "ours": round(float(ours.mean()), 4),
                      "ours_std": round(float(ours.std()), 4), "n_models": int(ours.size),
                      "kim": KIM_BASELINE[level],

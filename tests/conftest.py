@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import ray
 
 from modelzoo.sources import CACHE_ENV, DATA_ENV, load_mnist
-from modelzoo.spec import parse_spec
+from modelzoo.spec import ZooSpec, parse_spec
+from modelzoo.store import ZooStore
+from modelzoo.verify import SCALAR_METRICS
+from modelzoo.zoo import weights_checksum
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +64,23 @@ def tiny_spec_dict(n_models: int = 4, models_per_task: int = 2, **fixed) -> dict
 @pytest.fixture
 def tiny_spec():
     return parse_spec(tiny_spec_dict())
+
+
+def random_zoo(path: Path, spec: ZooSpec, n_done: int | None = None, seed: int = 1) -> ZooStore:
+    """A zoo store for ``spec`` whose first ``n_done`` models (all by default) hold random finite
+    weights, their checksums and random metrics, written block by block in a worker's order
+    (``done`` last): a real store in every respect but training, made in well under a second."""
+    store = ZooStore.create(path, spec)
+    rng = np.random.default_rng(seed)
+    g, n_done = store.group, spec.n_models if n_done is None else n_done
+    for block in spec.blocks():
+        start, stop = block.start, min(block.stop, n_done)
+        if start >= stop:
+            break
+        weights = 0.05 * rng.standard_normal((stop - start, store.n_params), dtype=np.float32)
+        g["weights"][start:stop] = weights
+        g["checksum"][start:stop] = [weights_checksum(row) for row in weights]
+        for name in SCALAR_METRICS:
+            g[f"metrics/{name}"][start:stop] = rng.uniform(0.1, 1, stop - start).astype(np.float32)
+        g["done"][start:stop] = True
+    return store

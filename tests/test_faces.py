@@ -73,6 +73,14 @@ def utk_folder(data_root: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def utk_groups(utk_folder: Path) -> dict[str, np.ndarray]:
+    """The real UTKFace adults' group labels, split in two halves like the two training pools
+    (a scan of the file names only: the group-skew tests need no pixels)."""
+    groups = np.array([record.group for record in scan_faces(utk_folder).records])
+    return {"A": groups[::2], "B": groups[1::2]}
+
+
+@pytest.fixture(scope="session")
 def utk_data(utk_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> FaceData:
     """The whole folder at the default 48×48, preprocessed once (about 5 s on one core)."""
     return load_face_data(utk_folder, cache_dir=tmp_path_factory.mktemp("face-cache"), progress=False)
@@ -111,6 +119,7 @@ def test_min_age_zero_keeps_children(utk_folder: Path) -> None:
     assert min(r.age for r in scan.records) < 5
 
 
+@pytest.mark.slow  # decodes all 8,600 faces once (utk_data)
 def test_utkface_splits_are_disjoint_balanced_and_labelled(utk_folder: Path, utk_data: FaceData) -> None:
     scan = scan_faces(utk_folder)
     assert utk_data.skipped == scan.skipped  # every real image decodes
@@ -134,6 +143,7 @@ def test_utkface_splits_are_disjoint_balanced_and_labelled(utk_folder: Path, utk
         np.testing.assert_array_equal(from_names[:, 1], imageset.bias)
 
 
+@pytest.mark.slow  # decodes all 8,600 faces once (utk_data)
 def test_utkface_pixels_follow_the_file(utk_folder: Path, utk_data: FaceData) -> None:
     """Each cached image is its own file, channels first, not flipped or transposed."""
     for index in (0, 50, 150):
@@ -181,8 +191,15 @@ def test_cache_is_hit_then_rebuilt_when_damaged(utk_subset: Path, tmp_path: Path
     assert second.paths == first.paths and second.skipped == first.skipped
     for split in SPLITS:
         np.testing.assert_array_equal(getattr(second, split).images, getattr(first, split).images)
-
+    # Read from the file, not decoded again: a sentinel (gender 7, which no image has) comes back.
     intact = first.cache_file.read_bytes()
+    with h5py.File(first.cache_file, "r+") as h5:
+        h5["pool_a/labels"][0] = 7
+    marked = load_face_data(utk_subset, image_size=16, cache_dir=cache, progress=False)
+    assert marked.pool_a.labels[0] == 7
+    np.testing.assert_array_equal(marked.pool_a.labels[1:], first.pool_a.labels[1:])
+    first.cache_file.write_bytes(intact)
+
     for damage in (b"not an HDF5 file", intact[: len(intact) // 2]):
         first.cache_file.write_bytes(damage)
         rebuilt = load_face_data(utk_subset, image_size=16, cache_dir=cache, progress=False)
@@ -361,8 +378,8 @@ def test_find_face_folder_follows_the_data_root(data_root: Path, utk_folder: Pat
 
 @pytest.mark.parametrize(("bias_group", "expected"), [
     ("east_asian", [0.8, 0.1, 0.1]), ("caucasian", [0.1, 0.1, 0.8]), ("balanced", [1 / 3] * 3)])
-def test_skewed_subset_follows_the_group_shares(utk_data: FaceData, bias_group: str, expected: list) -> None:
-    groups = utk_data.pool_a.bias
+def test_skewed_subset_follows_the_group_shares(utk_groups: dict, bias_group: str, expected: list) -> None:
+    groups = utk_groups["A"]
     size = largest_skewed_size(groups, 0.8)
     assert size > 100
     subset = skewed_subset(groups, bias_group, 0.8, size, seed=1)
@@ -372,8 +389,8 @@ def test_skewed_subset_follows_the_group_shares(utk_data: FaceData, bias_group: 
     assert not np.array_equal(subset, skewed_subset(groups, bias_group, 0.8, size, seed=2))
 
 
-def test_largest_skewed_size_fits_every_bias_group_and_no_more(utk_data: FaceData) -> None:
-    groups = utk_data.pool_b.bias
+def test_largest_skewed_size_fits_every_bias_group_and_no_more(utk_groups: dict) -> None:
+    groups = utk_groups["B"]
     size = largest_skewed_size(groups, 0.9)
     for bias_group in BIAS_GROUPS:
         skewed_subset(groups, bias_group, 0.9, size, seed=0)

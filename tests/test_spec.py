@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from modelzoo.config import ModelConfig
 from modelzoo.spec import SpecError, load_spec, parse_spec
 from tests.conftest import REPO, tiny_spec_dict
 
@@ -21,12 +22,13 @@ def test_example_specs_are_valid(name: str) -> None:
 def test_configs_are_pure_and_cover_the_grid() -> None:
     spec = load_spec(REPO / "examples" / "digitwdb.toml")
     assert spec.config(17) == load_spec(REPO / "examples" / "digitwdb.toml").config(17)
-    cells = [(spec.config(i)["sigma2"], spec.config(i)["pool"]) for i in range(16)]
+    cells = [(spec.config(i).task_axes["sigma2"], spec.config(i).pool) for i in range(16)]
     assert len(set(cells[:8])) == 8 and cells[:8] == cells[8:]
-    lrs = {spec.config(i)["lr"] for i in range(16)}
+    assert [spec.config(i).bias_level for i in range(16)] == [sigma2 for sigma2, _ in cells]
+    lrs = {spec.config(i).lr for i in range(16)}
     assert len(lrs) == 16 and all(3e-4 <= lr <= 3e-3 for lr in lrs)
-    assert all(spec.config(i)["epochs"] in (1, 2, 3) for i in range(50))
-    assert spec.config(0)["seed"] != spec.config(1)["seed"]
+    assert all(spec.config(i).epochs in (1, 2, 3) for i in range(50))
+    assert spec.config(0).seed != spec.config(1).seed
     with pytest.raises(IndexError):
         spec.config(spec.n_models)
 
@@ -96,9 +98,13 @@ reg.per_class = [true, false]
     spec = load_spec(toml)
     assert spec.axes[-2:] == ["reg.alpha", "reg.per_class"] and spec.axis_type("reg.per_class") is bool
     configs = [spec.config(i) for i in range(4)]
-    assert {(c["regularizer"], c["reg.per_class"]) for c in configs} == {
+    assert {(c.regularizer, c.reg_options["per_class"]) for c in configs} == {
         ("end", True), ("end", False), ("group_balanced", True), ("group_balanced", False)}
-    assert all(c["reg.alpha"] == 0.5 for c in configs)
+    assert all(c.reg_options["alpha"] == 0.5 for c in configs)
+    # The flat form is the store's columns: reg.<option> keys, and from_dict inverts it.
+    flat = spec.config_values(1)
+    assert flat == configs[1].to_dict() and {"reg.alpha", "reg.per_class"} <= set(flat)
+    assert ModelConfig.from_dict("colored_mnist", flat) == configs[1]
 
 
 @pytest.mark.parametrize(("tables", "message"), [
@@ -137,16 +143,39 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
         load_spec(tmp_path / "missing.toml")
 
 
-def test_cli_rejects_a_bad_spec_before_any_work(tmp_path: Path) -> None:
-    import subprocess
-    import sys
+def test_cli_rejects_a_bad_spec_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from detector.cli import main  # the `weightbias` entry point, run in this process
 
     bad = tmp_path / "bad.toml"
     bad.write_text('[zoo]\ntask = "colored_mnist"\narch = "digit-cnn"\nn_models = 4\n'
                    '[sweep]\nsigma2 = [0.02, 2.0]\n')
     out = tmp_path / "never.zarr"
-    result = subprocess.run([sys.executable, "-m", "detector.cli", "zoo", "generate", str(bad),
-                             "--out", str(out)], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "weightbias: error: sweep.sigma2: value 2.0 must be in (0, 1)" in result.stderr
-    assert "Traceback" not in result.stderr and not out.exists()
+    assert main(["zoo", "generate", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "weightbias: error: sweep.sigma2: value 2.0 must be in (0, 1)" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_a_regularizer_option_it_refuses_fails_at_parse_time() -> None:
+    raw = tiny_spec_dict(regularizer="grad")
+    raw["sweep"]["reg.hidden"] = [8, -1]
+    with pytest.raises(SpecError, match=r"^sweep\.reg\.hidden: regularizer grad refuses -1"):
+        parse_spec(raw)
+    # A store re-reading its own (already checked) spec skips building the regularizers.
+    assert parse_spec(raw, build_regularizers=False).sweep["reg.hidden"] == [8, -1]
+
+
+def test_model_configs_are_typed_values() -> None:
+    spec = parse_spec({"zoo": {"task": "face_gender", "arch": "gender-cnn", "n_models": 2, "dataset": "x"},
+                       "fixed": {"skew": 0.9, "regularizer": "end", "reg": {"alpha": 0.25}},
+                       "sweep": {"bias_group": ["caucasian", "balanced"]}})
+    config = spec.config(0)
+    assert config.task_axes == {"bias_group": "caucasian", "skew": 0.9} and config.bias_level == "caucasian"
+    assert config.reg_options == {"alpha": 0.25} and config.task_info.name == "face_gender"
+    shorter = config.replace(epochs=1)
+    assert shorter.epochs == 1 and config.epochs == 2 and shorter.replace(epochs=2) == config
+    flat = config.to_dict()
+    assert flat["reg.alpha"] == 0.25 and flat["bias_group"] == "caucasian" and "task_axes" not in flat
+    assert ModelConfig.from_dict("face_gender", flat) == config
+    with pytest.raises(TypeError):
+        ModelConfig.from_dict("face_gender", flat | {"colour": 3})

@@ -8,21 +8,21 @@ import torch
 from torch import nn
 
 from modelzoo.architectures import build_model, flatten
+from modelzoo.config import ModelConfig
 from modelzoo.datasets import ImageSet, load_imageset
-from modelzoo.generate import generate
+from modelzoo.generation import generate
 from modelzoo.spec import SpecError, parse_spec
-from modelzoo.store import ZooStore
 from modelzoo.training import ModelResult, TrainingData, seeded_model, train_model
 from modelzoo.vectorized import (
     ModelJob,
     StackedOptimizer,
     VectorizeError,
-    _member,
-    fit_group,
+    fit_jobs,
     plan_groups,
     train_models,
     vectorizable_architecture,
 )
+from modelzoo.zoo import open_zoo
 from tests.conftest import tiny_spec_dict
 
 EVAL = 200
@@ -36,25 +36,27 @@ def colored(mnist) -> TrainingData:
                                               ("test_unbiased", "all"))))
 
 
-def _config(index: int, **settings) -> dict:
-    return {"index": index, "sigma2": 0.02, "pool": "A", "lr": 1e-3, "epochs": 1, "batch_size": 64,
-            "train_size": 128, "optimizer": "adam", "seed": 50 + index, "regularizer": "none",
-            "gamma": 1.0} | settings
+def _config(index: int, **settings) -> ModelConfig:
+    """A ColoredMNIST config; ``settings`` are flat (a regularizer option is ``reg.<option>``)."""
+    return ModelConfig.from_dict("colored_mnist", {
+        "index": index, "sigma2": 0.02, "pool": "A", "lr": 1e-3, "epochs": 1, "batch_size": 64,
+        "train_size": 128, "optimizer": "adam", "seed": 50 + index, "regularizer": "none",
+        "gamma": 1.0} | settings)
 
 
-def _assert_same_training(got: ModelResult, want: ModelResult, config: dict, n_eval: int) -> None:
+def _assert_same_training(got: ModelResult, want: ModelResult, config: ModelConfig, n_eval: int) -> None:
     """Equal within floating-point tolerance. Batched convolutions sum in another order, so
     gradients differ by ~1e-6 relative. SGD keeps that size; Adam divides each step by
     sqrt(v) + 1e-8, so on the rare weights whose gradient is itself near 1e-8 a 1e-9 rounding
     difference changes that weight's step by up to lr. Hence: nearly every weight within
     1e-5, none further than the few steps could move it."""
     diff = np.abs(got.weights - want.weights)
-    steps = config["epochs"] * -(-config["train_size"] // config["batch_size"])
-    if config["optimizer"] == "sgd":
-        assert diff.max() < 1e-6, f"model {config['index']}: SGD weights differ by {diff.max():.2e}"
+    steps = config.epochs * -(-config.train_size // config.batch_size)
+    if config.optimizer == "sgd":
+        assert diff.max() < 1e-6, f"model {config.index}: SGD weights differ by {diff.max():.2e}"
     else:
-        assert np.quantile(diff, 0.99) < 1e-5, f"model {config['index']}: {np.quantile(diff, 0.99):.2e}"
-        assert diff.max() <= 2 * config["lr"] * steps
+        assert np.quantile(diff, 0.99) < 1e-5, f"model {config.index}: {np.quantile(diff, 0.99):.2e}"
+        assert diff.max() <= 2 * config.lr * steps
     g, w = got.metrics, want.metrics
     for name in ("unbiased_acc", "biased_acc"):
         assert abs(g[name] - w[name]) <= 2 / n_eval, (name, g[name], w[name])
@@ -66,6 +68,7 @@ def _assert_same_training(got: ModelResult, want: ModelResult, config: dict, n_e
     assert set(g) == set(w)
 
 
+@pytest.mark.slow
 def test_digit_cnn_group_matches_train_one_and_a_lone_model_falls_back(colored: TrainingData) -> None:
     # Two data objects (a second, shorter pool) and two learning rates inside one group; the
     # SGD model has no partner, so train_model trains it: identical to the last bit.
@@ -97,7 +100,7 @@ def test_regularizers_batch_with_their_own_heads_and_random_draws(colored: Train
     # code from the global RNG, so its draws sit between the model's dropout draws: with SGD
     # the weights only match this tightly if each model's stream is replayed in order.
     settings = {"optimizer": "sgd", "lr": 0.05, "gamma": 0.5}
-    jobs = [ModelJob(0, _config(0, regularizer="grad", **settings) | {"reg.ramp": True}, colored),
+    jobs = [ModelJob(0, _config(0, regularizer="grad", **settings, **{"reg.ramp": True}), colored),
             ModelJob(1, _config(1, regularizer="binary_bernoulli", **settings), colored)]
     results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=2))
     for job in jobs:
@@ -156,14 +159,14 @@ class _TwiceDropped(nn.Module):
 def test_bad_groups_are_refused(colored: TrainingData) -> None:
     with pytest.raises(VectorizeError, match="one learning rate per row"):
         StackedOptimizer("adam", torch.zeros(3, 5, requires_grad=True), [1e-3, 1e-3])
-    members = [_member("digit-cnn", 1.0, ModelJob(i, _config(i, batch_size=b), colored), torch.device("cpu"))
-               for i, b in enumerate([64, 32])]
+    jobs = [ModelJob(i, _config(i, batch_size=b), colored) for i, b in enumerate([64, 32])]
     with pytest.raises(VectorizeError, match="must share"):
-        fit_group(members, torch.device("cpu"))
+        fit_jobs("digit-cnn", 1.0, jobs, "cpu")
     with pytest.raises(SpecError, match=r"zoo\.vectorize"):
         parse_spec(tiny_spec_dict() | {"zoo": tiny_spec_dict()["zoo"] | {"vectorize": 0}})
 
 
+@pytest.mark.slow
 def test_generate_vectorized_matches_one_at_a_time(ray_local, colored, tmp_path) -> None:
     raw = tiny_spec_dict(n_models=2, models_per_task=2, train_size=128, pool="A")
     del raw["fixed"]["lr"]
@@ -176,16 +179,18 @@ def test_generate_vectorized_matches_one_at_a_time(ray_local, colored, tmp_path)
     for name, spec in (("plain", plain), ("vectorized", vectorized)):
         summary = generate(spec, tmp_path / f"{name}.zarr", progress=False)
         assert summary.n_trained == 2 and summary.n_done == 2
-        stores[name] = ZooStore.open(tmp_path / f"{name}.zarr")
+        stores[name] = open_zoo(tmp_path / f"{name}.zarr")
     a, b = stores["plain"], stores["vectorized"]
     assert a.done.all() and b.done.all()
     assert a.metric_fields() == b.metric_fields() and a.config_fields() == b.config_fields()
     for i in range(2):
         config = plain.config(i)
-        want = ModelResult(a.weights(i), {m: a.field(f"metrics/{m}")[i] for m in a.metric_fields()})
-        got = ModelResult(b.weights(i), {m: b.field(f"metrics/{m}")[i] for m in b.metric_fields()})
+        want, got = (ModelResult(zoo.model_weights(i),
+                                 {m: zoo.column(f"metrics/{m}")[i] for m in zoo.metric_fields()})
+                     for zoo in (a, b))
         _assert_same_training(got, want, config, plain.eval_size)
     # The batched path did run in the Ray task: its convolutions round differently, so not bit-equal.
-    assert b.spec.vectorize == 2 and any(not np.array_equal(a.weights(i), b.weights(i)) for i in range(2))
+    assert b.spec.vectorize == 2
+    assert any(not np.array_equal(a.model_weights(i), b.model_weights(i)) for i in range(2))
     # The spec digest ignores vectorize, so the vectorized store resumes as a plain one (nothing left).
     assert generate(plain, tmp_path / "vectorized.zarr", progress=False).n_trained == 0
