@@ -216,6 +216,7 @@ def _train_pending(spec: ZooSpec, out: str | Path, store: ZooStore, blocks: list
                 ready, remaining = ray.wait(remaining, num_returns=1)
                 try:
                     receipt = ray.get(ready[0])
+                    store.verify_blocks([futures[ready[0]][0] // spec.models_per_task])
                     summary.n_trained += len(receipt["trained"])
                     summary.superseded |= receipt["superseded"]
                     bar.update(len(receipt["trained"]))

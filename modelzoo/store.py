@@ -50,7 +50,7 @@ import zarr
 
 from modelzoo.layouts import ARCH_INFO, arch_layout, layout_records
 from modelzoo.spec import ZooSpec
-from modelzoo.verify import SCALAR_METRICS, group_metric_widths, scan_models
+from modelzoo.verify import SCALAR_METRICS, block_signatures, group_metric_widths, scan_models
 from modelzoo.zoo import FORMAT, FORMAT_VERSION, StoreError, Zoo, local_path, weights_checksum
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -185,9 +185,19 @@ class ZooStore(Zoo):
         weights. An unreadable chunk is wiped whole (a whole-chunk write never reads the old
         bytes), which also forgets the other models that shared it. Only weights count: a done
         model with a missing metric keeps its weights and is left to :func:`verify` to report,
-        since retraining would not change a metric that comes out NaN."""
+        since retraining would not change a metric that comes out NaN.
+
+        Only blocks whose files changed since they were last verified (:meth:`mark_verified`)
+        are read, so resuming a large zoo costs seconds; ``zoo verify`` still reads everything."""
         chunk = self.group["weights"].chunks[0]
-        scan = scan_models(self.group, self.n_models, chunk)
+        signatures = block_signatures(self.group)
+        stale = None
+        if signatures is not None:
+            stale = np.flatnonzero(self._verified_marks() != signatures)
+        scan = scan_models(self.group, self.n_models, chunk, blocks=stale)
+        broken = sorted({*scan.lost, *(i for models, _ in scan.unreadable for i in models)})
+        if stale is not None:
+            self.mark_verified(stale[~np.isin(stale, np.array(broken, dtype=np.int64) // chunk)])
         if not (scan.lost or scan.unreadable):
             return []
         per_model = ["weights", "checksum", "done", *(f"metrics/{m}" for m in self.metric_fields())]
@@ -197,7 +207,34 @@ class ZooStore(Zoo):
                     self.group[name][models.start:models.stop] = self.group[name].fill_value
             for index in scan.lost:
                 self.group["done"][index] = False
-        return sorted({*scan.lost, *(i for models, _ in scan.unreadable for i in models)})
+        return broken
+
+    def mark_verified(self, blocks: np.ndarray) -> None:
+        """Record that ``blocks`` were read back and found intact, as they are on disk now."""
+        signatures = block_signatures(self.group, blocks)
+        if signatures is None or not len(blocks):
+            return
+        marks = self._verified_marks()
+        marks[blocks] = signatures
+        with _writing(self.path, "the verified marks"):
+            if "verified" not in self.group:  # stores made before marks existed get them now
+                self.group.create_array("verified", shape=marks.shape, chunks=marks.shape, dtype="int64",
+                                        fill_value=0)
+            self.group["verified"][:] = marks
+
+    def verify_blocks(self, blocks: list[int]) -> None:
+        """Read back the given blocks and mark the intact ones verified (the driver calls this
+        as receipts arrive, so a later resume need not read them again)."""
+        chunk = self.group["weights"].chunks[0]
+        scan = scan_models(self.group, self.n_models, chunk, blocks=np.array(blocks, dtype=np.int64))
+        bad = {i // chunk for i in scan.lost} | {models.start // chunk for models, _ in scan.unreadable}
+        self.mark_verified(np.array([b for b in blocks if b not in bad], dtype=np.int64))
+
+    def _verified_marks(self) -> np.ndarray:
+        n_blocks = -(-self.n_models // self.group["weights"].chunks[0])
+        if "verified" not in self.group:
+            return np.zeros(n_blocks, dtype=np.int64)
+        return np.asarray(self.group["verified"][:], dtype=np.int64)
 
 
 def _write_config_column(group: zarr.Group, spec: ZooSpec, axis: str, values: np.ndarray) -> None:
@@ -239,6 +276,8 @@ def _build(path: Path, spec: ZooSpec) -> None:
     g.create_array("weights", shape=(n, p), chunks=(chunk, p), dtype="float32", fill_value=np.nan)
     g.create_array("checksum", shape=(n,), chunks=(chunk,), dtype="uint32", fill_value=0)
     g.create_array("done", shape=(n,), chunks=(chunk,), dtype="bool", fill_value=False)
+    n_blocks = -(-n // chunk)  # one mark per block, written by the driver only
+    g.create_array("verified", shape=(n_blocks,), chunks=(n_blocks,), dtype="int64", fill_value=0)
     config_group = g.create_group("config")
     for axis, values in spec.config_columns().items():
         _write_config_column(config_group, spec, axis, values)

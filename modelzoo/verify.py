@@ -10,6 +10,7 @@ broken models not done again (:meth:`modelzoo.store.ZooStore.forget_broken_model
 from __future__ import annotations
 
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import zarr
 from tqdm.auto import tqdm
 
 from modelzoo.layouts import arch_layout
-from modelzoo.zoo import SCALAR_METRICS, Zoo, read_rows, weights_checksum
+from modelzoo.zoo import SCALAR_METRICS, Zoo, plain_local_folder, read_rows, weights_checksum
 
 VERIFY_BLOCK = 512
 
@@ -163,13 +164,46 @@ class Scan:
     unreadable: list[tuple[range, str]] = field(default_factory=list)
 
 
-def scan_models(g: zarr.Group, n: int, chunk: int, progress: bool = False) -> Scan:
-    """Check every done model's weights, checksum and metrics, reading VERIFY_BLOCK models at
-    a time and, where that fails, chunk by chunk to name exactly the models that are lost."""
+# The per-model arrays a block's signature covers: what a worker writes for its models.
+SIGNED_ARRAYS = ("weights", "checksum", "done")
+
+
+def block_signatures(g: zarr.Group, blocks: np.ndarray | None = None) -> np.ndarray | None:
+    """One number per store block (of ``blocks``, default all) that changes whenever any of its
+    chunk files is rewritten (CRC32 of their sizes and modification times), or None for a store
+    not laid out as a plain local folder. It stats three files per block and reads no data."""
+    folders = {name: plain_local_folder(g[name]) for name in SIGNED_ARRAYS}
+    if None in folders.values():
+        return None
+    weights = g["weights"]
+    if blocks is None:
+        blocks = np.arange(-(-weights.shape[0] // weights.chunks[0]))
+    signatures = np.zeros(len(blocks), dtype=np.int64)
+    parts = {name: (folder / "c", "/0" if g[name].ndim == 2 else "") for name, folder in folders.items()}
+    for position, block in enumerate(blocks):
+        stamp = []
+        for root, tail in parts.values():
+            try:
+                info = os.stat(f"{root}/{block}{tail}")
+                stamp.append(f"{info.st_size}:{info.st_mtime_ns}")
+            except FileNotFoundError:
+                stamp.append("-")
+        signatures[position] = zlib.crc32("|".join(stamp).encode()) + 1  # 0 means "never verified"
+    return signatures
+
+
+def scan_models(g: zarr.Group, n: int, chunk: int, progress: bool = False,
+                blocks: np.ndarray | None = None) -> Scan:
+    """Check every done model's weights, checksum and metrics (of the store ``blocks`` only,
+    if given), reading VERIFY_BLOCK models at a time and, where that fails, chunk by chunk to
+    name exactly the models that are lost."""
     scan = Scan()
     step = chunk * max(1, VERIFY_BLOCK // chunk)  # chunk-aligned, so a fallback splits cleanly
-    bar = tqdm(total=n, unit="model", desc="zoo verify", disable=not progress)
-    for start in range(0, n, step):
+    starts = range(0, n, step) if blocks is None else [int(b) * chunk for b in blocks]
+    if blocks is not None:
+        step = chunk
+    bar = tqdm(total=min(n, len(starts) * step), unit="model", desc="zoo verify", disable=not progress)
+    for start in starts:
         block = range(start, min(start + step, n))
         try:
             _scan_block(g, block, scan)

@@ -258,7 +258,7 @@ def read_rows(array: zarr.Array, start: int = 0, stop: int | None = None) -> np.
     """
     n = array.shape[0]
     stop = n if stop is None else min(stop, n)
-    folder = _plain_local_folder(array)
+    folder = plain_local_folder(array)
     if folder is None:
         return np.asarray(array[start:stop])
     shape = array.chunks
@@ -280,7 +280,7 @@ def read_rows(array: zarr.Array, start: int = 0, stop: int | None = None) -> np.
     return out
 
 
-def _plain_local_folder(array: zarr.Array) -> Path | None:
+def plain_local_folder(array: zarr.Array) -> Path | None:
     """The array's folder if :func:`read_rows` may read its chunk files itself, else None."""
     meta = array.metadata.to_dict()
     if (meta.get("zarr_format") != 3 or not isinstance(array.store, LocalStore)

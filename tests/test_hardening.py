@@ -233,3 +233,26 @@ def test_one_driver_per_store_and_a_dead_drivers_store_is_taken_over(tmp_path: P
     zoo = modelzoo.open_zoo(out)
     assert zoo.done.all() and zoo.verify().ok  # every model exactly once, nothing lost
     assert read_lease(out) is None  # released at the end
+
+
+def _flip_a_byte(chunk: Path, keep_mtime: bool = False) -> None:
+    info = chunk.stat()
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    if keep_mtime:
+        os.utime(chunk, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def test_a_resume_reads_back_only_blocks_changed_since_they_were_verified(tmp_path: Path) -> None:
+    path = tmp_path / "zoo.zarr"
+    spec = _fake_zoo(path, n_models=8).spec  # 4 blocks of 2 models, none verified yet
+    ZooStore.create(path, spec)  # the first resume reads every block and marks it
+    _flip_a_byte(path / "weights" / "c" / "2" / "0")  # block 2 (models 4, 5) rewritten: stale
+    _flip_a_byte(path / "weights" / "c" / "1" / "0", keep_mtime=True)  # block 1 "unchanged"
+    done = ZooStore.create(path, spec).done
+    assert done[[0, 1, 2, 3, 6, 7]].all() and not done[4:6].all()  # block 2 was read back, and only it
+    # Block 1's file looks as it did when verified, so the resume did not read it: only a full
+    # `zoo verify` (which reads every weight) finds it.
+    problems = modelzoo.open_zoo(path).verify().problems
+    assert problems and all(p.startswith(("model 2", "model 3", "models 2..3")) for p in problems), problems
