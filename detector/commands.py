@@ -12,18 +12,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from detector.evaluate import SPLITS, TARGETS, breakdown, labels, score_detector, split_rows, zoo_features
-from detector.files import load_detector, save_detector
-from detector.insidebias import insidebias, probe_images
-from detector.models import DETECTORS, DetectorError, make_detector
+from detector.names import DETECTOR_NAMES, SPLITS, TARGETS
 from detector.report import DEFAULT_PERMUTATIONS, PROJECTION_KINDS
-from detector.scoring import checkpoint_weights, score_checkpoint, verdict_line
-from modelzoo.architectures import build_model
-from modelzoo.checkpoints import load_checkpoint
-from modelzoo.faces import GROUPS, find_face_folder, load_face_data
-from modelzoo.store import ZooStore
+
+# Handlers import what they call when they run: building the parser (``weightbias --help``)
+# must load neither torch nor scikit-learn nor Ray.
 
 
 def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +30,7 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
                                 "held-out split, and save both in folder --out.")
     train.add_argument("store", type=Path, help="zoo store (Zarr)")
     train.add_argument("--out", type=Path, required=True, help="detector folder to write")
-    train.add_argument("--detector", choices=sorted(DETECTORS), default="boosting")
+    train.add_argument("--detector", choices=DETECTOR_NAMES, default="boosting")
     train.add_argument("--target", choices=TARGETS, default="bias_level",
                        help="what to predict: the bias level (σ², ρ or favoured face group), biased vs "
                        "unbiased, or the regularizer used")
@@ -127,17 +120,6 @@ def _memory_budget(args: argparse.Namespace) -> float | None:
     return None if args.memory_budget_gb is None else args.memory_budget_gb * 2**30
 
 
-def _rows_at_levels(store: ZooStore, rows: np.ndarray, levels: list[str] | None) -> np.ndarray:
-    if not levels:
-        return rows
-    values = labels(store, "bias_level")
-    known = set(values[rows])
-    missing = sorted(set(levels) - known)
-    if missing:
-        raise DetectorError(f"--levels {missing} not in the zoo; it has {sorted(known)}")
-    return rows[np.isin(values[rows], levels)]
-
-
 def _print(result: dict[str, Any], as_json: bool, lines: list[str]) -> None:
     print(json.dumps(result) if as_json else "\n".join(lines))
 
@@ -150,46 +132,25 @@ def _scores_lines(scores: dict[str, Any]) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    store = ZooStore.open(args.store)
-    train_rows, test_rows = split_rows(store, args.split, args.train_pool)
-    train_rows = _rows_at_levels(store, train_rows, args.levels)
-    test_rows = _rows_at_levels(store, test_rows, args.levels)
-    y = labels(store, args.target)
-    detector, budget = make_detector(args.detector), _memory_budget(args)
-    train_set = zoo_features(store, train_rows, detector, progress=True, memory_budget=budget)
-    detector.fit(train_set, y[train_rows])
-    del train_set  # only the held-out features need to be in memory next
-    held_out = zoo_features(store, test_rows, detector, progress=True, memory_budget=budget)
-    scores = score_detector(detector, held_out, y[test_rows]).to_dict()
-    info = {"target": args.target, "split": args.split, "train_pool": args.train_pool, "levels": args.levels,
-            "zoo": {"path": str(args.store), "spec_digest": store.group.attrs["spec_digest"],
-                    "task": store.spec.task, "n_train": len(train_rows), "n_heldout": len(test_rows)},
-            "heldout": scores}
-    save_detector(detector, args.out, info)
-    result = {"detector": args.detector, "out": str(args.out), **info}
-    _print(result, args.json, [f"{args.detector} detector for {args.target} ({args.split} split: "
-                               f"{len(train_rows)} train, {len(test_rows)} held-out models) -> {args.out}",
-                               *_scores_lines(scores)])
+    from detector.workflow import train_detector
+
+    _, info = train_detector(args.store, detector=args.detector, target=args.target, split=args.split,
+                             train_pool=args.train_pool, levels=args.levels, out=args.out,
+                             memory_budget=_memory_budget(args), progress=True)
+    zoo = info["zoo"]
+    _print(info, args.json, [f"{args.detector} detector for {args.target} ({args.split} split: "
+                             f"{zoo['n_train']} train, {zoo['n_heldout']} held-out models) -> {args.out}",
+                             *_scores_lines(info["heldout"])])
     return 0
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    detector, meta = load_detector(args.detector)
-    store = ZooStore.open(args.store)
-    rows = np.flatnonzero(store.done)
-    if args.pool:
-        rows = rows[store.field("config/pool")[rows] == args.pool]
-    rows = _rows_at_levels(store, rows, args.levels or meta.get("levels"))
-    y = labels(store, meta["target"])[rows]
-    features = zoo_features(store, rows, detector, progress=True, memory_budget=_memory_budget(args))
-    scores = score_detector(detector, features, y).to_dict()
-    result = {"detector": str(args.detector), "store": str(args.store), "target": meta["target"],
-              "pool": args.pool, "scores": scores}
-    regularizers = store.field("config/regularizer")[rows]
-    if len(np.unique(regularizers)) > 1:
-        result["per_regularizer"] = breakdown(detector, features, y, regularizers)
-    lines = [f"{meta['detector']} detector ({meta['target']}) on {args.store}"
-             + (f" pool {args.pool}" if args.pool else ""), *_scores_lines(scores)]
+    from detector.workflow import evaluate_detector
+
+    result = evaluate_detector(args.detector, args.store, pool=args.pool, levels=args.levels,
+                               memory_budget=_memory_budget(args), progress=True)
+    lines = [f"{result['name']} detector ({result['target']}) on {args.store}"
+             + (f" pool {args.pool}" if args.pool else ""), *_scores_lines(result["scores"])]
     for name, part in result.get("per_regularizer", {}).items():
         lines.append(f"  regularizer {name}: accuracy {part['accuracy']:.4f} (n={part['n_models']})")
     _print(result, args.json, lines)
@@ -197,6 +158,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from detector.scoring import score_checkpoint, verdict_line
+
     result = score_checkpoint(args.checkpoint, args.detector, args.probes, args.arch)
     lines = [verdict_line(result)]
     if "insidebias" in result:
@@ -207,13 +170,10 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _insidebias(args: argparse.Namespace) -> int:
-    state_dict = load_checkpoint(args.checkpoint)
-    weights = checkpoint_weights(state_dict)
-    model = build_model(weights.arch, weights.width)
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
-    faces = load_face_data(find_face_folder(args.dataset, args.data_dir), image_size=model.input_shape[-1])
-    probes = probe_images(faces.test, GROUPS, args.per_group, args.seed)
-    result = insidebias(model, probes).to_dict()
+    from detector.scoring import checkpoint_insidebias
+
+    result = checkpoint_insidebias(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+                                   per_group=args.per_group, seed=args.seed)
     lines = [f"{args.checkpoint}: InsideBias Λ with {args.per_group} probes per group"]
     for layer, ratios in result["ratio"].items():
         lines.append(f"  {layer:<8} " + "  ".join(f"{group} {ratio:.3f}" for group, ratio in ratios.items()))

@@ -2,7 +2,7 @@
 
 Last stage of the flow (source → dataset → trainer → store → **detector**). A detector in the
 IFBiD family (Serna et al. 2022) judges a model from its flat weight vector alone; this module
-turns the zoo store's ``weights`` rows (N, P) into feature rows (N, F). Four kinds:
+turns the zoo store's ``weights`` rows (N, P) into feature rows (N, F). Five kinds:
 
 ``raw``
     The flat weights as they are: IFBiD's dense-MLP input. Sensitive to neuron order, so a
@@ -27,6 +27,10 @@ turns the zoo store's ``weights`` rows (N, P) into feature rows (N, F). Four kin
     are permuted together with the next layer's inputs, a symmetry a trained network's
     function does not see but raw weights do; it also survives a change of architecture width
     better than raw weights, whose length changes.
+``units``
+    The per-unit descriptors of every hidden layer (see :func:`neuron_sets`), unit by unit,
+    layer by layer: the sets a DeepSets detector pools over. Their number grows with width,
+    their meaning does not.
 
 Layer structure is read from the layout alone (:func:`find_layers`): ``<name>.weight`` and
 ``<name>.bias`` pairs of convolutions (out, in, kh, kw) and linear layers (out, in), in layout
@@ -46,10 +50,10 @@ from itertools import combinations, pairwise
 
 import numpy as np
 
-from modelzoo.architectures import TensorSlot
+from modelzoo.layouts import TensorSlot
 
 FEATURE_VERSION = 1
-FEATURE_KINDS = ("raw", "stats", "first_layer", "invariant")
+FEATURE_KINDS = ("raw", "stats", "first_layer", "invariant", "units")
 
 # Per-tensor statistics ("stats"): the order of names is the order of columns.
 TENSOR_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -148,6 +152,9 @@ def feature_names(slots: list[TensorSlot], kind: str) -> list[str]:
         return [f"{slot.name}[{j}]" for slot in slots for j in range(slot.size)]
     if kind == "first_layer":
         return _first_layer_names(_first_conv(find_layers(slots)))
+    if kind == "units":
+        return [f"{layer.name}/unit[{u}]:{d}" for layer in find_layers(slots)[:-1] for u in range(layer.n_out)
+                for d in UNIT_DESCRIPTORS]
     names = [f"{slot.name}:{stat}" for slot in slots for stat in TENSOR_STATS]
     if kind == "invariant":
         names += _invariant_names(find_layers(slots))
@@ -220,6 +227,12 @@ def _compute(weights: np.ndarray, slots: list[TensorSlot], kind: str) -> np.ndar
         return np.array(weights, dtype=np.float32)
     if kind == "first_layer":
         return _first_layer_features(weights, _first_conv(find_layers(slots))).astype(np.float32)
+    if kind == "units":
+        layers = find_layers(slots)
+        width = len(UNIT_DESCRIPTORS)
+        units = [_unit_descriptors(weights, layer, following).reshape(len(weights), layer.n_out * width)
+                 for layer, following in pairwise(layers)]
+        return np.concatenate(units, axis=1).astype(np.float32)
     parts = [_tensor_stats(_tensor(weights, slot).reshape(len(weights), slot.size)) for slot in slots]
     if kind == "invariant":
         parts += _invariant_parts(weights, find_layers(slots))

@@ -1,43 +1,59 @@
-"""Detector files: save a fitted meta-detector and load it back without unpickling code.
+"""Detector files: save a fitted detector pipeline and load it back without unpickling code.
 
 Part of the detector stage. A detector is a folder::
 
-    DET/detector.json        what it is: name, hyper-parameters, classes, target, the
-                             architecture and layout it reads, feature version, the zoo it
-                             was trained on and its held-out scores
-    DET/model.safetensors    torch detectors: network weights and standardisation arrays
-    DET/model.skops          scikit-learn detectors: skops format, loaded with an explicit
-                             allow-list of scikit-learn types (anything else is refused)
+    DET/detector.json       what it is: format and feature versions, one record per pipeline
+                            step (its name and class), the classes, and the caller's info
+                            (detector name, target, the zoo it was trained on, held-out scores)
+    DET/arrays.safetensors  the arrays of weightbias's own steps (torch heads' network weights
+                            and standardisation), as ``<step>.<array>``
+    DET/<step>.skops        a scikit-learn step (StandardScaler, MLPClassifier,
+                            HistGradientBoostingClassifier) in skops format
 
-Loading checks the format and feature versions and refuses a mismatch with a clear error.
+Nothing switches on a detector's name. Each step is saved by its class, and only a class on
+an allow-list is ever loaded:
+
+* weightbias's own classes (:data:`OWN_TYPES`) say what they are with ``_save_state()`` →
+  (JSON-ready state, arrays) and rebuild themselves with the classmethod
+  ``_load_state(state, arrays)``; the JSON and safetensors formats hold data only.
+* scikit-learn classes (:data:`SKOPS_TYPES`) go through skops, loaded with an explicit
+  allow-list of the types they may contain (:data:`TRUSTED_SKOPS_TYPES`) and checked to be
+  the class the JSON declares.
+
+Anything else (an unknown class, another format or feature version, a damaged or missing file,
+a skops file holding a type outside the allow-list) is refused with :class:`DetectorFileError`.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import skops.io as sio
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.numpy import load_file, save_file
 
 from detector.features import FEATURE_VERSION
-from detector.models import (
-    DETECTORS,
-    DeepSetsDetector,
-    DeepSetsNet,
-    DetectorError,
-    LayerConvDetector,
-    LayerConvNet,
-    WeightDetector,
-)
+from detector.models import DetectorError, detector_name
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from sklearn.pipeline import Pipeline
 
 FORMAT = "weightbias-detector"
-FORMAT_VERSION = 1
-# The only non-builtin types a scikit-learn detector file may hold.
+FORMAT_VERSION = 2  # 2: a pipeline of steps saved by class (1: one detector object by name)
+ARRAYS = "arrays.safetensors"
+# Our own step classes, by qualified name; each implements _save_state / _load_state.
+OWN_TYPES = ("detector.transform.WeightFeatures", "detector.heads.LayerConvClassifier",
+             "detector.heads.DeepSetsClassifier")
+# scikit-learn step classes saved with skops.
+SKOPS_TYPES = ("sklearn.preprocessing._data.StandardScaler",
+               "sklearn.neural_network._multilayer_perceptron.MLPClassifier",
+               "sklearn.ensemble._hist_gradient_boosting.gradient_boosting.HistGradientBoostingClassifier")
+# The only non-builtin types beyond scikit-learn's estimators a skops step may hold.
 TRUSTED_SKOPS_TYPES = [
     "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
     "sklearn.ensemble._hist_gradient_boosting.binning._BinMapper",
@@ -50,38 +66,41 @@ TRUSTED_SKOPS_TYPES = [
     "sklearn.preprocessing._label.LabelBinarizer",
     "collections.OrderedDict",
 ]
-_TORCH_ARRAYS = {"layer_conv": ("means_", "stds_"),
-                 "deepsets": ("extra_mean_", "extra_std_", "unit_means_", "unit_stds_")}
 
 
 class DetectorFileError(DetectorError):
     """A detector folder that is missing, damaged, of another version, or holds untrusted code."""
 
 
-def save_detector(detector: WeightDetector, path: str | Path, info: dict[str, Any] | None = None) -> Path:
-    """Write a fitted detector (and ``info``: target, zoo, held-out scores...) to folder ``path``."""
-    if not hasattr(detector, "classes_"):
-        raise DetectorError("only a fitted detector can be saved")
+def _qualified(obj: Any) -> str:
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def save_detector(detector: Pipeline, path: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Write a fitted detector pipeline (and ``info``: target, zoo, held-out scores...) to folder ``path``."""
+    from sklearn.utils.validation import check_is_fitted
+
+    check_is_fitted(detector)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "feature_version": FEATURE_VERSION,
-        "detector": detector.name, "params": detector.get_params(),
-        "classes": [c.item() if isinstance(c, np.generic) else c for c in detector.classes_],
-        "arch": detector.arch_, "width": detector.width_, "tensor_names": list(detector.tensor_names_),
-        "layout_shapes": [list(s) for s in detector.layout_shapes_], **(info or {}),
-    }
-    if detector.name in _TORCH_ARRAYS:
-        tensors = {f"network.{k}": v.contiguous() for k, v in detector.network_.state_dict().items()}
-        for attr in _TORCH_ARRAYS[detector.name]:
-            value = getattr(detector, attr)
-            items = value if isinstance(value, list) else [value]
-            meta.setdefault("array_counts", {})[attr] = len(items) if isinstance(value, list) else None
-            for i, array in enumerate(items):
-                tensors[f"{attr}.{i}"] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-        save_file(tensors, str(path / "model.safetensors"))
-    else:
-        (path / "model.skops").write_bytes(sio.dumps(detector.model_))
+    steps, arrays = [], {}
+    for name, step in detector.steps:
+        kind = _qualified(step)
+        if kind in OWN_TYPES:
+            state, own = step._save_state()
+            arrays |= {f"{name}.{key}": np.ascontiguousarray(value) for key, value in own.items()}
+            steps.append({"name": name, "class": kind, "state": state})
+        elif kind in SKOPS_TYPES:
+            (path / f"{name}.skops").write_bytes(sio.dumps(step))
+            steps.append({"name": name, "class": kind, "file": f"{name}.skops"})
+        else:
+            raise DetectorError(f"step {name!r} is a {kind}, which detector files cannot hold; known: "
+                                f"{', '.join(OWN_TYPES + SKOPS_TYPES)}")
+    save_file(arrays, str(path / ARRAYS))
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "feature_version": FEATURE_VERSION,
+            "detector": detector_name(detector), "steps": steps,
+            "classes": [c.item() if isinstance(c, np.generic) else c for c in detector.classes_],
+            **(info or {})}
     (path / "detector.json").write_text(json.dumps(meta, indent=2))
     return path
 
@@ -95,57 +114,64 @@ def read_detector_info(path: str | Path) -> dict[str, Any]:
                                 "`weightbias detector train`")
     try:
         meta = json.loads(meta_file.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DetectorFileError(f"{meta_file}: unreadable ({err})") from err
+    if not isinstance(meta, dict):
+        raise DetectorFileError(f"{meta_file}: not a JSON object")
     if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
         raise DetectorFileError(f"{path}: format {meta.get('format')!r} v{meta.get('format_version')}; "
-                                f"this weightbias reads {FORMAT} v{FORMAT_VERSION}")
+                                f"this weightbias reads {FORMAT} v{FORMAT_VERSION}: retrain the detector")
     if meta.get("feature_version") != FEATURE_VERSION:
         raise DetectorFileError(f"{path}: trained on weight features v{meta.get('feature_version')}; this "
                                 f"weightbias computes v{FEATURE_VERSION}: retrain the detector")
-    if meta.get("detector") not in DETECTORS:
-        raise DetectorFileError(f"{path}: unknown detector {meta.get('detector')!r}")
+    steps = meta.get("steps")
+    if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
+        raise DetectorFileError(f"{path}: detector.json lists no pipeline steps")
+    for step in steps:
+        name = step.get("name")
+        if step.get("class") not in OWN_TYPES + SKOPS_TYPES:
+            raise DetectorFileError(f"{path}: step {name!r} is of class {step.get('class')!r}, "
+                                    "which is not on the allow-list of detector steps; refused")
+        if not isinstance(name, str) or not name.isidentifier() or (
+                step["class"] in SKOPS_TYPES and step.get("file") != f"{name}.skops"):
+            raise DetectorFileError(f"{path}: step {name!r} names no file of its own; refused")
     return meta
 
 
-def load_detector(path: str | Path) -> tuple[WeightDetector, dict[str, Any]]:
-    """The fitted detector saved in folder ``path`` and its ``detector.json``."""
+def load_detector(path: str | Path) -> tuple[Pipeline, dict[str, Any]]:
+    """The fitted detector pipeline saved in folder ``path``, and its ``detector.json``."""
+    from sklearn.pipeline import Pipeline
+
     path = Path(path)
     meta = read_detector_info(path)
-    detector = DETECTORS[meta["detector"]](**meta["params"])
-    detector.classes_ = np.array(meta["classes"])
-    detector.arch_, detector.width_ = meta["arch"], meta["width"]
-    detector.tensor_names_ = tuple(meta["tensor_names"])
-    detector.layout_shapes_ = tuple(tuple(s) for s in meta["layout_shapes"])
     try:
-        if meta["detector"] in _TORCH_ARRAYS:
-            _load_torch(detector, meta, load_file(str(path / "model.safetensors")))
-        else:
-            data = (path / "model.skops").read_bytes()
-            untrusted = set(sio.get_untrusted_types(data=data)) - set(TRUSTED_SKOPS_TYPES)
-            if untrusted:
-                raise DetectorFileError(f"{path}: model.skops holds types outside the allow-list "
-                                        f"{sorted(untrusted)}; refused")
-            detector.model_ = sio.loads(data, trusted=TRUSTED_SKOPS_TYPES)
+        arrays = load_file(str(path / ARRAYS))
+        steps = [(step["name"], _load_step(path, step, arrays)) for step in meta["steps"]]
+        detector = Pipeline(steps)
     except DetectorFileError:
         raise
-    except (OSError, SafetensorError, KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise DetectorFileError(f"{path}: damaged detector file ({err})") from err
+    except (OSError, SafetensorError, zipfile.BadZipFile, KeyError, ValueError, RuntimeError, TypeError,
+            AttributeError) as err:
+        raise DetectorFileError(f"{path}: damaged detector file ({type(err).__name__}: {err})") from err
     return detector, meta
 
 
-def _load_torch(detector: WeightDetector, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    for attr in _TORCH_ARRAYS[detector.name]:
-        count = meta["array_counts"][attr]
-        arrays = [tensors[f"{attr}.{i}"].numpy() for i in range(count or 1)]
-        setattr(detector, attr, arrays if count is not None else arrays[0])
-    n_classes = len(detector.classes_)
-    if isinstance(detector, LayerConvDetector):
-        network = LayerConvNet(len(detector.means_), n_classes)
-    elif isinstance(detector, DeepSetsDetector):
-        network = DeepSetsNet(len(detector.unit_means_), len(detector.unit_means_[0]),
-                              len(detector.extra_mean_), n_classes)
-    state = {k.removeprefix("network."): v for k, v in tensors.items() if k.startswith("network.")}
-    network.load_state_dict(state)
-    network.eval()
-    detector.network_ = network
+def _load_step(path: Path, step: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
+    """One step, by its class on the allow-list (checked by :func:`read_detector_info`)."""
+    kind, name = step["class"], step["name"]
+    if kind in OWN_TYPES:
+        module, _, qualname = kind.rpartition(".")
+        cls = getattr(importlib.import_module(module), qualname)
+        prefix = f"{name}."
+        own = {key.removeprefix(prefix): value for key, value in arrays.items() if key.startswith(prefix)}
+        return cls._load_state(step["state"], own)
+    data = (path / step["file"]).read_bytes()
+    untrusted = set(sio.get_untrusted_types(data=data)) - set(TRUSTED_SKOPS_TYPES)
+    if untrusted:
+        raise DetectorFileError(f"{path}: {step['file']} holds types outside the allow-list "
+                                f"{sorted(untrusted)}; refused")
+    loaded = sio.loads(data, trusted=TRUSTED_SKOPS_TYPES)
+    if _qualified(loaded) != kind:
+        raise DetectorFileError(f"{path}: {step['file']} holds a {_qualified(loaded)}, but detector.json "
+                                f"declares a {kind}; refused")
+    return loaded

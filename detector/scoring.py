@@ -3,21 +3,25 @@
 Last stage of the flow (detector → **report**). A checkpoint from anywhere (a state_dict in
 ``.pt``, ``.safetensors`` or ``.h5``, read without unpickling) is matched to one of our
 architectures by its tensor names and shapes, flattened in layout order and given to a
-trained detector; with probe images per group, InsideBias ratios come alongside.
+trained detector (at another width than the detector's zoo, if the detector is width
+independent); with probe images per group, InsideBias ratios come alongside.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from detector.activations import insidebias, probe_images, read_probe_folder
 from detector.files import load_detector
-from detector.insidebias import insidebias, read_probe_folder
-from detector.models import DetectorError, WeightSet
+from detector.models import DetectorError, for_layout
 from modelzoo.architectures import ARCHITECTURES, build_model, layout
 from modelzoo.checkpoints import load_checkpoint
+from modelzoo.layouts import TensorSlot
 
 UNBIASED_CLASSES = ("unbiased", "balanced")
 
@@ -47,8 +51,18 @@ def recognize_architecture(state_dict: dict[str, torch.Tensor], arch: str | None
                         f"architecture at any width; expected {expected}")
 
 
-def checkpoint_weights(state_dict: dict[str, torch.Tensor], arch: str | None = None) -> WeightSet:
-    """One checkpoint as a one-row :class:`WeightSet` (NaN/Inf weights are refused by name)."""
+@dataclass(frozen=True)
+class CheckpointWeights:
+    """One checkpoint flattened: a (1, P) weight row in the order of ``layout``."""
+
+    weights: np.ndarray
+    layout: tuple[TensorSlot, ...]
+    arch: str
+    width: float
+
+
+def checkpoint_weights(state_dict: dict[str, torch.Tensor], arch: str | None = None) -> CheckpointWeights:
+    """One checkpoint as a one-row weight array in layout order (NaN/Inf weights are refused by name)."""
     name, width = recognize_architecture(state_dict, arch)
     slots = layout(build_model(name, width))
     tensors = {slot.name: state_dict[slot.name] for slot in slots}  # layout order, not the file's
@@ -56,7 +70,7 @@ def checkpoint_weights(state_dict: dict[str, torch.Tensor], arch: str | None = N
     if bad:
         raise DetectorError(f"the checkpoint has NaN or Inf weights in {', '.join(bad)}; not scored")
     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors.values()]).numpy()[None]
-    return WeightSet(flat, tuple(slots), name, width)
+    return CheckpointWeights(flat, tuple(slots), name, width)
 
 
 def score_checkpoint(checkpoint: str | Path, detector_dir: str | Path, probes: str | Path | None = None,
@@ -66,7 +80,7 @@ def score_checkpoint(checkpoint: str | Path, detector_dir: str | Path, probes: s
     state_dict = load_checkpoint(checkpoint)
     weights = checkpoint_weights(state_dict, arch)
     detector, meta = load_detector(detector_dir)
-    proba = detector.predict_proba(weights)[0]
+    proba = for_layout(detector, weights.layout).predict_proba(weights.weights)[0]
     classes = [str(c) for c in detector.classes_]
     predicted = classes[int(proba.argmax())]
     unbiased = [c for c in classes if c in UNBIASED_CLASSES]
@@ -77,7 +91,7 @@ def score_checkpoint(checkpoint: str | Path, detector_dir: str | Path, probes: s
         probability, verdict = float(proba.max()), f"{meta.get('target', 'class')} {predicted}"
     result = {
         "checkpoint": str(checkpoint), "arch": weights.arch, "width": weights.width,
-        "detector": {"path": str(detector_dir), "name": meta["detector"], "target": meta.get("target"),
+        "detector": {"path": str(detector_dir), "name": meta.get("detector"), "target": meta.get("target"),
                      "heldout": meta.get("heldout"), "trained_on": meta.get("zoo")},
         "verdict": verdict, "probability": round(probability, 4), "predicted": predicted,
         "probabilities": {c: round(float(p), 4) for c, p in zip(classes, proba, strict=True)},
@@ -97,3 +111,19 @@ def verdict_line(result: dict[str, Any]) -> str:
     probabilities = ", ".join(f"{c} {p:.2f}" for c, p in result["probabilities"].items())
     return (f"{result['checkpoint']}: {result['verdict']} (p = {result['probability']:.2f}) "
             f"[{probabilities}]{trust}; arch {result['arch']} width {result['width']:g}")
+
+
+def checkpoint_insidebias(checkpoint: str | Path, *, dataset: str = "utkface_crop_part1",
+                          data_dir: str | Path | None = None, per_group: int = 5,
+                          seed: int = 0) -> dict[str, Any]:
+    """InsideBias of a face checkpoint on ``per_group`` probes per group of a face dataset's
+    balanced test set (``dataset``: a folder under ``<data root>/faces/``, or a path)."""
+    from modelzoo.faces import GROUPS, find_face_folder, load_face_data
+
+    state_dict = load_checkpoint(checkpoint)
+    weights = checkpoint_weights(state_dict)
+    model = build_model(weights.arch, weights.width)
+    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    faces = load_face_data(find_face_folder(dataset, data_dir), image_size=model.input_shape[-1])
+    probes = probe_images(faces.test, GROUPS, per_group, seed)
+    return {"checkpoint": str(checkpoint), "per_group": per_group, **insidebias(model, probes).to_dict()}

@@ -21,16 +21,13 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from detector.evaluate import labels, score_detector, split_rows, zoo_weights
+from detector.evaluate import labels, rows_at_levels, scores, split_rows
 from detector.models import DETECTORS, make_detector
-from modelzoo.store import ZooStore
+from detector.workflow import fit_on_zoo, zoo_proba
+from modelzoo.zoo import open_zoo
 
 TARGETS = {"binary σ² .02 vs .05, cross-pool": 0.99, "four σ² levels, cross-pool": 0.90,
            "binary, other width": 0.90}
-
-
-def at_levels(store: ZooStore, rows: np.ndarray, levels: list[str] | None) -> np.ndarray:
-    return rows if levels is None else rows[np.isin(labels(store, "bias_level")[rows], levels)]
 
 
 def main() -> None:
@@ -41,7 +38,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/detector_table"))
     args = parser.parse_args()
 
-    store = ZooStore.open(args.store)
+    store = open_zoo(args.store)
     train_rows, test_rows = split_rows(store, "pool")
     level_of = labels(store, "bias_level")
     extremes = [min(set(level_of), key=float), max(set(level_of), key=float)]
@@ -49,18 +46,20 @@ def main() -> None:
     for name in tqdm(args.detectors, desc="detectors", unit="detector"):
         for row_name, levels in (("binary σ² .02 vs .05, cross-pool", extremes),
                                  ("four σ² levels, cross-pool", None)):
-            fit_rows, held = at_levels(store, train_rows, levels), at_levels(store, test_rows, levels)
-            detector = make_detector(name).fit(zoo_weights(store, fit_rows), level_of[fit_rows])
-            scores = score_detector(detector, zoo_weights(store, held), level_of[held]).to_dict()
-            rows.append({"row": row_name, "detector": name, "n_train": len(fit_rows), **scores})
-            if levels is not None and args.other_width and not detector.needs_exact_layout:
-                other = ZooStore.open(args.other_width)
-                other_rows = at_levels(other, np.flatnonzero(other.done), levels)
-                scores = score_detector(detector, zoo_weights(other, other_rows),
-                                        labels(other, "bias_level")[other_rows]).to_dict()
+            fit_rows = rows_at_levels(store, train_rows, levels)
+            held = rows_at_levels(store, test_rows, levels)
+            detector = fit_on_zoo(make_detector(name, store.layout), store, fit_rows, level_of[fit_rows])
+            proba = zoo_proba(detector, store, held)
+            held_scores = scores(level_of[held], proba, detector.classes_).to_dict()
+            rows.append({"row": row_name, "detector": name, "n_train": len(fit_rows), **held_scores})
+            if levels is not None and args.other_width and DETECTORS[name].width_independent:
+                other = open_zoo(args.other_width)  # a width-independent detector reads it as it is
+                other_rows = rows_at_levels(other, np.flatnonzero(other.done), levels)
+                other_scores = scores(labels(other, "bias_level")[other_rows],
+                                      zoo_proba(detector, other, other_rows), detector.classes_).to_dict()
                 rows.append({"row": "binary, other width", "detector": name, "n_train": len(fit_rows),
-                             "other_width": other.spec.width, **scores})
-    result = {"benchmark": "detector_table", "store": str(args.store), "width": store.spec.width,
+                             "other_width": other.width, **other_scores})
+    result = {"benchmark": "detector_table", "store": str(args.store), "width": store.width,
               "other_width_store": str(args.other_width) if args.other_width else None,
               "targets": TARGETS, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)

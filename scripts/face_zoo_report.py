@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from modelzoo.faces import BIAS_GROUPS, GROUPS
-from modelzoo.store import ZooStore
+from modelzoo.zoo import Zoo, open_zoo
 
 GENDERWDB = {"favoured": (0.892, 0.895), "others": (0.800, 0.832)}  # IFBiD, DESIGN §2
 
@@ -38,13 +38,13 @@ def mean_se(values: np.ndarray) -> dict[str, float]:
     return {"mean": round(float(values.mean()), 4), "se": round(float(se), 4), "n": len(values)}
 
 
-def analyse(store: ZooStore) -> dict:
+def analyse(store: Zoo) -> dict:
     if store.spec.task != "face_gender":
         raise SystemExit(f"{store.path} is a {store.spec.task} zoo; this report reads face_gender zoos")
     done = store.done
-    favoured = store.field("config/bias_group")[done]
-    per_group = store.field("metrics/per_group_acc")[done].astype(np.float64)
-    overall = store.field("metrics/unbiased_acc")[done].astype(np.float64)
+    favoured = store.column("config/bias_group")[done]
+    per_group = store.column("metrics/per_group_acc")[done].astype(np.float64)
+    overall = store.column("metrics/unbiased_acc")[done].astype(np.float64)
     balanced = per_group[favoured == "balanced"]
     rows = []
     for name in BIAS_GROUPS:
@@ -69,7 +69,7 @@ def analyse(store: ZooStore) -> dict:
     spread = balanced.max(axis=1) - balanced.min(axis=1) if len(balanced) else np.array([np.nan])
     return {
         "benchmark": "face_zoo_report", "store": str(store.path), "n_models": int(done.sum()),
-        "skew": sorted({float(v) for v in store.field("config/skew")[done]}),
+        "skew": sorted({float(v) for v in store.column("config/skew")[done]}),
         "genderwdb_reference": GENDERWDB, "rows": rows,
         "mean_gap_biased": round(float(np.mean([r["gap"]["mean"] for r in biased])), 4) if biased else None,
         "mean_skew_effect": round(float(np.mean(effects)), 4) if effects else None,
@@ -131,7 +131,7 @@ def main() -> None:
     parser.add_argument("store", type=Path)
     parser.add_argument("--out", type=Path, default=Path("results/face_zoo_report"))
     args = parser.parse_args()
-    result = analyse(ZooStore.open(args.store))
+    result = analyse(open_zoo(args.store))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "face_zoo_report.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out / "face_zoo_report.png")

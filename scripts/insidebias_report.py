@@ -22,10 +22,10 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 from tqdm import tqdm
 
-from detector.insidebias import insidebias, probe_images
+from detector.activations import insidebias, probe_images
 from modelzoo.architectures import build_model, unflatten
 from modelzoo.faces import BIAS_GROUPS, GROUPS, find_face_folder, load_face_data
-from modelzoo.store import ZooStore
+from modelzoo.zoo import open_zoo
 
 
 def main() -> None:
@@ -37,20 +37,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/insidebias_report"))
     args = parser.parse_args()
 
-    store = ZooStore.open(args.store)
+    store = open_zoo(args.store)
     spec = store.spec
     model = build_model(spec.arch, spec.width)
     faces = load_face_data(find_face_folder(spec.dataset, args.data_dir), image_size=model.input_shape[-1],
                            seed=spec.data_seed)
     probes = probe_images(faces.test, GROUPS, args.per_group, args.seed)
     rows = np.flatnonzero(store.done)
-    favoured = store.field("config/bias_group")
+    favoured = store.column("config/bias_group")
     min_ratio, lowest = [], []
-    for index in tqdm(rows, desc="InsideBias", unit="model"):
-        model.load_state_dict(unflatten(store.weights(index), store.layout))
-        result = insidebias(model, probes)
-        min_ratio.append(result.min_ratio())
-        lowest.append(result.lowest_group())
+    with tqdm(total=len(rows), desc="InsideBias", unit="model") as bar:
+        for _, chunk in store.weight_chunks(rows):
+            for weights in chunk:
+                model.load_state_dict(unflatten(weights, list(store.layout)))
+                result = insidebias(model, probes)
+                min_ratio.append(result.min_ratio())
+                lowest.append(result.lowest_group())
+                bar.update()
     min_ratio, lowest, favoured = np.array(min_ratio), np.array(lowest), favoured[rows]
     biased = favoured != "balanced"
     result = {

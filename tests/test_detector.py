@@ -1,4 +1,5 @@
-"""Meta-detectors, detector files, labels and splits, and scoring checkpoints from plain PyTorch."""
+"""Meta-detectors on weight rows, detector files, labels and splits, the train/evaluate workflow on
+a zoo, and scoring checkpoints from plain PyTorch (the command line where it is under test)."""
 
 from __future__ import annotations
 
@@ -15,23 +16,35 @@ from sklearn.preprocessing import FunctionTransformer
 from torch import nn
 
 from detector.cli import main
-from detector.evaluate import labels, score_detector, split_rows
+from detector.evaluate import labels, rows_at_levels, score_detector, split_rows
 from detector.files import DetectorFileError, load_detector, save_detector
-from detector.models import DETECTORS, DetectorError, WeightSet, make_detector
-from detector.scoring import recognize_architecture
+from detector.models import DETECTORS, DetectorError, for_layout, make_detector
+from detector.scoring import recognize_architecture, score_checkpoint
+from detector.workflow import evaluate_detector, train_detector
 from modelzoo.architectures import build_model, flatten, layout
-from modelzoo.generate import generate
+from modelzoo.generation import generate
 from modelzoo.spec import parse_spec
 from modelzoo.store import ZooStore
+from modelzoo.training import ModelResult
+from modelzoo.zoo import open_zoo
 from tests.conftest import tiny_spec_dict
 
 FAST = {"layer_conv": {"epochs": 60}, "deepsets": {"epochs": 150}, "dense": {"max_iter": 200}}
 
 
-def colour_signal_weights(n: int, width: float = 1.0, seed: int = 0) -> tuple[WeightSet, np.ndarray]:
-    """Digit-cnns around one initialisation (as models fine-tuned from a shared start are); half
-    get their first layer's red filters scaled up 2.5×, the weight-space trace a colour shortcut
-    leaves. Labels: "biased" for those, "unbiased" for the rest."""
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny full-batch networks gain nothing from threads, and lose badly on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def colour_signal_weights(n: int, width: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(X, y, layout): digit-cnns around one initialisation (as models fine-tuned from a shared
+    start are); half get their first layer's red filters scaled up 2.5×, the weight-space trace a
+    colour shortcut leaves. Labels: "biased" for those, "unbiased" for the rest."""
     torch.manual_seed(7)
     base = build_model("digit-cnn", width)
     slots = tuple(layout(base))
@@ -43,73 +56,111 @@ def colour_signal_weights(n: int, width: float = 1.0, seed: int = 0) -> tuple[We
     kernels[:, 0] *= 2.5
     weights[1::2, conv1] = kernels.reshape(len(kernels), -1)
     y = np.where(np.arange(n) % 2 == 1, "biased", "unbiased")
-    return WeightSet(weights, slots, "digit-cnn", width), y
+    return weights, y, slots
+
+
+def write_weight_zoo(path: Path, n_models: int = 12) -> Path:
+    """A zoo store written by hand, no training: fresh digit-cnns, conv1 scaled 1.8× for σ² 0.02
+    (the biased level); the last model is left unfinished."""
+    store = ZooStore.create(path, parse_spec(tiny_spec_dict(n_models=n_models, models_per_task=2)))
+    for i in range(n_models - 1):
+        torch.manual_seed(100 + i)
+        model = build_model("digit-cnn")
+        if store.config(i).bias_level == 0.02:
+            with torch.no_grad():
+                model.conv1.weight.mul_(1.8)
+        store.write_model(i, ModelResult(flatten(model), {"unbiased_acc": 0.5}))
+    return path
 
 
 @pytest.fixture(scope="module")
-def signal() -> tuple[WeightSet, np.ndarray, WeightSet, np.ndarray]:
-    train, y_train = colour_signal_weights(100, seed=1)
-    test, y_test = colour_signal_weights(40, seed=2)
-    return train, y_train, test, y_test
+def signal() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
+    train, y_train, slots = colour_signal_weights(100, seed=1)
+    test, y_test, _ = colour_signal_weights(40, seed=2)
+    return train, y_train, test, y_test, slots
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(DETECTORS))
-def test_detectors_learn_from_weights_and_survive_a_save(name: str, signal, tmp_path: Path) -> None:
-    train, y_train, test, y_test = signal
-    detector = make_detector(name, **FAST.get(name, {})).fit(train, y_train)
+def test_detectors_learn_from_weights(name: str, signal) -> None:
+    train, y_train, test, y_test, slots = signal
+    detector = make_detector(name, slots, **FAST.get(name, {})).fit(train, y_train)
     scores = score_detector(detector, test, y_test)
-    if detector.needs_exact_layout:
+    if not DETECTORS[name].width_independent:
         # Raw-weight baselines see 600 informative of 49,562 inputs from 100 models: they must
         # fit their training set and rank held-out models better than chance, no more.
         assert detector.score(train, y_train) >= 0.9 and scores.auc > 0.5, (name, scores)
     else:
         assert scores.accuracy >= 0.75, f"{name} held-out accuracy {scores.accuracy}"
-    assert sum(map(sum, scores.confusion)) == len(y_test)
-    save_detector(detector, tmp_path / "det", {"target": "biased"})
-    loaded, meta = load_detector(tmp_path / "det")
-    assert meta["detector"] == name and meta["target"] == "biased"
-    np.testing.assert_allclose(loaded.predict_proba(test), detector.predict_proba(test), rtol=1e-5, atol=1e-6)
+    assert np.sum(scores.confusion) == len(y_test) and scores.classes == ["biased", "unbiased"]
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # 2 iterations: not the point
 def test_exact_layout_detectors_refuse_another_width_and_invariant_ones_take_it(signal) -> None:
-    train, y_train, _, _ = signal
-    half, y_half = colour_signal_weights(20, width=0.5, seed=3)
-    with pytest.raises(DetectorError, match=r"exact digit-cnn width 1 layout; got width 0\.5"):
-        make_detector("dense", max_iter=50).fit(train, y_train).predict(half)
-    boosting = make_detector("boosting").fit(train, y_train)
-    assert score_detector(boosting, half, y_half).accuracy >= 0.75
+    train, y_train, _, _, slots = signal
+    half, y_half, half_slots = colour_signal_weights(20, width=0.5, seed=3)
+    dense = make_detector("dense", slots, max_iter=2).fit(train[:20], y_train[:20])
+    with pytest.raises(DetectorError, match=r"dense detector reads the exact layout.*\(24, 3, 5, 5\).*"
+                                            r"\(12, 3, 5, 5\): another width"):
+        for_layout(dense, half_slots)
+    with pytest.raises(DetectorError, match=r"weight rows must have shape \(models, 49562\)"):
+        dense.predict(half)
+    boosting = make_detector("boosting", slots, max_iter=50).fit(train, y_train)
+    assert for_layout(boosting, slots) is boosting
+    assert score_detector(for_layout(boosting, half_slots), half, y_half).accuracy >= 0.75
+    gender = tuple(layout(build_model("gender-cnn")))
+    with pytest.raises(DetectorError, match="another architecture"):
+        for_layout(boosting, gender)
 
 
 def test_bad_detector_input_is_refused_early(signal) -> None:
-    train, y_train, _, _ = signal
-    with pytest.raises(DetectorError, match="single class"):
-        make_detector("boosting").fit(train, np.full(len(y_train), "biased"))
-    with pytest.raises(DetectorError, match="one label per model"):
-        make_detector("boosting").fit(train, y_train[:-1])
-    with pytest.raises(DetectorError, match="not fitted yet"):
-        make_detector("deepsets").predict(train)
+    train, y_train, _, _, slots = signal
+    with pytest.raises(DetectorError, match="y has one class"):
+        make_detector("deepsets", slots, epochs=1).fit(train, np.full(len(y_train), "biased"))
+    with pytest.raises(ValueError, match="inconsistent numbers of samples"):
+        make_detector("boosting", slots).fit(train, y_train[:-1])
     with pytest.raises(DetectorError, match="unknown detector 'svm'"):
-        make_detector("svm")
-    bad = train.weights.copy()
+        make_detector("svm", slots)
+    bad = train.copy()
     bad[3, 10] = np.nan
-    with pytest.raises(DetectorError, match=r"models \[3\] have NaN or Inf"):
-        WeightSet(bad, train.slots, "digit-cnn")
+    bad[5, 0] = np.inf
+    with pytest.raises(DetectorError, match=r"models \[3, 5\] have NaN or Inf"):
+        make_detector("boosting", slots).fit(bad, y_train)
 
 
-def test_detector_files_refuse_other_versions_and_untrusted_code(signal, tmp_path: Path) -> None:
-    train, y_train, _, _ = signal
-    folder = save_detector(make_detector("boosting").fit(train, y_train), tmp_path / "det")
+def test_detector_files_refuse_other_versions_damage_and_untrusted_code(signal, tmp_path: Path) -> None:
+    train, y_train, _, _, slots = signal
+    fitted = make_detector("boosting", slots, max_iter=10).fit(train, y_train)
+    folder = save_detector(fitted, tmp_path / "det")
     meta = json.loads((folder / "detector.json").read_text())
-    (folder / "detector.json").write_text(json.dumps(meta | {"feature_version": 0}))
-    with pytest.raises(DetectorFileError, match=r"weight features v0.*retrain"):
-        load_detector(folder)
-    (folder / "detector.json").write_text(json.dumps(meta))
+    good_skops = (folder / "classifier.skops").read_bytes()
+
+    def refused(change: dict, message: str) -> None:
+        (folder / "detector.json").write_text(json.dumps(meta | change))
+        with pytest.raises(DetectorFileError, match=message):
+            load_detector(folder)
+        (folder / "detector.json").write_text(json.dumps(meta))
+
+    refused({"feature_version": 0}, r"weight features v0.*retrain")
+    refused({"format_version": 1}, r"v1; this weightbias reads weightbias-detector v2: retrain")
+    steps = meta["steps"]
+    refused({"steps": [steps[0], steps[1] | {"class": "builtins.eval"}]}, r"'builtins.eval'.*allow-list")
+    refused({"steps": [steps[0], steps[1] | {"file": "../../etc/passwd"}]}, "names no file of its own")
+    refused({"steps": [steps[0] | {"state": steps[0]["state"] | {"version": 9}}, steps[1]]}, "state v9")
     # A skops file that would call an arbitrary function is refused before anything is built.
-    (folder / "model.skops").write_bytes(sio.dumps(FunctionTransformer(os.system)))
+    (folder / "classifier.skops").write_bytes(sio.dumps(FunctionTransformer(os.system)))
     with pytest.raises(DetectorFileError, match="outside the allow-list"):
+        load_detector(folder)
+    (folder / "classifier.skops").write_bytes(sio.dumps(FunctionTransformer()))  # trusted, wrong class
+    with pytest.raises(DetectorFileError, match=r"declares a sklearn\.ensemble"):
+        load_detector(folder)
+    (folder / "classifier.skops").write_bytes(good_skops[: len(good_skops) // 2])
+    with pytest.raises(DetectorFileError, match="damaged detector file"):
         load_detector(folder)
     with pytest.raises(DetectorFileError, match="not a detector folder"):
         load_detector(tmp_path)
+    (folder / "classifier.skops").write_bytes(good_skops)
+    assert load_detector(folder)[0].score(train, y_train) == 1.0
 
 
 class PlainDigitNet(nn.Module):
@@ -137,22 +188,41 @@ def test_architecture_is_recognised_from_a_plain_state_dict() -> None:
         recognize_architecture(renamed)
 
 
-def test_score_reads_plain_checkpoints_and_refuses_bad_ones(signal, tmp_path: Path, capsys) -> None:
-    train, y_train, _, _ = signal
-    folder = save_detector(make_detector("boosting").fit(train, y_train), tmp_path / "det",
-                           {"target": "biased", "heldout": {"accuracy": 0.9}})
-    user = PlainDigitNet()
-    torch.manual_seed(0)
-    for module in (user.conv1,):
-        nn.init.uniform_(module.weight, -0.1, 0.1)
+def _user_model(width: int = 24, red: float = 1.0) -> PlainDigitNet:
+    """A user's model around the signal's initialisation, its red conv1 filters scaled by ``red``."""
+    model = PlainDigitNet(width)
+    torch.manual_seed(7)
+    model.load_state_dict(build_model("digit-cnn", width / 24).state_dict())
     with torch.no_grad():
-        user.conv1.weight[:, 0] *= 1.6
+        model.conv1.weight[:, 0] *= red
+    return model
+
+
+def test_score_judges_plain_checkpoints_at_any_width(signal, tmp_path: Path) -> None:
+    train, y_train, _, _, slots = signal
+    fitted = make_detector("boosting", slots, max_iter=50).fit(train, y_train)
+    folder = save_detector(fitted, tmp_path / "det", {"target": "biased", "heldout": {"accuracy": 0.9}})
+    for width, red, verdict in [(24, 2.5, "biased"), (24, 1.0, "unbiased"), (12, 2.5, "biased")]:
+        torch.save(_user_model(width, red).state_dict(), tmp_path / "mine.pt")
+        result = score_checkpoint(tmp_path / "mine.pt", folder)
+        assert (result["arch"], result["width"]) == ("digit-cnn", width / 24)
+        assert result["verdict"] == verdict == result["predicted"], (width, red, result)
+        assert result["probability"] == pytest.approx(result["probabilities"]["biased"], abs=1e-4)
+        assert (result["probability"] > 0.5) == (verdict == "biased")
+        assert result["detector"] | {"path": None} == {"path": None, "name": "boosting", "target": "biased",
+                                                       "heldout": {"accuracy": 0.9}, "trained_on": None}
+
+
+def test_score_command_prints_json_and_refuses_bad_checkpoints(signal, tmp_path: Path, capsys) -> None:
+    train, y_train, _, _, slots = signal
+    fitted = make_detector("boosting", slots, max_iter=20).fit(train, y_train)
+    folder = save_detector(fitted, tmp_path / "det")
+    user = _user_model(red=2.5)
     torch.save(user.state_dict(), tmp_path / "mine.pt")
     assert main(["score", str(tmp_path / "mine.pt"), "--detector", str(folder), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
-    assert {"verdict", "probability", "predicted", "detector", "arch"} <= set(result)
-    assert result["arch"] == "digit-cnn" and result["verdict"] in ("biased", "unbiased")
-    assert 0 <= result["probability"] <= 1 and result["detector"]["heldout"]["accuracy"] == 0.9
+    assert json.loads(capsys.readouterr().out) == score_checkpoint(tmp_path / "mine.pt", folder)
+    assert main(["score", str(tmp_path / "mine.pt"), "--detector", str(folder)]) == 0
+    assert capsys.readouterr().out.startswith(f"{tmp_path / 'mine.pt'}: biased (p = ")
 
     marker = tmp_path / "pwned"
 
@@ -173,24 +243,55 @@ def test_score_reads_plain_checkpoints_and_refuses_bad_ones(signal, tmp_path: Pa
     assert not marker.exists(), "a checkpoint's pickled code must never run"
 
 
-def test_labels_splits_and_evaluate_on_a_real_zoo(ray_local, tmp_path: Path, capsys) -> None:
-    out = tmp_path / "zoo.zarr"
-    generate(parse_spec(tiny_spec_dict(n_models=8, models_per_task=4)), out, progress=False)
-    store = ZooStore.open(out)
-    sigma2, pools = store.field("config/sigma2"), store.field("config/pool")
-    assert list(labels(store, "biased")) == ["biased" if s == 0.02 else "unbiased" for s in sigma2]
-    assert set(labels(store, "bias_level")) == {"0.02", "0.05"}
-    train, test = split_rows(store, "pool")
-    assert set(pools[train]) == {"A"} and set(pools[test]) == {"B"} and len(train) + len(test) == 8
-    assert main(["detector", "train", str(out), "--out", str(tmp_path / "det"), "--target", "biased",
+def test_labels_splits_and_levels_of_a_zoo(tmp_path: Path) -> None:
+    zoo = open_zoo(write_weight_zoo(tmp_path / "zoo.zarr", n_models=12))
+    sigma2, pools = zoo.column("config/sigma2"), zoo.column("config/pool")
+    assert list(labels(zoo, "biased")) == ["biased" if s == 0.02 else "unbiased" for s in sigma2]
+    assert list(labels(zoo, "bias_level")) == [f"{s:g}" for s in sigma2]
+    assert set(labels(zoo, "regularizer")) == {"none"}
+    train, test = split_rows(zoo, "pool")
+    assert set(pools[train]) == {"A"} and set(pools[test]) == {"B"}
+    assert sorted([*train, *test]) == list(range(11))  # model 11 is not done
+    train, test = split_rows(zoo, "random", seed=1)
+    assert len(test) == 3 and not set(train) & set(test) and len(train) + len(test) == 11
+    assert set(sigma2[rows_at_levels(zoo, train, ["0.05"])]) == {0.05}
+    with pytest.raises(DetectorError, match=r"levels \['0.9'\] not in the zoo"):
+        rows_at_levels(zoo, train, ["0.9"])
+    with pytest.raises(DetectorError, match="unknown target 'colour'"):
+        labels(zoo, "colour")
+    with pytest.raises(DetectorError, match="needs models of pool C"):
+        split_rows(zoo, "pool", train_pool="C")
+
+
+def test_train_and_evaluate_a_detector_on_a_zoo(tmp_path: Path) -> None:
+    zoo = write_weight_zoo(tmp_path / "zoo.zarr", n_models=24)
+    pipeline, info = train_detector(zoo, detector="boosting", target="biased", out=tmp_path / "det",
+                                    params={"max_iter": 50})
+    assert info["heldout"]["accuracy"] == 1.0 and info["heldout"]["n_models"] == 11  # pool B, one not done
+    assert info["zoo"] | {"path": None, "spec_digest": None} == {
+        "path": None, "spec_digest": None, "task": "colored_mnist", "arch": "digit-cnn", "width": 1.0,
+        "n_train": 12, "n_heldout": 11}
+    evaluated = evaluate_detector(tmp_path / "det", zoo, pool="B")
+    assert evaluated["scores"] == info["heldout"] and evaluated["target"] == "biased"
+    assert evaluate_detector(pipeline, zoo, pool="B", target="biased")["scores"] == info["heldout"]
+    assert evaluate_detector(tmp_path / "det", zoo, pool="A")["scores"]["n_models"] == 12
+    with pytest.raises(DetectorError, match=r"levels \['0.9'\] not in the zoo"):
+        train_detector(zoo, levels=["0.9"])
+
+
+def test_detector_commands_train_and_evaluate(tmp_path: Path, capsys) -> None:
+    zoo = write_weight_zoo(tmp_path / "zoo.zarr", n_models=8)
+    assert main(["detector", "train", str(zoo), "--out", str(tmp_path / "det"), "--target", "biased",
                  "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)
-    assert trained["heldout"]["n_models"] == 4 and trained["zoo"]["n_train"] == 4
-    assert main(["detector", "evaluate", str(tmp_path / "det"), str(out), "--pool", "B", "--json"]) == 0
-    evaluated = json.loads(capsys.readouterr().out)
-    assert evaluated["scores"]["accuracy"] == trained["heldout"]["accuracy"]
-    assert main(["detector", "train", str(out), "--out", str(tmp_path / "x"), "--levels", "0.9"]) == 2
-    assert "--levels ['0.9'] not in the zoo" in capsys.readouterr().err
+    assert trained["heldout"]["n_models"] == 3 and trained["zoo"]["n_train"] == 4
+    assert trained["out"] == str(tmp_path / "det") and (tmp_path / "det" / "detector.json").is_file()
+    assert main(["detector", "evaluate", str(tmp_path / "det"), str(zoo), "--pool", "B", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["scores"] == trained["heldout"]
+    assert main(["detector", "evaluate", str(tmp_path / "det"), str(zoo), "--pool", "B"]) == 0
+    assert capsys.readouterr().out.startswith(f"boosting detector (biased) on {zoo} pool B\n  n=3  accuracy")
+    assert main(["detector", "train", str(zoo), "--out", str(tmp_path / "x"), "--levels", "0.9"]) == 2
+    assert "levels ['0.9'] not in the zoo" in capsys.readouterr().err
 
 
 STRONG, WEAK = 0.005, 0.5  # σ²: colour nearly fixed by the digit, or barely related to it
@@ -227,6 +328,7 @@ def train_plainly(mnist, sigma2: float, seed: int) -> PlainDigitNet:
     return model
 
 
+@pytest.mark.slow
 def test_detector_from_a_real_zoo_judges_held_out_models_and_plain_pytorch_ones(
         real_zoo: Path, mnist, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "det"

@@ -1,4 +1,4 @@
-"""Weight features: neuron-permutation invariance on real networks, names, errors, store reads."""
+"""Weight features: neuron-permutation invariance on real networks, names, errors, chunked store reads."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 from torch import nn
 
-from detector.evaluate import weight_chunks
+from detector.evaluate import zoo_features
 from detector.features import (
     FEATURE_KINDS,
     feature_names,
@@ -19,17 +19,19 @@ from detector.features import (
     neuron_sets,
     weight_features,
 )
-from detector.models import DetectorError
-from modelzoo.architectures import TensorSlot, build_model, flatten, layout
+from detector.transform import WeightFeatures
+from modelzoo.architectures import build_model, flatten, layout
+from modelzoo.layouts import TensorSlot
 from modelzoo.spec import parse_spec
 from modelzoo.store import ZooStore
 from modelzoo.training import ModelResult
+from modelzoo.zoo import StoreError
 from tests.conftest import tiny_spec_dict
 
 # Pinned so that a changed feature definition is noticed (and FEATURE_VERSION bumped).
 EXPECTED_COUNTS = {
-    "digit-cnn": {"raw": 49_562, "stats": 130, "first_layer": 30, "invariant": 431},
-    "gender-cnn": {"raw": 106_242, "stats": 182, "first_layer": 30, "invariant": 577},
+    "digit-cnn": {"raw": 49_562, "stats": 130, "first_layer": 30, "invariant": 431, "units": 1_848},
+    "gender-cnn": {"raw": 106_242, "stats": 182, "first_layer": 30, "invariant": 577, "units": 2_632},
 }
 
 
@@ -97,7 +99,7 @@ def test_hidden_unit_permutation_leaves_invariant_features_alone(arch: str) -> N
     slots = layout(model)
     weights = np.stack([flatten(model), flatten(permuted)])
     assert not np.array_equal(weights[0], weights[1])
-    for kind in ("stats", "first_layer", "invariant"):
+    for kind in ("stats", "first_layer", "invariant"):  # not units: they move with their units
         features = weight_features(weights, slots, kind)
         np.testing.assert_allclose(features[1], features[0], rtol=1e-4, atol=1e-6, err_msg=kind)
     raw = weight_features(weights, slots, "raw")
@@ -135,7 +137,11 @@ def test_shapes_names_and_values_agree(arch: str) -> None:
     assert columns["fc2.bias:skew"][2] == 0 and columns["fc2.bias:kurtosis"][2] == 0
     assert feature_names(slots, "raw")[slots[2].offset] == "conv2.weight[0]"
     np.testing.assert_array_equal(weight_features(weights, slots, "raw"), weights)
-    assert all(s.shape[2] == 7 for s in neuron_sets(weights, slots))
+    sets = neuron_sets(weights, slots)
+    assert [s.shape[1:] for s in sets] == [(layer.n_out, 7) for layer in find_layers(slots)[:-1]]
+    units = weight_features(weights, slots, "units")
+    np.testing.assert_allclose(units, np.concatenate([s.reshape(3, -1) for s in sets], axis=1), rtol=1e-6)
+    assert feature_names(slots, "units")[7] == "conv1/unit[1]:in_norm"
 
 
 def test_scaling_the_red_channel_moves_only_red_features() -> None:
@@ -194,22 +200,23 @@ def test_layouts_that_are_not_conv_linear_chains_are_refused_for_layer_features(
     assert [layer.name for layer in find_layers(slots)] == ["conv1", "conv2", "conv3", "fc1", "fc2"]
 
 
-def test_zoo_weights_read_in_chunks_match_the_full_array(tmp_path: Path) -> None:
+def test_features_read_from_a_zoo_in_chunks_match_the_full_array(tmp_path: Path) -> None:
     store = ZooStore.create(tmp_path / "tiny.zarr", parse_spec(tiny_spec_dict(n_models=6, models_per_task=2)))
     done = [0, 1, 2, 4, 5]  # model 3 is left unfinished
     weights = {i: flatten(_random_model("digit-cnn", 10 + i)) for i in done}
     for i in done:
         store.write_model(i, ModelResult(weights[i], {"unbiased_acc": 0.5}))
     full = np.stack([weights[i] for i in done])
-    for kind in ("stats", "invariant", "raw"):
-        got = np.concatenate([weight_features(chunk.weights, chunk.slots, kind)
-                              for chunk in weight_chunks(store, np.flatnonzero(store.done), chunk_models=2)])
-        np.testing.assert_array_equal(got, weight_features(full, store.layout, kind))
+    for kind in ("stats", "invariant", "raw", "first_layer+units"):
+        features = WeightFeatures(kind, store.layout)
+        got = zoo_features(store, np.flatnonzero(store.done), features, chunk_models=2)
+        np.testing.assert_array_equal(got, features.transform(full), err_msg=kind)
     rows = np.array([5, 0, 4, 0])  # any order, repeats allowed, scattered across store chunks
-    got = np.concatenate([chunk.weights for chunk in weight_chunks(store, rows, chunk_models=3)])
+    got = zoo_features(store, rows, WeightFeatures("raw", store.layout), chunk_models=3)
     np.testing.assert_array_equal(got, np.stack([weights[i] for i in rows]))
-    assert list(weight_chunks(store, np.array([]))) == []
-    with pytest.raises(DetectorError, match=r"models \[3\].*not done"):
-        list(weight_chunks(store, np.array([1, 3])))
-    with pytest.raises(DetectorError, match="outside"):
-        list(weight_chunks(store, np.array([6])))
+    stats = WeightFeatures("stats", store.layout)
+    assert zoo_features(store, np.array([], dtype=int), stats).shape == (0, 130)
+    with pytest.raises(StoreError, match=r"models \[3\].*not done"):
+        zoo_features(store, np.array([1, 3]), stats)
+    with pytest.raises(StoreError, match="outside"):
+        zoo_features(store, np.array([6]), stats)

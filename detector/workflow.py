@@ -1,0 +1,141 @@
+"""Train and evaluate detectors on zoos: the work behind ``weightbias detector train|evaluate``.
+
+Part of the detector stage (store → **detector** → report). The command line only parses,
+calls :func:`train_detector` or :func:`evaluate_detector` and prints what they return; a
+notebook calls the same functions.
+
+A zoo may be larger than memory, so a detector pipeline is never fitted on the whole weight
+matrix: its feature step (stateless, :class:`~detector.transform.WeightFeatures`) runs chunk
+by chunk (:func:`~detector.evaluate.zoo_features`) and the steps after it are fitted on the
+feature array (:func:`fit_on_zoo`), which gives the same fitted pipeline as ``fit`` on all
+weight rows at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.pipeline import Pipeline
+
+from detector.evaluate import as_zoo, breakdown, labels, rows_at_levels, scores, split_rows, zoo_features
+from detector.files import load_detector, save_detector
+from detector.models import detector_name, for_layout, make_detector
+from modelzoo.zoo import Zoo
+
+
+def fit_on_zoo(detector: Pipeline, zoo: Zoo, rows: np.ndarray, y: np.ndarray, *,
+               memory_budget: float | None = None, progress: bool = False) -> Pipeline:
+    """Fit ``detector`` on the zoo's models ``rows`` with labels ``y``, a chunk of weights at a time.
+
+    Returns ``detector``, fitted: its feature step on one model's weights (it learns nothing,
+    so one model or all give the same step), the steps after it on the features of all rows.
+    """
+    rows = zoo.checked_rows(rows)
+    features = zoo_features(zoo, rows, detector[0], progress, memory_budget=memory_budget)
+    detector[0].fit(zoo.weights(rows[:1]))
+    detector[1:].fit(features, y)  # a slice shares its steps with the pipeline: fits them in place
+    return detector
+
+
+def zoo_proba(detector: Pipeline, zoo: Zoo, rows: np.ndarray, *, memory_budget: float | None = None,
+              progress: bool = False) -> np.ndarray:
+    """``detector``'s class probabilities of the zoo's models ``rows``, a chunk of weights at a
+    time; a width-independent detector reads a zoo of another width (:func:`for_layout`)."""
+    detector = for_layout(detector, zoo.layout)
+    features = zoo_features(zoo, rows, detector[0], progress, memory_budget=memory_budget)
+    return detector[1:].predict_proba(features)
+
+
+def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting", target: str = "bias_level",
+                   split: str = "pool", train_pool: str = "A", levels: list[str] | None = None,
+                   out: str | Path | None = None, memory_budget: float | None = None, progress: bool = False,
+                   params: Mapping[str, Any] | None = None) -> tuple[Pipeline, dict[str, Any]]:
+    """Fit detector ``detector`` on the zoo's training split and score it on the held-out split.
+
+    Parameters
+    ----------
+    zoo_or_path : Zoo or path
+        The zoo (:func:`modelzoo.zoo.open_zoo`) or its store.
+    detector : str
+        A name of :data:`detector.models.DETECTORS`.
+    target : str
+        What to predict (:func:`detector.evaluate.labels`).
+    split, train_pool : str
+        ``pool``: train on pool ``train_pool``'s models, hold out the others' (the transfer that
+        matters); ``random``: a seeded 70/30 split of all done models.
+    levels : list of str, optional
+        Keep only models at these bias levels (e.g. ``["0.02", "0.05"]``).
+    out : path, optional
+        Save the fitted detector and ``info`` in this folder (:func:`detector.files.save_detector`).
+    memory_budget : float, optional
+        Bytes the features may take (default: half the machine's memory).
+    progress : bool
+        Show progress bars.
+    params : mapping, optional
+        Hyper-parameters of the detector's classifier (e.g. ``{"epochs": 150}``).
+
+    Returns
+    -------
+    (Pipeline, dict)
+        The fitted detector, and ``info``: detector name, target, split, levels, the zoo
+        (path, spec digest, task, arch, width, train and held-out counts) and held-out scores.
+    """
+    zoo = as_zoo(zoo_or_path)
+    train_rows, test_rows = split_rows(zoo, split, train_pool)
+    train_rows = rows_at_levels(zoo, train_rows, levels)
+    test_rows = rows_at_levels(zoo, test_rows, levels)
+    y = labels(zoo, target)
+    pipeline = make_detector(detector, zoo.layout, **dict(params or {}))
+    fit_on_zoo(pipeline, zoo, train_rows, y[train_rows], memory_budget=memory_budget, progress=progress)
+    proba = zoo_proba(pipeline, zoo, test_rows, memory_budget=memory_budget, progress=progress)
+    info = {"detector": detector, "target": target, "split": split, "train_pool": train_pool,
+            "levels": list(levels) if levels else None,
+            "zoo": {"path": str(zoo.path), "spec_digest": zoo.attrs.get("spec_digest"),
+                    "task": zoo.task.name, "arch": zoo.arch, "width": zoo.width,
+                    "n_train": len(train_rows), "n_heldout": len(test_rows)},
+            "heldout": scores(y[test_rows], proba, pipeline.classes_).to_dict()}
+    if out is not None:
+        save_detector(pipeline, out, info)
+        info["out"] = str(out)
+    return pipeline, info
+
+
+def evaluate_detector(detector_dir_or_pipeline: str | Path | Pipeline, zoo_or_path: Zoo | str | Path, *,
+                      pool: str | None = None, levels: list[str] | None = None, target: str | None = None,
+                      memory_budget: float | None = None, progress: bool = False) -> dict[str, Any]:
+    """Scores of a fitted detector on (a pool of) a zoo, with a per-regularizer breakdown.
+
+    ``detector_dir_or_pipeline`` is a folder written by :func:`train_detector` (its target and
+    levels are the defaults here) or a fitted pipeline (``target`` then defaults to
+    ``bias_level``). A width-independent detector may score a zoo of another width.
+
+    Returns
+    -------
+    dict
+        ``detector``, ``store``, ``target``, ``pool``, ``levels``, ``scores`` and, when the
+        models were trained with several regularizers, ``per_regularizer``.
+    """
+    if isinstance(detector_dir_or_pipeline, Pipeline):
+        pipeline, meta = detector_dir_or_pipeline, {"detector": detector_name(detector_dir_or_pipeline)}
+        source = meta["detector"]
+    else:
+        pipeline, meta = load_detector(detector_dir_or_pipeline)
+        source = str(detector_dir_or_pipeline)
+    zoo = as_zoo(zoo_or_path)
+    target = target or meta.get("target") or "bias_level"
+    levels = levels or meta.get("levels")
+    rows = np.flatnonzero(zoo.done)
+    if pool is not None:
+        rows = rows[zoo.column("config/pool")[rows] == pool]
+    rows = rows_at_levels(zoo, rows, levels)
+    y = labels(zoo, target)[rows]
+    proba = zoo_proba(pipeline, zoo, rows, memory_budget=memory_budget, progress=progress)
+    result = {"detector": source, "name": meta.get("detector"), "store": str(zoo.path), "target": target,
+              "pool": pool, "levels": levels, "scores": scores(y, proba, pipeline.classes_).to_dict()}
+    regularizers = zoo.column("config/regularizer")[rows].astype(str)
+    if len(np.unique(regularizers)) > 1:
+        result["per_regularizer"] = breakdown(y, proba, pipeline.classes_, regularizers)
+    return result
