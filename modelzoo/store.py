@@ -51,7 +51,15 @@ import zarr
 from modelzoo.layouts import ARCH_INFO, arch_layout, layout_records
 from modelzoo.spec import ZooSpec
 from modelzoo.verify import SCALAR_METRICS, block_signatures, group_metric_widths, scan_models
-from modelzoo.zoo import FORMAT, FORMAT_VERSION, StoreError, Zoo, local_path, weights_checksum
+from modelzoo.zoo import (
+    FORMAT,
+    FORMAT_VERSION,
+    StoreError,
+    Zoo,
+    column_checksum,
+    local_path,
+    weights_checksum,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from modelzoo.training import ModelResult
@@ -162,10 +170,15 @@ class ZooStore(Zoo):
             g["done"][index] = True
 
     def repair_configs(self) -> list[str]:
-        """Rewrite every config column that no longer matches the spec; return their names."""
+        """Rewrite every config column that no longer matches the spec; return their names.
+
+        A column is checked against the checksum recorded when the store was created (reading
+        it, not rebuilding 20,000 configs); a store without checksums is compared with the spec."""
         from modelzoo.verify import config_problems
 
-        broken = sorted(config_problems(self))
+        recorded = self.attrs.get("config_checksums")
+        broken = sorted(config_problems(self)) if recorded is None else \
+            [f"config/{axis}" for axis, crc in recorded.items() if self._column_crc(f"config/{axis}") != crc]
         if broken:
             columns = self.spec.config_columns()
             with _writing(self.path, "the repaired config columns"):
@@ -208,6 +221,12 @@ class ZooStore(Zoo):
             for index in scan.lost:
                 self.group["done"][index] = False
         return broken
+
+    def _column_crc(self, name: str) -> int | None:
+        try:
+            return column_checksum(self.column(name))
+        except Exception:  # a missing or unreadable chunk: the column needs rewriting either way
+            return None
 
     def mark_verified(self, blocks: np.ndarray) -> None:
         """Record that ``blocks`` were read back and found intact, as they are on disk now."""
@@ -279,7 +298,8 @@ def _build(path: Path, spec: ZooSpec) -> None:
     n_blocks = -(-n // chunk)  # one mark per block, written by the driver only
     g.create_array("verified", shape=(n_blocks,), chunks=(n_blocks,), dtype="int64", fill_value=0)
     config_group = g.create_group("config")
-    for axis, values in spec.config_columns().items():
+    columns = spec.config_columns()
+    for axis, values in columns.items():
         _write_config_column(config_group, spec, axis, values)
     metrics = g.create_group("metrics")
     for name in SCALAR_METRICS:
@@ -303,5 +323,6 @@ def _build(path: Path, spec: ZooSpec) -> None:
         "groups": list(task.groups),
         "versions": library_versions(),
         "fields": task.field_descriptions(),
+        "config_checksums": {axis: column_checksum(values) for axis, values in columns.items()},
         "state": "ready",
     })

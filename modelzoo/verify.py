@@ -199,12 +199,10 @@ def scan_models(g: zarr.Group, n: int, chunk: int, progress: bool = False,
     name exactly the models that are lost."""
     scan = Scan()
     step = chunk * max(1, VERIFY_BLOCK // chunk)  # chunk-aligned, so a fallback splits cleanly
-    starts = range(0, n, step) if blocks is None else [int(b) * chunk for b in blocks]
-    if blocks is not None:
-        step = chunk
-    bar = tqdm(total=min(n, len(starts) * step), unit="model", desc="zoo verify", disable=not progress)
-    for start in starts:
-        block = range(start, min(start + step, n))
+    spans = [range(start, min(start + step, n)) for start in range(0, n, step)] if blocks is None \
+        else _spans(np.asarray(blocks, dtype=np.int64), chunk, step, n)
+    bar = tqdm(total=sum(map(len, spans)), unit="model", desc="zoo verify", disable=not progress)
+    for block in spans:
         try:
             _scan_block(g, block, scan)
         except Exception:  # a corrupted chunk surfaces as a codec error; find which one
@@ -217,6 +215,19 @@ def scan_models(g: zarr.Group, n: int, chunk: int, progress: bool = False,
         bar.update(len(block))
     bar.close()
     return scan
+
+
+def _spans(blocks: np.ndarray, chunk: int, step: int, n: int) -> list[range]:
+    """Model ranges covering ``blocks``: runs of consecutive blocks, each at most ``step`` models,
+    so reading scattered stale blocks costs no more reads than it must."""
+    spans: list[range] = []
+    for block in np.unique(blocks):
+        start, stop = int(block) * chunk, min((int(block) + 1) * chunk, n)
+        if spans and spans[-1].stop == start and len(spans[-1]) + (stop - start) <= step:
+            spans[-1] = range(spans[-1].start, stop)
+        else:
+            spans.append(range(start, stop))
+    return spans
 
 
 def _scan_block(g: zarr.Group, models: range, scan: Scan) -> None:

@@ -50,6 +50,13 @@ def weights_checksum(row: np.ndarray) -> int:
     return zlib.crc32(np.ascontiguousarray(row, dtype=np.float32).tobytes())
 
 
+def column_checksum(values: np.ndarray) -> int:
+    """CRC32 of a config column's values (strings joined by NUL), as stored at creation."""
+    if values.dtype.kind in "UOT":
+        return zlib.crc32("\x00".join(map(str, values.tolist())).encode())
+    return zlib.crc32(np.ascontiguousarray(values).tobytes())
+
+
 class Zoo:
     """A zoo on disk, read-only. Open it with :func:`open_zoo`."""
 
