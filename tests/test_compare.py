@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from detector.cli import main
-from detector.evaluate import zoo_weights
 from detector.features import weight_features
 from detector.files import load_detector
 from detector.report import CompareError, compare
@@ -197,14 +196,14 @@ def test_report_on_a_regularizer_zoo_with_a_detector(reg_zoo: Path, tmp_path: Pa
     scored = summary["detector"]["per_model"]
     assert sorted(scored["row"]) == list(np.flatnonzero(store.column("config/pool") == "B"))
     det, _ = load_detector(detector)
-    proba = det.predict_proba(zoo_weights(store, np.array(scored["row"])))
+    proba = det.predict_proba(store.weights(np.array(scored["row"])))
     unbiased = list(det.classes_).index("unbiased")
     np.testing.assert_allclose(scored["score"], 1 - proba[:, unbiased], rtol=1e-5, atol=1e-6)
     assert any("held-out" in note for note in summary["notes"])
 
     # The distances and the projection, recomputed from the weights: the report's own features
     # (invariant, standardised over the zoo) and the energy distance from its definition.
-    weights = zoo_weights(store, np.arange(16)).weights
+    weights = store.weights(np.arange(16))
     z = standardise(weight_features(weights, store.layout, "invariant").astype(np.float32))
     tests = summary["distances"]["per_group"]
     for label in ("ndr γ=0.1", "ndr γ=1"):

@@ -5,19 +5,22 @@ a section that cannot be computed says why under ``"skipped"``."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from detector.insidebias import InsideBiasError, insidebias, probe_images
-from detector.models import DetectorError, WeightDetector
+from detector.activations import InsideBiasError, insidebias, probe_images
+from detector.models import DetectorError, for_layout
 from detector.report.context import Context
 from detector.report.options import CompareError
 from detector.report.stats import describe, jsonable, shares
 from detector.scoring import UNBIASED_CLASSES
 from modelzoo.architectures import build_model, unflatten
 from modelzoo.faces import GROUPS, FaceDataError, find_face_folder, load_face_data
+
+if TYPE_CHECKING:
+    from sklearn.pipeline import Pipeline
 
 
 def metrics(ctx: Context) -> dict[str, np.ndarray]:
@@ -52,7 +55,7 @@ def groups_section(ctx: Context) -> list[dict[str, Any]]:
 
 
 def detector_section(ctx: Context, path: str | Path | None,
-                     loaded: tuple[WeightDetector, dict[str, Any]] | None) -> dict[str, Any]:
+                     loaded: tuple[Pipeline, dict[str, Any]] | None) -> dict[str, Any]:
     """A saved detector's score of every model it did not learn from, per group."""
     if path is None or loaded is None:
         return {"skipped": "no --detector given"}
@@ -76,6 +79,7 @@ def detector_section(ctx: Context, path: str | Path | None,
                      f"{len(rows)} held-out models are scored, so no score is in-sample")
     if not rows.size:
         return {"skipped": "no model of this zoo is left to score (see the notes)", "notes": notes}
+    detector = for_layout(detector, ctx.zoo.layout)  # a width-independent detector reads any width
     proba = np.vstack([detector.predict_proba(chunk)
                        for chunk in tqdm(ctx.zoo.weight_chunks(rows), desc="detector", unit="chunk",
                                          disable=not ctx.progress)])
