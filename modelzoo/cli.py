@@ -12,8 +12,6 @@ import json
 import sys
 from pathlib import Path
 
-from modelzoo.zoo import open_zoo
-
 
 def add_zoo_commands(subparsers: argparse._SubParsersAction) -> None:
     zoo = subparsers.add_parser("zoo", help="generate, inspect, export and verify model zoos",
@@ -75,6 +73,7 @@ def _non_negative(text: str) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     from modelzoo.generation import generate
+    from modelzoo.zoo import open_zoo
 
     summary = generate(args.spec, args.out, data_dir=args.data_dir, address=args.address,
                        num_cpus=args.num_cpus, max_models=args.max_models,
@@ -88,6 +87,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    from modelzoo.zoo import open_zoo
+
     info = open_zoo(args.store).info()
     if args.json:
         print(json.dumps(info))
@@ -115,6 +116,7 @@ def _print_info(info: dict) -> None:
 
 def _export(args: argparse.Namespace) -> int:
     from modelzoo.checkpoints import model_metadata, model_state_dict, save_checkpoint
+    from modelzoo.zoo import open_zoo
 
     zoo = open_zoo(args.store)
     path = save_checkpoint(model_state_dict(zoo, args.model), args.out, model_metadata(zoo, args.model))
@@ -136,6 +138,8 @@ def _data(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from modelzoo.zoo import open_zoo
+
     report = open_zoo(args.store).verify(progress=True)
     for problem in report.problems:
         print(f"PROBLEM: {problem}", file=sys.stderr)
