@@ -21,7 +21,10 @@ import numpy as np
 import pytest
 
 from detector.cli import main
-from modelzoo.store import ZooStore, verify
+from modelzoo.spec import load_spec
+from modelzoo.store import ZooStore
+from modelzoo.zoo import open_zoo
+from tests.conftest import random_zoo
 
 N_MODELS = 4
 SPEC = f"""
@@ -52,7 +55,15 @@ def half_zoo(ray_local, spec_path: Path, tmp_path_factory: pytest.TempPathFactor
     """A real zoo with models 0 and 1 done and 2, 3 still to train (copied by each test)."""
     out = tmp_path_factory.mktemp("fault_zoo") / "half.zarr"
     assert main(["zoo", "generate", str(spec_path), "--out", str(out), "--max-models", "2"]) == 0
-    assert list(ZooStore.open(out).done) == [True, True, False, False]
+    assert list(open_zoo(out).done) == [True, True, False, False]
+    return out
+
+
+@pytest.fixture
+def untrained_half_zoo(spec_path: Path, tmp_path: Path) -> Path:
+    """The same store with random weights for models 0 and 1 (no training): for what needs no Ray."""
+    out = tmp_path / "untrained.zarr"
+    random_zoo(out, load_spec(spec_path), n_done=2)
     return out
 
 
@@ -68,8 +79,8 @@ def _trained(stdout: str) -> int:
 
 
 def _done_weights(path: Path) -> dict[int, np.ndarray]:
-    store = ZooStore.open(path)
-    return {int(i): store.weights(int(i)).copy() for i in np.flatnonzero(store.done)}
+    zoo = open_zoo(path)
+    return {int(i): zoo.model_weights(int(i)).copy() for i in np.flatnonzero(zoo.done)}
 
 
 def _assert_one_line_error(err: str, store: Path, reason: str) -> None:
@@ -80,7 +91,7 @@ def _assert_one_line_error(err: str, store: Path, reason: str) -> None:
 
 def _assert_kept(path: Path, before: dict[int, np.ndarray]) -> None:
     """Models done before the fault are still done with the same weights; nothing done is broken."""
-    report = verify(path)
+    report = open_zoo(path).verify()
     assert report.ok, report.problems
     after = _done_weights(path)
     assert set(before) <= set(after)
@@ -102,6 +113,7 @@ def _fill(filler: Path, mount: Path, leave: int) -> None:
         os.posix_fallocate(fh.fileno(), 0, max(free - leave, 1))
 
 
+@pytest.mark.slow  # trains models with Ray (half_zoo, then the re-run)
 def test_disk_full_fails_clearly_and_a_rerun_after_freeing_space_completes(
         half_zoo: Path, spec_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     mount = tmp_path / "small_disk"
@@ -123,7 +135,7 @@ def test_disk_full_fails_clearly_and_a_rerun_after_freeing_space_completes(
         assert code == 2
         _assert_one_line_error(err, out, "No space left on device")
         _assert_kept(out, before)
-        assert ZooStore.open(out).done.sum() == 2
+        assert open_zoo(out).done.sum() == 2
         fresh = mount / "fresh.zarr"
         code, _, err = _run(capsys, "zoo", "generate", str(spec_path), "--out", str(fresh))
         assert code == 2
@@ -136,7 +148,7 @@ def test_disk_full_fails_clearly_and_a_rerun_after_freeing_space_completes(
         assert code == 2
         assert "No space left on device" in err and str(out) in err
         _assert_kept(out, before)
-        done_after_fault = int(ZooStore.open(out).done.sum())
+        done_after_fault = int(open_zoo(out).done.sum())
         assert done_after_fault < N_MODELS, "the disk must fill up before the zoo is complete"
         with capsys.disabled():  # how far the run got is worth seeing in a -s run
             print(f"\ndisk full: {done_after_fault}/{N_MODELS} done when the disk filled up; "
@@ -146,12 +158,13 @@ def test_disk_full_fails_clearly_and_a_rerun_after_freeing_space_completes(
         code, stdout, err = _run(capsys, *generate)
         assert code == 0, err
         assert _trained(stdout) == N_MODELS - done_after_fault, "every model trained exactly once"
-        assert ZooStore.open(out).done.all()
+        assert open_zoo(out).done.all()
         _assert_kept(out, before)
     finally:
         _sh("umount", "-l", str(mount))
 
 
+@pytest.mark.slow  # trains models with Ray (half_zoo, then the re-run)
 def test_a_write_failure_in_a_worker_is_reported_without_a_traceback(
         half_zoo: Path, spec_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "zoo.zarr"
@@ -166,10 +179,11 @@ def test_a_write_failure_in_a_worker_is_reported_without_a_traceback(
     finally:
         _sh("chattr", "-i", str(chunks))
     assert code == 2 and "Operation not permitted" in err
-    assert verify(out).ok and ZooStore.open(out).done.sum() == 2
+    assert open_zoo(out).verify().ok and open_zoo(out).done.sum() == 2
     assert "Traceback" not in err and 'File "' not in err
 
 
+@pytest.mark.slow  # trains models with Ray (half_zoo, then the re-run)
 def test_unwritable_store_fails_clearly_and_completes_once_writable(
         half_zoo: Path, spec_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "zoo.zarr"
@@ -187,15 +201,16 @@ def test_unwritable_store_fails_clearly_and_completes_once_writable(
     finally:
         _sh("chattr", "-R", "-i", str(out))
     _assert_kept(out, before)
-    assert ZooStore.open(out).done.sum() == 2
+    assert open_zoo(out).done.sum() == 2
 
     code, stdout, err = _run(capsys, "zoo", "generate", str(spec_path), "--out", str(out))
     assert code == 0, err
     assert _trained(stdout) == N_MODELS - 2
-    assert ZooStore.open(out).done.all()
+    assert open_zoo(out).done.all()
     _assert_kept(out, before)
 
 
+@pytest.mark.slow  # trains models with Ray (half_zoo, then the re-run)
 def test_corrupted_chunks_are_named_by_verify_and_exactly_their_models_retrained(
         half_zoo: Path, spec_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
         caplog: pytest.LogCaptureFixture) -> None:
@@ -219,22 +234,21 @@ def test_corrupted_chunks_are_named_by_verify_and_exactly_their_models_retrained
     assert code == 0, err
     assert "models [0, 1] are unreadable or fail their checksum" in caplog.text
     assert _trained(stdout) == 2
-    assert list(ZooStore.open(out).done) == [True, True, False, False]
+    assert list(open_zoo(out).done) == [True, True, False, False]
     _assert_kept(out, before)  # retrained deterministically to the very same weights
 
 
-def test_a_flipped_byte_inside_a_chunk_is_caught_and_forgotten(half_zoo: Path, tmp_path: Path) -> None:
-    out = tmp_path / "zoo.zarr"
-    shutil.copytree(half_zoo, out)
+def test_a_flipped_byte_inside_a_chunk_is_caught_and_forgotten(untrained_half_zoo: Path) -> None:
+    out = untrained_half_zoo
     chunk = out / "weights" / "c" / "1" / "0"
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x40
     chunk.write_bytes(bytes(data))
 
     # Either the codec fails or the CRC does; both name model 1 and nothing else.
-    problems = verify(out).problems
+    problems = open_zoo(out).verify().problems
     assert len(problems) == 1 and re.match(r"models? 1(\.\.1)?: ", problems[0]), problems
     store = ZooStore.open(out, mode="r+")
     assert store.forget_broken_models() == [1]
     assert list(store.done) == [True, False, False, False]
-    assert verify(out).ok
+    assert open_zoo(out).verify().ok

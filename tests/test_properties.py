@@ -38,7 +38,10 @@ from detector.models import DetectorError
 from detector.scoring import checkpoint_weights
 from modelzoo.architectures import ArchitectureError, build_model
 from modelzoo.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
-from modelzoo.spec import AXES, SAMPLERS, TASK_AXES, ZOO_KEYS, SpecError, ZooSpec, common_axes, parse_spec
+from modelzoo.config import ModelConfig
+from modelzoo.spec import AXES, ZOO_KEYS, SpecError, ZooSpec, common_axes, parse_spec
+from modelzoo.spec_rules import SAMPLERS
+from modelzoo.tasks import TASKS, get_task
 
 # How many generated cases each property runs (hypothesis may stop earlier when it has
 # exhausted a small search space). With these the whole file took 25-40 s on the 2-core
@@ -47,6 +50,8 @@ MAX_EXAMPLES = {"spec": 300, "spec_values": 300, "checkpoint_content": 120, "che
                 "pickle_payload": 40, "h5_content": 80}
 PROJECT_ERRORS = (CheckpointError, DetectorError, ArchitectureError)
 TABLES = ("zoo", "fixed", "sweep", "sample")
+# Every axis name a spec may use: the common axes and each task's own.
+ALL_AXES = sorted({*AXES, *(axis for task in TASKS.values() for axis in task.axis_names)})
 
 
 def _settings(name: str) -> settings:
@@ -96,7 +101,7 @@ weird_value = st.one_of(
     st.lists(st.one_of(st.integers(0, 3), st.floats(0, 1), weird_text), max_size=3),
     st.dictionaries(weird_text, st.integers(0, 3), max_size=2),
 )
-known_axes = st.sampled_from(sorted(AXES))
+known_axes = st.sampled_from(ALL_AXES)
 axis_names = st.one_of(known_axes, known_axes, st.sampled_from([f"reg.{o}" for o in REG_OPTIONS]), weird_text)
 edge_float = st.sampled_from([0.0, -0.0, 5e-324, 1e-300, 1e308, -1e308, float("inf"), float("-inf"),
                               float("nan")])
@@ -215,7 +220,8 @@ def near_valid_spec_dicts(draw: Callable) -> dict[str, Any]:
     valid, with values at their edges (0, huge, inf, NaN, 2**63), to reach the deep checks."""
     raw = copy.deepcopy(draw(st.sampled_from(BASE_SPECS)))
     task = raw["zoo"]["task"]
-    axes = [*TASK_AXES[task], *common_axes(), "reg.hidden", "reg.ramp", "reg.grl_weight", "reg.clusters"]
+    axes = [*get_task(task).axis_names, *common_axes(), "reg.hidden", "reg.ramp", "reg.grl_weight",
+            "reg.clusters"]
     for _ in range(draw(st.integers(1, 3))):
         axis = draw(st.sampled_from(axes))
         for table in ("fixed", "sweep", "sample"):
@@ -238,7 +244,7 @@ def near_valid_spec_dicts(draw: Callable) -> dict[str, Any]:
 
 def _starts_with_a_key(message: str, raw: dict) -> bool:
     """SpecError's contract: the message starts with the offending key (dotted for nesting)."""
-    keys = {*TABLES, *AXES, *(str(k) for k in raw)}
+    keys = {*TABLES, *ALL_AXES, *(str(k) for k in raw)}
     return any(message.startswith(f"{key}:") or message.startswith(f"{key}.") for key in keys)
 
 
@@ -247,8 +253,14 @@ def _check_spec(spec: ZooSpec) -> None:
     for index in sorted({0, 1, n // 2, n - 1} & set(range(n))):
         config = spec.config(index)
         assert config == spec.config(index), "a config is a pure function of (spec, index)"
+        values = spec.config_values(index)
+        # The typed config and the flat store row are one thing, each way round.
+        assert config.to_dict() == values
+        assert ModelConfig.from_dict(spec.task, values) == config
+        assert config.index == index and config.bias_level == values[spec.bias_level]
+        assert set(values) == {"index", *spec.axes}
         for axis in spec.axes:
-            value, kind = config[axis], spec.axis_type(axis)
+            value, kind = values[axis], spec.axis_type(axis)
             # The store keeps each axis as one typed column (int64, float64, bool or string).
             assert type(value) is kind, (axis, value, kind)
             if kind is float:
@@ -262,6 +274,7 @@ def _check_spec(spec: ZooSpec) -> None:
     assert sum(len(block) for block in spec.blocks()[:3]) == min(n, 3 * spec.models_per_task)
 
 
+@pytest.mark.slow  # 300 specs, about 5 s; the edge-value property below stays in the fast tier
 @_settings("spec")
 @given(spec_dicts())
 def test_spec_parses_or_names_the_offending_key(raw: dict[str, Any]) -> None:
@@ -281,7 +294,7 @@ def _check_parse(raw: dict[str, Any]) -> None:
         spec = parse_spec(copy.deepcopy(raw))
     except SpecError as err:
         head = str(err).split(":")[0].split(".")[0]
-        event(f"SpecError on {head if head in (*TABLES, *AXES) else 'an unknown table or key'}")
+        event(f"SpecError on {head if head in (*TABLES, *ALL_AXES) else 'an unknown table or key'}")
         assert _starts_with_a_key(str(err), raw), f"SpecError names no key: {err}"
         return
     event("parsed into a ZooSpec")

@@ -1,6 +1,11 @@
-"""Zoos larger than memory: detectors learn from features computed a chunk of models at a time;
-the store's per-model arrays are read without zarr's per-chunk cost, exactly as zarr reads them;
-a store is a folder, never a URL, but a copy in object storage reads with plain zarr."""
+"""Zoos larger than memory: the reader hands out weights a chunk of models at a time, and
+detectors learn from features computed chunk by chunk; the store's per-model arrays are read
+without zarr's per-chunk cost, exactly as zarr reads them; a store is a folder, never a URL, but
+a copy in object storage reads with plain zarr.
+
+The detector tests import :mod:`detector` inside themselves, so the store's own tests here run
+whatever state the detector package is in.
+"""
 
 from __future__ import annotations
 
@@ -15,14 +20,12 @@ import torch
 import zarr
 from zarr.storage import LocalStore, LoggingStore
 
-from detector.cli import main
-from detector.evaluate import labels, weight_chunks, zoo_features, zoo_weights
-from detector.models import DETECTORS, DetectorError, FeatureSet, make_detector
 from modelzoo.datasets import render_colored_mnist
 from modelzoo.spec import parse_spec
-from modelzoo.store import StoreError, ZooStore, read_rows, verify, weights_checksum, zoo_info
+from modelzoo.store import ZooStore
 from modelzoo.training import TrainingData, train_model
-from tests.conftest import tiny_spec_dict
+from modelzoo.zoo import StoreError, Zoo, open_zoo, read_rows
+from tests.conftest import random_zoo, tiny_spec_dict
 
 FAST = {"layer_conv": {"epochs": 30}, "deepsets": {"epochs": 60}, "dense": {"max_iter": 30},
         "boosting": {"max_iter": 40}}
@@ -43,8 +46,8 @@ def real_zoo(mnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
     test = slice(0, 200)
     for index in range(spec.n_models):
         config = spec.config(index)
-        digits = slice(POOL_START[config["pool"]], POOL_START[config["pool"]] + 1024)
-        sigma2 = config["sigma2"]
+        digits = slice(POOL_START[config.pool], POOL_START[config.pool] + 1024)
+        sigma2 = config.bias_level
         train = mnist.train_images[digits], mnist.train_labels[digits]
         held_out = mnist.test_images[test], mnist.test_labels[test]
         data = TrainingData(train=render_colored_mnist(*train, sigma2, False, rng),
@@ -57,19 +60,7 @@ def real_zoo(mnist, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _random_store(path: Path, n_models: int, models_per_task: int) -> ZooStore:
     """A full-width digit-cnn zoo of random finite weights (no training), written block by block."""
-    spec = parse_spec(tiny_spec_dict(n_models=n_models, models_per_task=models_per_task))
-    store = ZooStore.create(path, spec)
-    rng = np.random.default_rng(1)
-    g = store.group
-    for start in range(0, n_models, models_per_task):
-        stop = min(start + models_per_task, n_models)
-        weights = 0.05 * rng.standard_normal((stop - start, store.n_params), dtype=np.float32)
-        g["weights"][start:stop] = weights
-        g["checksum"][start:stop] = [weights_checksum(row) for row in weights]
-        for name in ("unbiased_acc", "biased_acc", "leakage", "train_loss", "reg_loss", "wall_seconds"):
-            g[f"metrics/{name}"][start:stop] = rng.uniform(0.1, 1, stop - start).astype(np.float32)
-        g["done"][start:stop] = True
-    return store
+    return random_zoo(path, parse_spec(tiny_spec_dict(n_models=n_models, models_per_task=models_per_task)))
 
 
 class _Gets(logging.Handler):
@@ -88,19 +79,24 @@ class _Gets(logging.Handler):
         return [key for key in self.keys if key.startswith("weights/c/")]
 
 
-def _logged(path: Path) -> tuple[ZooStore, _Gets]:
+def _logged(path: Path) -> tuple[Zoo, _Gets]:
     """The zoo at ``path`` through a LoggingStore, with a handler that collects what it is asked."""
     gets = _Gets()
     logging_store = LoggingStore(LocalStore(path, read_only=True), log_level="INFO")
     # Added here, not as log_handler=: LoggingStore skips that one when any ancestor logger has a
     # handler, as the root logger does under pytest.
     logging_store.logger.addHandler(gets)
-    return ZooStore(zarr.open_group(logging_store, mode="r"), path), gets
+    return Zoo(zarr.open_group(logging_store, mode="r"), path), gets
 
 
-@pytest.mark.parametrize("name", sorted(DETECTORS))
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(FAST))
 def test_chunked_features_fit_and_predict_exactly_as_in_memory(real_zoo: Path, name: str) -> None:
-    store = ZooStore.open(real_zoo)
+    from detector.evaluate import labels, zoo_features, zoo_weights
+    from detector.models import DETECTORS, FeatureSet, make_detector
+
+    assert sorted(DETECTORS) == sorted(FAST)
+    store = open_zoo(real_zoo)
     rows = np.flatnonzero(store.done)
     y = labels(store, "bias_level")[rows]
     detector = make_detector(name, **FAST[name])
@@ -120,8 +116,12 @@ def test_chunked_features_fit_and_predict_exactly_as_in_memory(real_zoo: Path, n
         assert chunked.features.shape[1] * 10 < store.n_params
 
 
+@pytest.mark.slow
 def test_features_of_another_kind_are_refused(real_zoo: Path) -> None:
-    store = ZooStore.open(real_zoo)
+    from detector.evaluate import labels, zoo_features
+    from detector.models import DetectorError, make_detector
+
+    store = open_zoo(real_zoo)
     rows = np.flatnonzero(store.done)
     raw = zoo_features(store, rows, make_detector("dense"))
     with pytest.raises(DetectorError, match=r"'raw' features; a BoostingDetector reads 'stats\+first_layer'"):
@@ -133,17 +133,31 @@ def test_features_of_another_kind_are_refused(real_zoo: Path) -> None:
 def test_the_reader_asks_the_store_for_one_chunk_of_models_at_a_time(tmp_path: Path) -> None:
     path = tmp_path / "random.zarr"
     _random_store(path, n_models=48, models_per_task=4)
-    store, gets = _logged(path)
+    zoo, gets = _logged(path)
     rows = np.arange(48)
     seen: list[str] = []
-    for chunk in weight_chunks(store, rows, chunk_models=8):
+    expected = open_zoo(path).weights(rows)
+    for chunk_rows, weights in zoo.weight_chunks(rows, chunk_models=8):
         new = gets.weight_chunks()[len(seen):]
-        assert len(chunk) == 8 and len(new) == 2, new  # 8 models = exactly two store chunks of 4
+        assert len(chunk_rows) == 8 and len(new) == 2, new  # 8 models = exactly two store chunks of 4
+        np.testing.assert_array_equal(weights, expected[chunk_rows])
         seen += new
     assert sorted(seen) == sorted({f"weights/c/{c}/0" for c in range(12)}), "each chunk read exactly once"
+    scattered = np.array([45, 2, 2, 17])  # any order, repeats allowed; each chunk still read once
+    before = len(gets.weight_chunks())
+    np.testing.assert_array_equal(zoo.weights(scattered), expected[scattered])
+    assert len(gets.weight_chunks()) - before == 3
 
-    features = zoo_features(store, rows, make_detector("boosting"), chunk_models=8)
-    assert len(features) == 48 and len(gets.weight_chunks()) == 24  # again each chunk once
+
+def test_detector_features_read_each_chunk_once(tmp_path: Path) -> None:
+    from detector.evaluate import zoo_features
+    from detector.models import make_detector
+
+    path = tmp_path / "random.zarr"
+    _random_store(path, n_models=48, models_per_task=4)
+    zoo, gets = _logged(path)
+    features = zoo_features(zoo, np.arange(48), make_detector("boosting"), chunk_models=8)
+    assert len(features) == 48 and len(gets.weight_chunks()) == 12  # each chunk once
 
 
 def _peak_bytes(function, *args, **kwargs) -> tuple[int, object]:
@@ -155,7 +169,31 @@ def _peak_bytes(function, *args, **kwargs) -> tuple[int, object]:
         tracemalloc.stop()
 
 
+def _row_means(zoo: Zoo, rows: np.ndarray) -> np.ndarray:
+    """What a chunked reader computes: one number per model, one chunk of weights in memory."""
+    return np.concatenate([weights.mean(1) for _, weights in zoo.weight_chunks(rows, chunk_models=4)])
+
+
+@pytest.mark.slow  # tracemalloc slows every allocation of three full passes
+def test_reading_in_chunks_takes_memory_for_one_chunk_however_many_models(tmp_path: Path) -> None:
+    zoo = _random_store(tmp_path / "random.zarr", n_models=96, models_per_task=4)
+    rows = np.arange(96)
+    matrix_bytes = 96 * zoo.n_params * 4
+    _row_means(zoo, rows[:4])  # warm caches (metadata)
+    quarter_peak, _ = _peak_bytes(_row_means, zoo, rows[:24])
+    chunked_peak, means = _peak_bytes(_row_means, zoo, rows)
+    in_memory_peak, weights = _peak_bytes(zoo.weights, rows)
+    assert in_memory_peak >= matrix_bytes  # the measure sees the whole matrix when it is held
+    assert chunked_peak < 1.25 * quarter_peak, (chunked_peak, quarter_peak)  # flat in the number of models
+    assert chunked_peak < matrix_bytes / 3, (chunked_peak, matrix_bytes)
+    np.testing.assert_allclose(means, weights.mean(1), rtol=1e-6)
+
+
+@pytest.mark.slow  # tracemalloc slows every allocation of three full passes
 def test_chunked_features_take_memory_for_one_chunk_however_many_models(tmp_path: Path) -> None:
+    from detector.evaluate import zoo_features, zoo_weights
+    from detector.models import make_detector
+
     store = _random_store(tmp_path / "random.zarr", n_models=96, models_per_task=4)
     rows = np.arange(96)
     matrix_bytes = 96 * store.n_params * 4
@@ -171,9 +209,12 @@ def test_chunked_features_take_memory_for_one_chunk_however_many_models(tmp_path
     np.testing.assert_array_equal(features.features, detector.features(weights))
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")  # two held-out models
 def test_cli_trains_and_evaluates_on_chunked_features_and_refuses_raw_weights_over_budget(
         real_zoo: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from detector.cli import main
+
     folder = tmp_path / "det"
     assert main(["detector", "train", str(real_zoo), "--out", str(folder), "--split", "random",
                  "--json"]) == 0
@@ -184,7 +225,7 @@ def test_cli_trains_and_evaluates_on_chunked_features_and_refuses_raw_weights_ov
     assert evaluated["scores"]["n_models"] == 8
 
     # Six training models: one chunk of their weights fits, all of them kept as features does not.
-    budget = 1.5 * 6 * 4 * ZooStore.open(real_zoo).n_params / 2**30
+    budget = 1.5 * 6 * 4 * open_zoo(real_zoo).n_params / 2**30
     args = ["detector", "train", str(real_zoo), "--out", str(tmp_path / "x"), "--split", "random",
             "--memory-budget-gb", f"{budget:.9f}"]
     assert main([*args, "--detector", "dense"]) == 2
@@ -208,25 +249,29 @@ def test_read_rows_reads_exactly_what_zarr_reads(tmp_path: Path) -> None:
             np.testing.assert_array_equal(read_rows(wrapped, start, stop), expected)
     assert np.isnan(read_rows(store.group["metrics/per_class_acc"])).all()  # chunks never written: fill
 
-    assert zoo_info(ZooStore.open(path))["n_done"] == 20
+    assert open_zoo(path).info()["n_done"] == 20
     (path / "done" / "c" / "1").write_bytes(b"\x00garbage")
-    problems = verify(path).problems
+    problems = open_zoo(path).verify().problems
     assert len(problems) == 1 and problems[0].startswith("models 4..7: unreadable chunk"), problems
 
 
 def test_urls_are_refused_by_name_and_a_copy_in_object_storage_reads_with_plain_zarr(
-        real_zoo: Path, capsys: pytest.CaptureFixture) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from detector.cli import main
+
     fsspec = pytest.importorskip("fsspec")
+    path = tmp_path / "random.zarr"
+    _random_store(path, n_models=8, models_per_task=2)
     memory = fsspec.filesystem("memory")  # an in-process object store with the s3/gs interface
-    memory.put(str(real_zoo), "/bucket/zoo.zarr", recursive=True)
+    memory.put(str(path), "/bucket/zoo.zarr", recursive=True)
     try:
         copy = zarr.open_group("memory://bucket/zoo.zarr", mode="r")
-        store = ZooStore.open(real_zoo)
-        assert copy.attrs["spec_digest"] == store.group.attrs["spec_digest"]
-        np.testing.assert_array_equal(copy["done"][:], store.done)
-        np.testing.assert_array_equal(copy["weights"][5], store.weights(5))
+        zoo = open_zoo(path)
+        assert copy.attrs["spec_digest"] == zoo.attrs["spec_digest"]
+        np.testing.assert_array_equal(copy["done"][:], zoo.done)
+        np.testing.assert_array_equal(copy["weights"][5], zoo.model_weights(5))
         with pytest.raises(StoreError, match=r"must be a folder on a file system.*not a URL"):
-            ZooStore.open("memory://bucket/zoo.zarr")
+            open_zoo("memory://bucket/zoo.zarr")
     finally:
         memory.rm("/bucket", recursive=True)
     assert main(["zoo", "info", "s3://bucket/zoo.zarr"]) == 2
