@@ -216,9 +216,10 @@ def common_axes() -> list[str]:
 def parse_spec(raw: dict[str, Any], *, build_regularizers: bool = True) -> ZooSpec:
     """Validate a spec given as nested dicts (the parsed TOML); raise :class:`SpecError`.
 
-    With ``build_regularizers`` (the default), every regularizer the spec names is built once
-    per distinct option value, so a bad option fails now; a store re-reading the spec it was
-    created from skips that (and so never imports torch)."""
+    With ``build_regularizers`` (the default), every regularizer the spec names is checked by
+    name and option and built once per distinct option value, so a bad option fails now; a
+    store re-reading the spec it was created from skips those checks (and so never imports
+    torch)."""
     unknown = set(raw) - {"zoo", "fixed", "sweep", "sample"}
     if unknown:
         raise SpecError(f"{sorted(unknown)[0]}: unknown table; expected zoo, fixed, sweep, sample")
@@ -256,16 +257,18 @@ def parse_spec(raw: dict[str, Any], *, build_regularizers: bool = True) -> ZooSp
         raise SpecError(f"{level}: task {zoo['task']} needs its bias level in fixed, sweep or sample")
 
     for axis, value in tables["fixed"].items():
-        tables["fixed"][axis] = checked_value(f"fixed.{axis}", axis, value, task)
+        tables["fixed"][axis] = checked_value(f"fixed.{axis}", axis, value, task, build_regularizers)
     for axis, values in tables["sweep"].items():
         where = f"sweep.{axis}"
         if not isinstance(values, list) or not values:
             raise SpecError(f"{where}: must be a non-empty list of values")
-        tables["sweep"][axis] = same_type(where, [checked_value(where, axis, v, task) for v in values])
+        tables["sweep"][axis] = same_type(where, [checked_value(where, axis, v, task, build_regularizers)
+                                                  for v in values])
     for axis, sampler in tables["sample"].items():
-        tables["sample"][axis] = checked_sampler(f"sample.{axis}", axis, sampler, task)
+        tables["sample"][axis] = checked_sampler(f"sample.{axis}", axis, sampler, task, build_regularizers)
     named = values_given(tables, "regularizer")
-    check_options(tables, seen, named)
+    if build_regularizers:
+        check_options(tables, seen, named)
     if named != {"none"} and build_regularizers:  # only then is the regularizer module (and torch) needed
         check_by_building(zoo, tables, seen, named)
     pools = values_given(tables, "pool")

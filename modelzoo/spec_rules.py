@@ -170,7 +170,9 @@ def check_zoo(zoo: dict[str, Any]) -> None:
             raise SpecError(f"zoo.{key}: must be non-negative, got {zoo[key]}")
 
 
-def checked_value(where: str, axis: str, value: Any, task: Task) -> Any:
+def checked_value(where: str, axis: str, value: Any, task: Task, regularizers: bool = True) -> Any:
+    """``value`` for ``axis``, typed and in range; ``regularizers`` False skips the check of a
+    regularizer's name (which needs :mod:`fairtrain`, and so torch)."""
     if axis.startswith(REG_PREFIX):
         if not isinstance(value, bool | int | float | str):
             raise SpecError(f"{where}: a regularizer option takes a number, a string or a boolean, "
@@ -195,7 +197,7 @@ def checked_value(where: str, axis: str, value: Any, task: Task) -> Any:
         ok, expected = 1 <= value <= LIMITS[axis], f"in [1, {LIMITS[axis]:,}]"
     elif axis in ("train_size", "seed", "gamma"):
         ok, expected = value >= 0, "non-negative"
-    elif axis == "regularizer" and value != "none":
+    elif axis == "regularizer" and value != "none" and regularizers:
         from fairtrain.regularizers import RegularizerError, check_regularizer_name
 
         try:
@@ -207,14 +209,15 @@ def checked_value(where: str, axis: str, value: Any, task: Task) -> Any:
     return value
 
 
-def checked_sampler(where: str, axis: str, sampler: Any, task: Task) -> dict[str, list]:
+def checked_sampler(where: str, axis: str, sampler: Any, task: Task, regularizers: bool = True,
+                    ) -> dict[str, list]:
     if not isinstance(sampler, dict) or len(sampler) != 1 or next(iter(sampler)) not in SAMPLERS:
         raise SpecError(f"{where}: must be one of {{{' | '.join(f'{s} = [...]' for s in SAMPLERS)}}}")
     (how, args), = sampler.items()
     if not isinstance(args, list) or not args:
         raise SpecError(f"{where}.{how}: must be a non-empty list")
     if how == "choice":
-        values = [checked_value(f"{where}.choice", axis, v, task) for v in args]
+        values = [checked_value(f"{where}.choice", axis, v, task, regularizers) for v in args]
         return {how: same_type(f"{where}.choice", values)}
     if len(args) != 2:
         raise SpecError(f"{where}.{how}: needs exactly [low, high]")
@@ -227,7 +230,7 @@ def checked_sampler(where: str, axis: str, sampler: Any, task: Task) -> dict[str
         raise SpecError(f"{where}.int_uniform: axis {axis} is not an integer axis")
     if how != "int_uniform" and kind is int:  # a float drawn for an integer axis would not fit its column
         raise SpecError(f"{where}.{how}: axis {axis} takes integers; use int_uniform = [low, high]")
-    low, high = (checked_value(f"{where}.{how}", axis, v, task) for v in args)
+    low, high = (checked_value(f"{where}.{how}", axis, v, task, regularizers) for v in args)
     if low > high or (how == "log_uniform" and low <= 0):
         raise SpecError(f"{where}.{how}: need 0 < low <= high for log_uniform, low <= high otherwise")
     if not math.isfinite(high - low) or (how == "int_uniform" and high >= INT_LIMIT - 1):
