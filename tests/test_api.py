@@ -168,9 +168,6 @@ def test_the_probe_would_see_torch_if_it_were_imported(small_store: Path) -> Non
     assert "torch" in _heavy_imports(small_store, code)
 
 
-@pytest.mark.xfail(strict=True, reason="modelzoo/spec_rules.py checked_value() and check_options() import "
-                   "fairtrain.regularizers (torch) to check regularizer names and options, even when a "
-                   "store re-reads its own spec with build_regularizers=False")
 def test_reading_a_zoo_with_a_regularizer_imports_no_torch(tmp_path: Path) -> None:
     store = _small_store(tmp_path / "fair.zarr", regularizer="end", reg={"alpha": 0.5})
     assert _heavy_imports(store) == []
