@@ -50,7 +50,13 @@ import zarr
 
 from modelzoo.layouts import ARCH_INFO, arch_layout, layout_records
 from modelzoo.spec import ZooSpec
-from modelzoo.verify import SCALAR_METRICS, block_signatures, group_metric_widths, scan_models
+from modelzoo.verify import (
+    SCALAR_METRICS,
+    block_signatures,
+    config_problems,
+    group_metric_widths,
+    scan_models,
+)
 from modelzoo.zoo import (
     FORMAT,
     FORMAT_VERSION,
@@ -170,15 +176,8 @@ class ZooStore(Zoo):
             g["done"][index] = True
 
     def repair_configs(self) -> list[str]:
-        """Rewrite every config column that no longer matches the spec; return their names.
-
-        A column is checked against the checksum recorded when the store was created (reading
-        it, not rebuilding 20,000 configs); a store without checksums is compared with the spec."""
-        from modelzoo.verify import config_problems
-
-        recorded = self.attrs.get("config_checksums")
-        broken = sorted(config_problems(self)) if recorded is None else \
-            [f"config/{axis}" for axis, crc in recorded.items() if self._column_crc(f"config/{axis}") != crc]
+        """Rewrite every config column that no longer matches the spec; return their names."""
+        broken = sorted(config_problems(self))
         if broken:
             columns = self.spec.config_columns()
             with _writing(self.path, "the repaired config columns"):
@@ -221,12 +220,6 @@ class ZooStore(Zoo):
             for index in scan.lost:
                 self.group["done"][index] = False
         return broken
-
-    def _column_crc(self, name: str) -> int | None:
-        try:
-            return column_checksum(self.column(name))
-        except Exception:  # a missing or unreadable chunk: the column needs rewriting either way
-            return None
 
     def mark_verified(self, blocks: np.ndarray) -> None:
         """Record that ``blocks`` were read back and found intact, as they are on disk now."""
