@@ -82,6 +82,9 @@ def _generate(args: argparse.Namespace) -> int:
     print(f"{summary.store}: {summary.n_trained} models trained this run "
           f"({summary.models_per_hour:.0f} models/hour), "
           f"{summary.n_done}/{summary.n_models} done")
+    if summary.models_per_node:
+        nodes = ", ".join(f"{node}={count}" for node, count in sorted(summary.models_per_node.items()))
+        print(f"models trained per Ray node: {nodes}")
     _print_info(open_zoo(args.out).info())
     return 0
 

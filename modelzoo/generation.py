@@ -61,6 +61,14 @@ class GenerateSummary:
     n_done: int = 0
     failures: list[str] = field(default_factory=list)
     superseded: bool = False  # another driver took the store over during this run
+    models_per_node: dict[str, int] = field(default_factory=dict)  # Ray node id -> models it trained
+
+    def record(self, receipt: dict) -> None:
+        """Count one task's receipt (see :func:`train_block`)."""
+        self.n_trained += len(receipt["trained"])
+        self.superseded |= receipt["superseded"]
+        node = receipt["node_id"]
+        self.models_per_node[node] = self.models_per_node.get(node, 0) + len(receipt["trained"])
 
     @property
     def models_per_hour(self) -> float:
@@ -217,8 +225,7 @@ def _train_pending(spec: ZooSpec, out: str | Path, store: ZooStore, blocks: list
                 try:
                     receipt = ray.get(ready[0])
                     store.verify_blocks([futures[ready[0]][0] // spec.models_per_task])
-                    summary.n_trained += len(receipt["trained"])
-                    summary.superseded |= receipt["superseded"]
+                    summary.record(receipt)
                     bar.update(len(receipt["trained"]))
                 except StoreError as err:
                     # No space, or an unwritable store: every other block would train models
