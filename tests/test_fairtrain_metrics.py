@@ -149,7 +149,9 @@ def test_audc_prefers_a_score_that_ignores_the_group():
     y_true = rng.integers(0, 2, 1000)
     signal = y_true + rng.normal(0, 0.8, 1000)
     fair, biased = audc(y_true, signal, groups), audc(y_true, signal + 1.5 * groups, groups)
-    assert 0.0 <= fair < biased <= 1.0
+    # The group shift adds discrimination at every threshold it moves: about 0.1 more area
+    # (0.27 against 0.37 here; 0.26-0.30 against 0.36-0.38 over seeds 0-4).
+    assert biased > fair + 0.05, (fair, biased)
 
 
 # --------------------------------------------------------------------------- representations

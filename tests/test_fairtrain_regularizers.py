@@ -424,7 +424,7 @@ def test_digit_cnn_trains_with_a_regularizer(name: str, one_thread: None) -> Non
     model_before = model.fc1.weight.detach().clone()
     images, targets = torch.rand(64, 3, 28, 28), torch.randint(0, 10, (64,))
     sensitive = torch.randint(0, 3, (64,))
-    for step in range(20):
+    for step in range(8):  # four passes over each half: enough to move every weight, and stay finite
         idx = torch.arange(step % 2 * 32, step % 2 * 32 + 32)
         logits = model(images[idx])
         loss = F.cross_entropy(logits, targets[idx]) + reg(tap.features, logits, targets[idx], sensitive[idx])
