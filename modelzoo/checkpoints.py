@@ -44,7 +44,7 @@ class CheckpointError(WeightbiasError, ValueError):
 def model_state_dict(zoo: Zoo, index: int) -> dict[str, torch.Tensor]:
     """The state_dict of stored model ``index``; refuses a model that is not done."""
     if not 0 <= index < zoo.n_models:
-        raise IndexError(f"model {index} outside 0..{zoo.n_models - 1}")
+        raise CheckpointError(f"model {index} outside the zoo's models 0..{zoo.n_models - 1}")
     if not zoo.done[index]:
         raise CheckpointError(f"model {index} is not done (not trained yet, or interrupted)")
     return unflatten(zoo.model_weights(index), list(zoo.layout))
@@ -64,23 +64,29 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path,
     metadata = metadata or {}
     suffix = path.suffix.lower()
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Every format goes through a temporary file and a rename: a full disk or a kill never
-    # leaves a truncated checkpoint that looks like a real one.
-    if suffix in TORCH_SUFFIXES:
-        write_atomic(path, lambda handle: torch.save(tensors, handle))
-    elif suffix == ".safetensors":
-        write_bytes_atomic(path, save(tensors, metadata=metadata))
-    elif suffix == ".h5":
-        def write_h5(handle) -> None:
-            with h5py.File(handle, "w") as h5:
-                for name, tensor in tensors.items():
-                    h5.create_dataset(name, data=tensor.numpy())
-                h5.attrs.update(metadata)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; give a file name ending in one of {SUFFIXES}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Every format goes through a temporary file and a rename: a full disk or a kill never
+        # leaves a truncated checkpoint that looks like a real one.
+        if suffix in TORCH_SUFFIXES:
+            write_atomic(path, lambda handle: torch.save(tensors, handle))
+        elif suffix == ".safetensors":
+            write_bytes_atomic(path, save(tensors, metadata=metadata))
+        elif suffix == ".h5":
+            def write_h5(handle) -> None:
+                with h5py.File(handle, "w") as h5:
+                    for name, tensor in tensors.items():
+                        h5.create_dataset(name, data=tensor.numpy())
+                    h5.attrs.update(metadata)
 
-        write_atomic(path, write_h5)
-    else:
-        raise CheckpointError(f"{path}: unknown checkpoint suffix {suffix!r}; use one of {SUFFIXES}")
+            write_atomic(path, write_h5)
+        else:
+            raise CheckpointError(f"{path}: unknown checkpoint suffix {suffix!r}; use one of {SUFFIXES}")
+    except OSError as err:  # a full disk, a read-only folder, a pseudo-filesystem
+        raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err}); nothing was "
+                              "written there") from err
     return path
 
 

@@ -105,6 +105,12 @@ def _print_info(info: dict) -> None:
           f"{info['n_params']:,} params)")
     print(f"models: {info['n_done']}/{info['n_models']} done   size on disk: "
           f"{info['size_on_disk_bytes'] / 2**20:.1f} MiB   data: {info['data_source']}")
+    notes = info.get("data_notes") or {}
+    if "test_size" in notes:
+        print(f"  faces: test set {notes['test_size']}, pools A {notes['pool_sizes']['A']} / "
+              f"B {notes['pool_sizes']['B']}")
+    if notes.get("skipped"):
+        print("  skipped: " + ", ".join(f"{count} {why}" for why, count in sorted(notes["skipped"].items())))
     for axis, values in info["counts_per_axis"].items():
         cells = ", ".join(f"{v}: {c['done']}/{c['total']}" for v, c in values.items())
         print(f"  {axis:<11} {cells}")

@@ -288,7 +288,9 @@ def put_datasets(spec: ZooSpec, blocks: list[list[int]], store: ZooStore,
     where the data came from (which refuses a resume on other data)."""
     needed = set().union(*(block_data_keys(spec, block) for block in blocks))
     datasets, origin, fingerprint = load_datasets(spec, needed, data_dir)
-    store.record_data_source(origin, fingerprint)
+    notes = spec.task_info.data_notes(data_seed=spec.data_seed, arch=spec.arch, dataset=spec.dataset,
+                                      data_dir=data_dir)
+    store.record_data_source(origin, fingerprint, notes)
     check_training_sets(spec, blocks, datasets)
     return {key: ray.put(imageset) for key, imageset in datasets.items()}
 

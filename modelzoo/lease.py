@@ -85,11 +85,17 @@ class Lease:
         return lease.get("host") == self.holder["host"] and lease.get("pid") == self.holder["pid"]
 
     def _write(self) -> None:
-        write_text_atomic(self.path, json.dumps({**self.holder, "renewed": time.time()}))
+        try:
+            write_text_atomic(self.path, json.dumps({**self.holder, "renewed": time.time()}))
+        except OSError as err:  # no space, a read-only or immutable store: one line, like every store write
+            reason = os.strerror(err.errno) if err.errno else str(err)
+            raise StoreError(f"{self.path.parent}: cannot write the generation lease ({reason}); models "
+                             "already done are kept. Free space or make the store writable, then re-run "
+                             "the same command to go on") from err
 
     def _renew(self) -> None:
         while not self._stop.wait(min(RENEW_SECONDS, lease_seconds() / 3)):
-            with contextlib.suppress(OSError):  # a full disk: the run reports it; the lease just ages
+            with contextlib.suppress(StoreError):  # a full disk: the run reports it; the lease just ages
                 self._write()
 
 

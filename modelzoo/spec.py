@@ -203,8 +203,12 @@ def load_spec(path: str | Path) -> ZooSpec:
             raw = tomllib.load(fh)
     except FileNotFoundError as err:
         raise SpecError(f"spec file {path} does not exist") from err
-    except tomllib.TOMLDecodeError as err:
-        raise SpecError(f"{path}: not valid TOML ({err})") from err
+    except IsADirectoryError as err:
+        raise SpecError(f"{path} is a folder; give the spec's .toml file") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: not a TOML text file ({err})") from err
+    except OSError as err:  # a symlink loop, no permission, a device
+        raise SpecError(f"{path}: cannot read the spec ({err.strerror or err})") from err
     return parse_spec(raw)
 
 

@@ -140,7 +140,7 @@ class ZooStore(Zoo):
             self.group.attrs["run_id"] = run_id
         return run_id
 
-    def record_data_source(self, origin: str, fingerprint: str) -> None:
+    def record_data_source(self, origin: str, fingerprint: str, notes: dict | None = None) -> None:
         """Note which data the models are trained on; refuse to mix data within one zoo."""
         recorded = self.group.attrs.get("data_fingerprint")
         if recorded is not None and recorded != fingerprint:
@@ -148,9 +148,10 @@ class ZooStore(Zoo):
                 f"{self.path} was generated from data {self.group.attrs.get('data_source')!r} "
                 f"(fingerprint {recorded}) but this run found {origin!r} (fingerprint {fingerprint}); "
                 "point --data-dir at the same data, or use a new --out")
+        recorded = {"data_source": origin, "data_fingerprint": fingerprint, "data_notes": notes or {}}
         with _writing(self.path, "the data source"):
-            self.group.attrs.update({"data_source": origin, "data_fingerprint": fingerprint})
-        self.attrs.update({"data_source": origin, "data_fingerprint": fingerprint})
+            self.group.attrs.update(recorded)
+        self.attrs.update(recorded)
 
     def check_run(self, run_id: str) -> None:
         """Raise :class:`StaleRunError` unless ``run_id`` is still the store's current run."""

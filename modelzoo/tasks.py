@@ -100,6 +100,12 @@ class Task:
         """The datasets named by ``keys``, and the origin and fingerprint of their source data."""
         raise TaskError(f"task {self.name} loads no data")  # every registered task overrides this
 
+    def data_notes(self, *, data_seed: int, arch: str, dataset: str = "",
+                   data_dir: str | Path | None = None) -> dict[str, object]:
+        """What a person should know of the source data beyond its origin (faces: how many
+        images were skipped and why, and the split sizes); empty when there is nothing to say."""
+        return {}
+
     def training_subset(self, train: ImageSet, config: ModelConfig) -> np.ndarray:
         """Indices of the pool a model trains on: all of it, or a seeded random subset."""
         n_pool = len(train)
@@ -186,6 +192,16 @@ class FaceTask(Task):
             else:
                 datasets[key] = faces.test
         return datasets, str(folder.resolve()), faces.fingerprint
+
+    def data_notes(self, *, data_seed: int, arch: str, dataset: str = "",
+                   data_dir: str | Path | None = None) -> dict[str, object]:
+        from modelzoo.faces import find_face_folder, load_face_data
+        from modelzoo.layouts import arch_info
+
+        size = arch_info(arch).input_shape[-1]
+        faces = load_face_data(find_face_folder(dataset, data_dir), image_size=size, seed=data_seed)  # cached
+        return {"skipped": dict(faces.skipped), "test_size": len(faces.test),
+                "pool_sizes": {"A": len(faces.pool("A")), "B": len(faces.pool("B"))}}
 
     def training_subset(self, train: ImageSet, config: ModelConfig) -> np.ndarray:
         """The group mix of :func:`~modelzoo.faces.skewed_subset`; ``train_size`` 0 means the

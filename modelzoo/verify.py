@@ -81,6 +81,7 @@ def zoo_info(store: Zoo) -> dict[str, Any]:
         "n_params": store.n_params,
         "spec_digest": store.attrs["spec_digest"],
         "data_source": store.attrs.get("data_source"),
+        "data_notes": store.attrs.get("data_notes", {}),
         "bias_level": spec.bias_level,
         "counts_per_axis": counts,
         "ranges_per_axis": ranges,

@@ -133,7 +133,14 @@ class Zoo:
             array = self.group[name]
         except KeyError as err:
             raise StoreError(f"{self.path}: no array {name!r} in this zoo") from err
-        values = np.asarray(read_rows(array))
+        except Exception as err:  # damaged metadata (zarr.json) of that array
+            raise StoreError(f"{self.path}: the metadata of {name!r} is unreadable ({err}); "
+                             "run `weightbias zoo verify`") from err
+        try:
+            values = np.asarray(read_rows(array))
+        except Exception as err:  # a truncated or garbled chunk surfaces as a codec error
+            raise StoreError(f"{self.path}: {name!r} has an unreadable chunk ({err}); run `weightbias zoo "
+                             "verify`, then re-run `zoo generate` with the same spec to repair it") from err
         # zarr hands out numpy's variable-width StringDType, which many libraries reject.
         return np.array(values.tolist(), dtype=str) if values.dtype.kind == "T" else values
 

@@ -256,3 +256,42 @@ def test_a_resume_reads_back_only_blocks_changed_since_they_were_verified(tmp_pa
     # `zoo verify` (which reads every weight) finds it.
     problems = modelzoo.open_zoo(path).verify().problems
     assert problems and all(p.startswith(("model 2", "model 3", "models 2..3")) for p in problems), problems
+
+
+def test_a_spec_that_is_no_text_file_is_one_line(tmp_path: Path) -> None:
+    binary = tmp_path / "spec.toml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    loop = tmp_path / "loop.toml"
+    loop.symlink_to(loop)
+    for path, message in ((binary, "not a TOML text file"), (tmp_path, "is a folder"),
+                          (loop, "cannot read the spec")):
+        result = subprocess.run([*CLI, "zoo", "generate", str(path), "--out", str(tmp_path / "z.zarr")],
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_export_mistakes_are_one_line_and_write_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "zoo.zarr"
+    _fake_zoo(path)
+    (tmp_path / "folder.pt").mkdir()
+    for model, out, message in (("9", "m.pt", "model 9 outside the zoo's models 0..3"),
+                                ("0", "folder.pt", "is a folder"),
+                                ("0", "m.onnx", "unknown checkpoint suffix")):
+        export = [*CLI, "zoo", "export", str(path), "--model", model, "--out", str(tmp_path / out)]
+        result = subprocess.run(export, capture_output=True, text=True)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "m.pt").exists() and not (tmp_path / "m.onnx").exists()
+
+
+def test_a_truncated_metric_chunk_is_named_by_info_and_verify(tmp_path: Path) -> None:
+    path = tmp_path / "zoo.zarr"
+    _fake_zoo(path)
+    chunk = path / "metrics" / "unbiased_acc" / "c" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:3])
+    info = subprocess.run([*CLI, "zoo", "info", str(path)], capture_output=True, text=True)
+    assert info.returncode == 2, info.stderr
+    assert "'metrics/unbiased_acc' has an unreadable chunk" in info.stderr
+    check = subprocess.run([*CLI, "zoo", "verify", str(path)], capture_output=True, text=True)
+    assert check.returncode == 1 and "models 0..1: unreadable chunk" in check.stderr, check.stderr
