@@ -72,10 +72,13 @@ def _non_negative(text: str) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from modelzoo.generation import generate
+    from modelzoo.spec import load_spec
     from modelzoo.zoo import open_zoo
 
-    summary = generate(args.spec, args.out, data_dir=args.data_dir, address=args.address,
+    spec = load_spec(args.spec)  # a bad spec fails here, before torch and Ray are imported
+    from modelzoo.generation import generate
+
+    summary = generate(spec, args.out, data_dir=args.data_dir, address=args.address,
                        num_cpus=args.num_cpus, max_models=args.max_models,
                        cpus_per_task=args.cpus_per_task, gpus_per_task=args.gpus_per_task,
                        overwrite=args.overwrite)

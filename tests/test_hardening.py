@@ -113,6 +113,7 @@ def test_a_deleted_config_chunk_is_found_by_verify_and_repaired_by_a_resume(tmp_
     assert repaired.done.all()  # repairing configs retrains nothing
 
 
+@pytest.mark.slow  # each `zoo export` imports torch: seconds a call
 def test_export_refuses_a_model_whose_weights_are_damaged(tmp_path: Path) -> None:
     path = tmp_path / "zoo.zarr"
     _fake_zoo(path)
@@ -271,6 +272,7 @@ def test_a_spec_that_is_no_text_file_is_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # each `zoo export` imports torch: seconds a call
 def test_export_mistakes_are_one_line_and_write_nothing(tmp_path: Path) -> None:
     path = tmp_path / "zoo.zarr"
     _fake_zoo(path)
