@@ -5,9 +5,12 @@ class per model: :class:`WeightFeatures` (weights → features), then a classifi
 (:mod:`detector.models`: ``boosting``, ``deepsets``, ``dense``, ``layer_conv``). Around it:
 :func:`train_detector` / :func:`evaluate_detector` on zoos (a chunk of weights at a time),
 :func:`save_detector` / :func:`load_detector` (folders loaded without unpickling),
-:func:`score_checkpoint` for a user's own checkpoint, :func:`insidebias` from activations on
-probe images, and :func:`compare`, the regularizer report (:mod:`detector.report`). The
-``weightbias`` command line (:mod:`detector.cli`) only parses, calls these and prints.
+:func:`score_checkpoints` / :func:`score_checkpoint` for a user's own checkpoints, whatever
+their layers are called (a calibrated probability, whether the checkpoint is like the
+detector's training models, the evidence; :class:`Scorer` loads a detector once),
+:func:`insidebias` from activations on probe images, and :func:`compare`, the regularizer
+report (:mod:`detector.report`). The ``weightbias`` command line (:mod:`detector.cli`) only
+parses, calls these and prints.
 
 Names are imported on first use, so ``import detector`` loads neither torch nor scikit-learn.
 
@@ -33,8 +36,9 @@ On a zoo (trains on pool A, scores on pool B, saves the folder ``det``):
 >>> pipeline, info = detector.train_detector("zoo.zarr", target="biased", out="det")  # doctest: +SKIP
 >>> info["heldout"]["accuracy"]  # doctest: +SKIP
 0.98
->>> detector.score_checkpoint("mine.pt", "det")["verdict"]  # doctest: +SKIP
-'biased'
+>>> result = detector.score_checkpoint("mine.pt", "det")  # doctest: +SKIP
+>>> result["verdict"], result["ood"]["in_distribution"]  # doctest: +SKIP
+('biased', True)
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ _EXPORTS = {
     "save_detector": "detector.files", "load_detector": "detector.files",
     "DetectorFileError": "detector.files",
     "score_checkpoint": "detector.scoring", "checkpoint_weights": "detector.scoring",
-    "checkpoint_insidebias": "detector.scoring",
+    "checkpoint_insidebias": "detector.scoring", "score_checkpoints": "detector.scoring",
+    "Scorer": "detector.scoring", "verdict_lines": "detector.scoring",
+    "Reference": "detector.applicability", "wilson_interval": "detector.calibration",
+    "calibrate": "detector.calibration", "TreeEnsemble": "detector.trees",
     "insidebias": "detector.activations", "InsideBiasResult": "detector.activations",
     "InsideBiasError": "detector.activations", "probe_images": "detector.activations",
     "read_probe_folder": "detector.activations",

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from detector.names import DETECTOR_NAMES, SPLITS, TARGETS
 from detector.report import DEFAULT_PERMUTATIONS, PROJECTION_KINDS
+
+EXIT_REFUSED = 2  # as for any bad input (detector.cli): some checkpoint could not be scored
 
 # Handlers import what they call when they run: building the parser (``weightbias --help``)
 # must load neither torch nor scikit-learn nor Ray.
@@ -53,16 +56,20 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate.set_defaults(handler=_evaluate)
 
-    score = subparsers.add_parser("score", help="tell whether a checkpoint carries hidden bias",
-                                  description="Read a checkpoint (.pt state_dict loaded with "
-                                  "weights_only, .safetensors, .h5: ours or Keras), recognise its "
-                                  "architecture and score it with a trained detector; with --probes, add "
-                                  "InsideBias.")
-    score.add_argument("checkpoint", type=Path)
+    score = subparsers.add_parser(
+        "score", help="tell whether checkpoints carry hidden bias, and how sure that is",
+        description="Read checkpoints (.pt/.pth/.ckpt loaded with weights_only, also Lightning and "
+        "{'model_state_dict': ...} dicts; .safetensors; .h5, ours or Keras), recognise each one's "
+        "architecture and width by its layer shapes, whatever its tensors are called, and judge it with "
+        "a trained detector: a calibrated probability, whether the checkpoint is like the detector's "
+        "training models, the features that drove the verdict and the nearest training models. With "
+        "--probes, add InsideBias. Exit status 2 if any checkpoint was refused (the others are scored).")
+    score.add_argument("checkpoints", type=Path, nargs="+", metavar="FILE_OR_DIR",
+                       help="checkpoint files, or folders: every checkpoint file in them")
     score.add_argument("--detector", type=Path, required=True, help="detector folder")
     score.add_argument("--probes", type=Path, help="folder with one sub-folder of images per group")
-    score.add_argument("--arch", help="architecture name, if recognition by tensor names is not wanted")
-    score.add_argument("--json", action="store_true", help="print one JSON object")
+    score.add_argument("--arch", help="architecture name, if it is not to be recognised among all known ones")
+    score.add_argument("--json", action="store_true", help="print one JSON object per checkpoint, one a line")
     score.set_defaults(handler=_score)
 
     inside = subparsers.add_parser("insidebias", help="InsideBias activation ratios of a face model",
@@ -132,15 +139,26 @@ def _scores_lines(scores: dict[str, Any]) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from detector.scoring import FEW_PER_CLASS
     from detector.workflow import train_detector
 
     _, info = train_detector(args.store, detector=args.detector, target=args.target, split=args.split,
                              train_pool=args.train_pool, levels=args.levels, out=args.out,
                              memory_budget=_memory_budget(args), progress=True)
-    zoo = info["zoo"]
-    _print(info, args.json, [f"{args.detector} detector for {args.target} ({args.split} split: "
-                             f"{zoo['n_train']} train, {zoo['n_heldout']} held-out models) -> {args.out}",
-                             *_scores_lines(info["heldout"])])
+    zoo, heldout, calibration = info["zoo"], info["heldout"], info["calibration"]
+    lines = [f"{args.detector} detector for {args.target} ({args.split} split: "
+             f"{zoo['n_train']} train, {zoo['n_heldout']} held-out models) -> {args.out}"]
+    if heldout["accuracy_ci"] is not None:
+        low, high = heldout["accuracy_ci"]
+        lines.append(f"  held-out accuracy {heldout['accuracy']:.1%} (95% CI {low:.1%}-{high:.1%}, "
+                     f"n={heldout['n_models']})")
+    ece = calibration["heldout"]
+    lines.append(f"  calibration: {calibration['method']} {calibration['temperature']:g} on "
+                 f"{calibration['fitted_on']}; held-out ECE {ece['ece_before']} -> {ece['ece_after']}")
+    fewest = min(zoo["n_train_per_class"].values())
+    if fewest < FEW_PER_CLASS:
+        lines.append(f"  trained on only {fewest} models per class: verdicts will say so")
+    _print(info, args.json, lines + _scores_lines(heldout))
     return 0
 
 
@@ -158,15 +176,18 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    from detector.scoring import score_checkpoint, verdict_line
+    from detector.scoring import score_checkpoints, summary_lines, verdict_lines
 
-    result = score_checkpoint(args.checkpoint, args.detector, args.probes, args.arch)
-    lines = [verdict_line(result)]
-    if "insidebias" in result:
-        inside = result["insidebias"]
-        lines.append(f"  InsideBias: lowest group {inside['lowest_group']} (min Λ {inside['min_ratio']:.3f})")
-    _print(result, args.json, lines)
-    return 0
+    results = []
+    for result in score_checkpoints(args.checkpoints, args.detector, arch=args.arch, probes=args.probes,
+                                    progress=True):
+        results.append(result)
+        print(json.dumps(result) if args.json else "\n".join(verdict_lines(result)), flush=True)
+        if "refused" in result:
+            print(f"weightbias: error: {result['checkpoint']}: {result['refused']}", file=sys.stderr)
+    if not args.json and len(results) > 1:
+        print("\n".join(summary_lines(results)))
+    return EXIT_REFUSED if any("refused" in result for result in results) else 0
 
 
 def _insidebias(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, roc_auc_score
 from tqdm.auto import tqdm
 
+from detector.calibration import wilson_interval
 from detector.models import DetectorError
 from detector.names import SPLITS, TARGETS
 from detector.transform import WeightFeatures
@@ -157,8 +158,18 @@ class Scores:
     classes: list[str]
     confusion: list[list[int]]  # rows: true class, columns: predicted class, in ``classes`` order
 
+    @property
+    def accuracy_ci(self) -> tuple[float, float] | None:
+        """95% Wilson interval of the accuracy: on 8 models, 8 right is 68-100%, not "100%"."""
+        if not self.n_models:
+            return None
+        correct = sum(self.confusion[i][i] for i in range(len(self.classes)))
+        return wilson_interval(correct, self.n_models)
+
     def to_dict(self) -> dict[str, Any]:
+        ci = self.accuracy_ci
         return {"n_models": self.n_models, "accuracy": round(self.accuracy, 4),
+                "accuracy_ci": None if ci is None else [round(ci[0], 4), round(ci[1], 4)],
                 "balanced_accuracy": round(self.balanced_accuracy, 4), "auc": round(self.auc, 4),
                 "classes": self.classes, "confusion": self.confusion}
 

@@ -9,6 +9,12 @@ Part of the detector stage. A detector is a folder::
                             and standardisation), as ``<step>.<array>``
     DET/<step>.skops        a scikit-learn step (StandardScaler, MLPClassifier,
                             HistGradientBoostingClassifier) in skops format
+    DET/predictor.safetensors  a boosting detector's trees as plain arrays
+                            (:mod:`detector.trees`): one checkpoint is scored without
+                            importing scikit-learn or skops, which take longer than the rest
+    DET/reference.safetensors  the training zoo's feature rows, labels and rows, for the
+                            applicability check and the evidence of a verdict
+                            (:mod:`detector.applicability`)
 
 Nothing switches on a detector's name. Each step is saved by its class, and only a class on
 an allow-list is ever loaded:
@@ -33,7 +39,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import skops.io as sio
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
@@ -43,9 +48,12 @@ from detector.models import DetectorError, detector_name
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from sklearn.pipeline import Pipeline
 
+    from detector.applicability import Reference
+
 FORMAT = "weightbias-detector"
 FORMAT_VERSION = 2  # 2: a pipeline of steps saved by class (1: one detector object by name)
 ARRAYS = "arrays.safetensors"
+PREDICTOR = "predictor.safetensors"
 # Our own step classes, by qualified name; each implements _save_state / _load_state.
 OWN_TYPES = ("detector.transform.WeightFeatures", "detector.heads.LayerConvClassifier",
              "detector.heads.DeepSetsClassifier")
@@ -76,8 +84,11 @@ def _qualified(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-def save_detector(detector: Pipeline, path: str | Path, info: dict[str, Any] | None = None) -> Path:
-    """Write a fitted detector pipeline (and ``info``: target, zoo, held-out scores...) to folder ``path``."""
+def save_detector(detector: Pipeline, path: str | Path, info: dict[str, Any] | None = None,
+                  reference: Reference | None = None) -> Path:
+    """Write a fitted detector pipeline (and ``info``: target, zoo, held-out scores, calibration...)
+    to folder ``path``; with ``reference``, the training zoo's features for applicability checks."""
+    import skops.io as sio
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(detector)
@@ -101,8 +112,25 @@ def save_detector(detector: Pipeline, path: str | Path, info: dict[str, Any] | N
             "detector": detector_name(detector), "steps": steps,
             "classes": [c.item() if isinstance(c, np.generic) else c for c in detector.classes_],
             **(info or {})}
+    predictor = _export_predictor(detector)
+    if predictor is not None:
+        state, tree_arrays = predictor
+        save_file(tree_arrays, str(path / PREDICTOR))
+        meta["predictor"] = {"kind": "trees", "file": PREDICTOR, "state": state}
+    if reference is not None:
+        meta["reference"] = reference.save(path)
     (path / "detector.json").write_text(json.dumps(meta, indent=2))
     return path
+
+
+def _export_predictor(detector: Pipeline) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
+    """A features → boosting detector's trees as arrays (:mod:`detector.trees`), else None."""
+    from detector.trees import export_trees
+
+    final = detector[-1]
+    if len(detector.steps) != 2 or _qualified(final) != SKOPS_TYPES[2]:
+        return None
+    return export_trees(final)
 
 
 def read_detector_info(path: str | Path) -> dict[str, Any]:
@@ -165,6 +193,8 @@ def _load_step(path: Path, step: dict[str, Any], arrays: dict[str, np.ndarray]) 
         prefix = f"{name}."
         own = {key.removeprefix(prefix): value for key, value in arrays.items() if key.startswith(prefix)}
         return cls._load_state(step["state"], own)
+    import skops.io as sio
+
     data = (path / step["file"]).read_bytes()
     untrusted = set(sio.get_untrusted_types(data=data)) - set(TRUSTED_SKOPS_TYPES)
     if untrusted:

@@ -1,14 +1,29 @@
-"""Scoring: tell a user whether a checkpoint they trained carries hidden bias.
+"""Scoring: tell a user whether checkpoints they trained carry hidden bias, and how sure that is.
 
 Last stage of the flow (detector → **report**). A checkpoint from anywhere (a state_dict in
-``.pt``, ``.safetensors`` or ``.h5``, read without unpickling) is matched to one of our
-architectures by its tensor names and shapes, flattened in layout order and given to a
-trained detector (at another width than the detector's zoo, if the detector is width
-independent); with probe images per group, InsideBias ratios come alongside.
+``.pt``/``.pth``/``.ckpt``, ``.safetensors`` or ``.h5``, read without unpickling, unwrapped from
+Lightning or ``{"model_state_dict": ...}`` dicts by :func:`modelzoo.checkpoints.load_checkpoint`)
+is read as one of our architectures by its structure, whatever its tensors are called
+(:func:`modelzoo.recognition.recognize`), flattened in layout order and judged by a trained
+detector. Each verdict carries what a person needs to trust it or not:
+
+* the probability after the detector's calibration (:mod:`detector.calibration`), and the
+  detector's held-out accuracy with its interval and how many models per class it learned from;
+* ``ood``: whether the checkpoint is like the detector's training models at all
+  (:mod:`detector.applicability`); outside, the line says so and shows no bare probability;
+* ``evidence``: the features that drove the verdict, with the training zoo's range per class,
+  and the nearest training models.
+
+:class:`Scorer` loads a detector folder once for any number of checkpoints
+(:func:`score_checkpoints`). A ``boosting`` detector is scored from its exported trees
+(:mod:`detector.trees`) and never imports scikit-learn: for one checkpoint, importing it would
+cost more than everything else together. Other detectors load their pipeline on first use.
 """
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,101 +31,297 @@ from typing import Any
 import numpy as np
 import torch
 
-from detector.activations import insidebias, probe_images, read_probe_folder
-from detector.files import load_detector
-from detector.models import DetectorError, for_layout
-from modelzoo.architectures import ARCHITECTURES, build_model, layout
-from modelzoo.checkpoints import load_checkpoint
-from modelzoo.layouts import TensorSlot
+from detector.applicability import REFERENCE_KIND, Reference
+from detector.calibration import apply_temperature
+from detector.features import weight_features
+from detector.files import DetectorFileError, load_detector, read_detector_info
+from detector.models import DetectorError
+from modelzoo.checkpoints import SUFFIXES, TORCH_SUFFIXES, load_checkpoint
+from modelzoo.errors import WeightbiasError
+from modelzoo.layouts import TensorSlot, arch_layout, slots_from_records
+from modelzoo.recognition import recognize
 
 UNBIASED_CLASSES = ("unbiased", "balanced")
-
-
-def recognize_architecture(state_dict: dict[str, torch.Tensor], arch: str | None = None) -> tuple[str, float]:
-    """(architecture, width) whose layout has exactly these tensor names and shapes, in any
-    order (safetensors and HDF5 hand tensors back sorted by name)."""
-    candidates = [arch] if arch else list(ARCHITECTURES)
-    for name in candidates:
-        if name not in ARCHITECTURES:
-            raise DetectorError(f"unknown architecture {name!r}; known: {sorted(ARCHITECTURES)}")
-        reference = build_model(name).state_dict()
-        if set(state_dict) != set(reference):
-            continue
-        first = next(iter(reference))
-        if state_dict[first].dim() == 0:
-            continue
-        width = state_dict[first].shape[0] / reference[first].shape[0]
-        if not 0 < width <= 8:
-            continue
-        model = build_model(name, width)
-        if all(tuple(state_dict[key].shape) == tuple(r.shape) for key, r in model.state_dict().items()):
-            return name, width
-    expected = "; ".join(f"{name}: {', '.join(list(build_model(name).state_dict())[:4])}, ..."
-                         for name in candidates if name in ARCHITECTURES)
-    raise DetectorError(f"the checkpoint's tensors ({', '.join(list(state_dict)[:4])}, ...) match no known "
-                        f"architecture at any width; expected {expected}")
+FEW_PER_CLASS = 20  # below this many training models per class, a verdict line warns
+_FEATURES_STEP = "detector.transform.WeightFeatures"
 
 
 @dataclass(frozen=True)
 class CheckpointWeights:
-    """One checkpoint flattened: a (1, P) weight row in the order of ``layout``."""
+    """One checkpoint read as our architecture: a (1, P) weight row in the order of ``layout``."""
 
     weights: np.ndarray
     layout: tuple[TensorSlot, ...]
     arch: str
     width: float
+    state_dict: dict[str, torch.Tensor]  # our tensor names, layout order
+    renamed: dict[str, str]  # the file's name -> ours
 
 
-def checkpoint_weights(state_dict: dict[str, torch.Tensor], arch: str | None = None) -> CheckpointWeights:
-    """One checkpoint as a one-row weight array in layout order (NaN/Inf weights are refused by name)."""
-    name, width = recognize_architecture(state_dict, arch)
-    slots = layout(build_model(name, width))
-    tensors = {slot.name: state_dict[slot.name] for slot in slots}  # layout order, not the file's
-    bad = [key for key, tensor in tensors.items() if not torch.isfinite(tensor.float()).all()]
+def checkpoint_weights(state_dict: dict[str, torch.Tensor], arch: str | None = None,
+                       ordered: bool = True) -> CheckpointWeights:
+    """One checkpoint as a one-row weight array in layout order, recognised by structure
+    (``ordered``: the mapping keeps the network's own order, as a torch state_dict does)."""
+    recognized = recognize(state_dict, arch, ordered)
+    slots = tuple(arch_layout(recognized.arch, recognized.width))
+    theirs = {ours: name for name, ours in recognized.renamed.items()}
+    bad = [theirs[name] for name, tensor in recognized.state_dict.items()
+           if not torch.isfinite(tensor.float()).all()]
     if bad:
         raise DetectorError(f"the checkpoint has NaN or Inf weights in {', '.join(bad)}; not scored")
-    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors.values()]).numpy()[None]
-    return CheckpointWeights(flat, tuple(slots), name, width)
+    flat = torch.cat([recognized.state_dict[slot.name].detach().reshape(-1).float() for slot in slots])
+    return CheckpointWeights(flat.numpy()[None], slots, recognized.arch, recognized.width,
+                             recognized.state_dict, recognized.renamed)
+
+
+def features_of(kind: str, weights: CheckpointWeights) -> np.ndarray:
+    """The ``kind`` weight features (``a+b``: side by side) of one checkpoint, (1, F) float32:
+    what :class:`~detector.transform.WeightFeatures` computes, without scikit-learn."""
+    slots = list(weights.layout)
+    parts = [weight_features(weights.weights, slots, part) for part in kind.split("+")]
+    return np.hstack(parts).astype(np.float32)
+
+
+class Scorer:
+    """A detector folder loaded once, to score any number of checkpoints with :meth:`score`."""
+
+    def __init__(self, detector_dir: str | Path) -> None:
+        self.path = Path(detector_dir)
+        self.meta = meta = read_detector_info(self.path)
+        self.classes = [str(c) for c in meta["classes"]]
+        first = meta["steps"][0]
+        if first.get("class") != _FEATURES_STEP:
+            raise DetectorFileError(f"{self.path}: its first step is a {first.get('class')}, not weight "
+                                    "features")
+        self.kind = first["state"]["kind"]
+        self.layout = slots_from_records(first["state"]["layout"])
+        self.zoo = meta.get("zoo") or {}
+        self.temperature = float((meta.get("calibration") or {}).get("temperature", 1.0))
+        self._pipeline = None
+        try:
+            self.reference = Reference.load(self.path, meta["reference"]) if "reference" in meta else None
+            self.trees = self._trees(meta.get("predictor"))
+        except (OSError, KeyError, ValueError, TypeError, IndexError) as err:
+            raise DetectorFileError(f"{self.path}: damaged detector file ({type(err).__name__}: "
+                                    f"{err})") from err
+
+    def _trees(self, entry: dict[str, Any] | None):
+        if not entry or entry.get("kind") != "trees":
+            return None
+        from safetensors.numpy import load_file
+
+        from detector.files import PREDICTOR
+        from detector.trees import TreeEnsemble
+
+        if entry.get("file") != PREDICTOR:
+            raise ValueError(f"predictor file {entry.get('file')!r}, expected {PREDICTOR!r}")
+        return TreeEnsemble.from_arrays(entry["state"], load_file(str(self.path / PREDICTOR)))
+
+    @property
+    def pipeline(self):
+        """The scikit-learn pipeline, loaded on first use (detectors without exported trees)."""
+        if self._pipeline is None:
+            self._pipeline = load_detector(self.path)[0]
+        return self._pipeline
+
+    # -- one checkpoint --------------------------------------------------------------------------
+    def score(self, checkpoint: str | Path, arch: str | None = None,
+              probes: str | Path | None = None) -> dict[str, Any]:
+        """The verdict on one checkpoint (see the module docstring for what it holds)."""
+        path = Path(checkpoint)
+        ordered = path.suffix.lower() in TORCH_SUFFIXES  # safetensors and HDF5 list names sorted
+        weights = checkpoint_weights(load_checkpoint(path), arch, ordered)
+        self._check_architecture(weights)
+        raw, features = self._raw_proba(weights)
+        proba = apply_temperature(raw[None], self.temperature)[0]
+        predicted = self.classes[int(proba.argmax())]
+        verdict, probability = self._verdict(proba, predicted)
+        result = {"checkpoint": str(checkpoint), "arch": weights.arch, "width": weights.width,
+                  "renamed": {theirs: ours for theirs, ours in weights.renamed.items() if theirs != ours},
+                  "detector": self._summary(), "verdict": verdict, "predicted": predicted,
+                  "probability": round(probability, 4),
+                  "probabilities": dict(zip(self.classes, np.round(proba, 4).tolist(), strict=True)),
+                  "uncalibrated": {"probability": round(self._verdict(raw, predicted)[1], 4),
+                                   "probabilities": dict(zip(self.classes, np.round(raw, 4).tolist(),
+                                                             strict=True))},
+                  "calibrated": self.temperature != 1.0}
+        result |= self._applicability(weights, features, predicted)
+        if probes is not None:
+            from detector.activations import insidebias, read_probe_folder
+            from modelzoo.architectures import build_model
+
+            model = build_model(weights.arch, weights.width)
+            model.load_state_dict(weights.state_dict)
+            images = read_probe_folder(probes, model.input_shape[-1])
+            result["insidebias"] = insidebias(model, images).to_dict()
+        return result
+
+    def _check_architecture(self, weights: CheckpointWeights) -> None:
+        if [s.name for s in weights.layout] != [s.name for s in self.layout]:
+            trained = self.zoo.get("arch") or f"{self.layout[0].name}, ... models"
+            raise DetectorError(f"a {weights.arch} (width {weights.width:g}) is outside the detector's "
+                                f"experience: it learned from {trained} only; not scored")
+
+    def _raw_proba(self, weights: CheckpointWeights) -> tuple[np.ndarray, np.ndarray | None]:
+        """Uncalibrated probabilities, and the classifier's features when it reads weight features
+        directly (the exported trees)."""
+        if self.trees is not None:
+            features = features_of(self.kind, weights)
+            return self.trees.predict_proba(features)[0], features
+        from detector.models import for_layout
+
+        return for_layout(self.pipeline, weights.layout).predict_proba(weights.weights)[0], None
+
+    def _verdict(self, proba: np.ndarray, predicted: str) -> tuple[str, float]:
+        unbiased = [c for c in self.classes if c in UNBIASED_CLASSES]
+        if unbiased:  # a biased-vs-not detector, or a face detector that knows "balanced"
+            p_biased = 1 - sum(float(proba[self.classes.index(c)]) for c in unbiased)
+            return ("unbiased" if predicted in unbiased else "biased"), p_biased
+        return f"{self.meta.get('target', 'class')} {predicted}", float(proba.max())  # e.g. σ² levels
+
+    def _summary(self) -> dict[str, Any]:
+        per_class = self.zoo.get("n_train_per_class") or {}
+        return {"path": str(self.path), "name": self.meta.get("detector"), "target": self.meta.get("target"),
+                "heldout": self.meta.get("heldout"), "trained_on": self.meta.get("zoo"),
+                "calibration": self.meta.get("calibration"),
+                "min_train_per_class": min(per_class.values()) if per_class else None}
+
+    def _applicability(self, weights: CheckpointWeights, features: np.ndarray | None,
+                       predicted: str) -> dict[str, Any]:
+        if self.reference is None:
+            reasons = []
+            if self.zoo.get("width") is not None and abs(weights.width - self.zoo["width"]) > 1e-6:
+                reasons.append(f"width {weights.width:g}; the detector learned from width "
+                               f"{self.zoo['width']:g} only")
+            return {"ood": {"in_distribution": False if reasons else None, "distance_percentile": None,
+                            "reasons": reasons or ["unknown: the detector folder holds no training features; "
+                                                   "retrain it with `weightbias detector train`"]},
+                    "evidence": None}
+        own = features is not None and self.kind == REFERENCE_KIND
+        row = features[0] if own else features_of(REFERENCE_KIND, weights)[0]
+        ood = self.reference.assess(row, weights.arch, weights.width)
+        if own:
+            def proba(rows: np.ndarray) -> np.ndarray:
+                return apply_temperature(self.trees.predict_proba(rows), self.temperature)
+
+            evidence = self.reference.evidence(row, predicted, proba, self.classes)
+        else:
+            evidence = self.reference.evidence(row, predicted)
+        return {"ood": ood, "evidence": evidence}
 
 
 def score_checkpoint(checkpoint: str | Path, detector_dir: str | Path, probes: str | Path | None = None,
                      arch: str | None = None) -> dict[str, Any]:
-    """The verdict on one checkpoint: predicted class, probabilities, the detector's own
-    held-out accuracy and, with a probe folder, InsideBias ratios."""
-    state_dict = load_checkpoint(checkpoint)
-    weights = checkpoint_weights(state_dict, arch)
-    detector, meta = load_detector(detector_dir)
-    proba = for_layout(detector, weights.layout).predict_proba(weights.weights)[0]
-    classes = [str(c) for c in detector.classes_]
-    predicted = classes[int(proba.argmax())]
-    unbiased = [c for c in classes if c in UNBIASED_CLASSES]
-    if unbiased:  # a biased-vs-not detector, or a face detector that knows "balanced"
-        probability = 1 - sum(float(proba[classes.index(c)]) for c in unbiased)
-        verdict = "unbiased" if predicted in unbiased else "biased"
-    else:  # e.g. σ² levels: every class is some bias; report the level
-        probability, verdict = float(proba.max()), f"{meta.get('target', 'class')} {predicted}"
-    result = {
-        "checkpoint": str(checkpoint), "arch": weights.arch, "width": weights.width,
-        "detector": {"path": str(detector_dir), "name": meta.get("detector"), "target": meta.get("target"),
-                     "heldout": meta.get("heldout"), "trained_on": meta.get("zoo")},
-        "verdict": verdict, "probability": round(probability, 4), "predicted": predicted,
-        "probabilities": {c: round(float(p), 4) for c, p in zip(classes, proba, strict=True)},
-    }
-    if probes is not None:
-        model = build_model(weights.arch, weights.width)
-        model.load_state_dict(state_dict)
-        images = read_probe_folder(probes, model.input_shape[-1])
-        result["insidebias"] = insidebias(model, images).to_dict()
-    return result
+    """The verdict on one checkpoint (raises a :class:`~modelzoo.errors.WeightbiasError` if refused)."""
+    return Scorer(detector_dir).score(checkpoint, arch, probes)
+
+
+def checkpoint_files(paths: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
+    """Each path as given, a folder as every checkpoint file in it (by suffix, sorted); with
+    the reason a path cannot be scored at all (None if it can be tried)."""
+    found: list[tuple[Path, str | None]] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
+            empty = f"a folder with no checkpoint files ({', '.join(SUFFIXES)})"
+            found += [(p, None) for p in inside] or [(path, empty)]
+        else:
+            found.append((path, None))
+    return found
+
+
+def score_checkpoints(paths: Iterable[str | Path], detector_dir: str | Path, *, arch: str | None = None,
+                      probes: str | Path | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
+    """Verdicts on many checkpoints (files or folders of them), the detector loaded once.
+
+    Yields one result per checkpoint file, in order: :meth:`Scorer.score`'s dict, or
+    ``{"checkpoint": ..., "refused": reason}`` for a file that cannot be scored (the others
+    still are). A detector folder that cannot be read raises before any checkpoint is read.
+    """
+    scorer = Scorer(detector_dir)
+    files = checkpoint_files(paths)
+    if progress and len(files) > 1:
+        from tqdm import tqdm
+
+        files = tqdm(files, desc="scoring", unit="checkpoint", file=sys.stderr)
+    for path, problem in files:
+        if problem is None:
+            try:
+                yield scorer.score(path, arch, probes)
+                continue
+            except WeightbiasError as err:
+                problem = str(err).removeprefix(f"{path}: ")
+        yield {"checkpoint": str(path), "refused": problem.splitlines()[0] if problem else "refused"}
+
+
+def verdict_lines(result: dict[str, Any]) -> list[str]:
+    """What a person reads first: the verdict line, then the evidence line."""
+    name = result["checkpoint"]
+    if "refused" in result:
+        return [f"{name}: refused: {result['refused']}"]
+    ood, detector = result["ood"], result["detector"]
+    if ood["in_distribution"] is False:
+        head = (f"{name}: outside the detector's experience ({'; '.join(ood['reasons'])}); it would say "
+                f"{result['verdict']}, but its uncalibrated p = {result['uncalibrated']['probability']:.2f} "
+                "is no probability here")
+    else:
+        kind = "calibrated" if result["calibrated"] else "uncalibrated"
+        probabilities = ", ".join(f"{c} {p:.2f}" for c, p in result["probabilities"].items())
+        where = (f"like its training models (distance percentile {ood['distance_percentile']:.0f})"
+                 if ood["in_distribution"] else ood["reasons"][0])
+        head = (f"{name}: {result['verdict']} (p = {result['probability']:.2f}, {kind}) [{probabilities}]; "
+                f"{where}")
+    parts = [head]
+    heldout = detector.get("heldout") or {}
+    if heldout.get("accuracy") is not None:
+        ci = heldout.get("accuracy_ci")
+        interval = f"95% CI {ci[0]:.0%}-{ci[1]:.0%}, " if ci else ""
+        parts.append(f"detector's held-out accuracy {heldout['accuracy']:.1%} "
+                     f"({interval}n={heldout.get('n_models')})")
+    few = detector.get("min_train_per_class")
+    if few is not None and few < FEW_PER_CLASS:
+        parts.append(f"trained on only {few} models per class")
+    parts.append(f"arch {result['arch']} width {result['width']:g}")
+    lines = ["; ".join(parts)]
+    if result.get("evidence"):
+        lines.append(evidence_line(result["evidence"]))
+    if "insidebias" in result:
+        inside = result["insidebias"]
+        lines.append(f"  InsideBias: lowest group {inside['lowest_group']} (min Λ {inside['min_ratio']:.3f})")
+    return lines
 
 
 def verdict_line(result: dict[str, Any]) -> str:
-    """One line a person reads first."""
-    heldout = (result["detector"].get("heldout") or {}).get("accuracy")
-    trust = f" (detector's held-out accuracy {heldout:.1%})" if heldout is not None else ""
-    probabilities = ", ".join(f"{c} {p:.2f}" for c, p in result["probabilities"].items())
-    return (f"{result['checkpoint']}: {result['verdict']} (p = {result['probability']:.2f}) "
-            f"[{probabilities}]{trust}; arch {result['arch']} width {result['width']:g}")
+    """The first of :func:`verdict_lines`."""
+    return verdict_lines(result)[0]
+
+
+def evidence_line(evidence: dict[str, Any]) -> str:
+    """The evidence of a verdict in one line: top features with per-class ranges, nearest models."""
+    features = "; ".join(
+        f"{f['feature']} = {f['value']:.3g} ("
+        + ", ".join(f"{c} {lo:.3g}..{hi:.3g}" for c, (lo, hi) in f["training_range"].items()) + ")"
+        for f in evidence["features"])
+    nearest = ", ".join(f"#{n['zoo_model']} {n['label']} ({n['distance']:.2f})" for n in evidence["nearest"])
+    return f"  why ({evidence['method']}): {features}; nearest zoo models: {nearest}"
+
+
+def summary_lines(results: list[dict[str, Any]]) -> list[str]:
+    """A table of many verdicts: checkpoint, verdict, p, applicability, architecture."""
+    rows = [("checkpoint", "verdict", "p", "applicable", "arch")]
+    for r in results:
+        if "refused" in r:
+            rows.append((r["checkpoint"], "refused", "-", "-", r["refused"][:60]))
+            continue
+        ood = r["ood"]
+        applicable = {True: f"yes (pct {ood['distance_percentile']:.0f})", None: "unknown"}.get(
+            ood["in_distribution"], "NO")
+        p = f"{r['probability']:.2f}" if ood["in_distribution"] is not False else "-"
+        rows.append((r["checkpoint"], r["verdict"], p, applicable, f"{r['arch']} {r['width']:g}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    refused = sum("refused" in r for r in results)
+    return [*lines, f"{len(results) - refused} scored, {refused} refused"]
 
 
 def checkpoint_insidebias(checkpoint: str | Path, *, dataset: str = "utkface_crop_part1",
@@ -118,12 +329,14 @@ def checkpoint_insidebias(checkpoint: str | Path, *, dataset: str = "utkface_cro
                           seed: int = 0) -> dict[str, Any]:
     """InsideBias of a face checkpoint on ``per_group`` probes per group of a face dataset's
     balanced test set (``dataset``: a folder under ``<data root>/faces/``, or a path)."""
+    from detector.activations import insidebias, probe_images
+    from modelzoo.architectures import build_model
     from modelzoo.faces import GROUPS, find_face_folder, load_face_data
 
-    state_dict = load_checkpoint(checkpoint)
-    weights = checkpoint_weights(state_dict)
+    path = Path(checkpoint)
+    weights = checkpoint_weights(load_checkpoint(path), ordered=path.suffix.lower() in TORCH_SUFFIXES)
     model = build_model(weights.arch, weights.width)
-    model.load_state_dict({k: v.float() for k, v in state_dict.items()})
+    model.load_state_dict({k: v.float() for k, v in weights.state_dict.items()})
     faces = load_face_data(find_face_folder(dataset, data_dir), image_size=model.input_shape[-1])
     probes = probe_images(faces.test, GROUPS, per_group, seed)
     return {"checkpoint": str(checkpoint), "per_group": per_group, **insidebias(model, probes).to_dict()}

@@ -20,21 +20,27 @@ from typing import Any
 import numpy as np
 from sklearn.pipeline import Pipeline
 
+from detector.applicability import REFERENCE_KIND, Reference
+from detector.calibration import calibrate
 from detector.evaluate import as_zoo, breakdown, labels, rows_at_levels, scores, split_rows, zoo_features
 from detector.files import load_detector, save_detector
 from detector.models import detector_name, for_layout, make_detector
+from detector.transform import WeightFeatures
 from modelzoo.zoo import Zoo
 
 
 def fit_on_zoo(detector: Pipeline, zoo: Zoo, rows: np.ndarray, y: np.ndarray, *,
-               memory_budget: float | None = None, progress: bool = False) -> Pipeline:
+               memory_budget: float | None = None, progress: bool = False,
+               features: np.ndarray | None = None) -> Pipeline:
     """Fit ``detector`` on the zoo's models ``rows`` with labels ``y``, a chunk of weights at a time.
 
     Returns ``detector``, fitted: its feature step on one model's weights (it learns nothing,
-    so one model or all give the same step), the steps after it on the features of all rows.
+    so one model or all give the same step), the steps after it on the features of all rows
+    (``features``, when the caller has computed them already).
     """
     rows = zoo.checked_rows(rows)
-    features = zoo_features(zoo, rows, detector[0], progress, memory_budget=memory_budget)
+    if features is None:
+        features = zoo_features(zoo, rows, detector[0], progress, memory_budget=memory_budget)
     detector[0].fit(zoo.weights(rows[:1]))
     detector[1:].fit(features, y)  # a slice shares its steps with the pipeline: fits them in place
     return detector
@@ -81,26 +87,50 @@ def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting",
     -------
     (Pipeline, dict)
         The fitted detector, and ``info``: detector name, target, split, levels, the zoo
-        (path, spec digest, task, arch, width, train and held-out counts) and held-out scores.
+        (path, spec digest, task, arch, width, train and held-out counts, training models per
+        class), held-out scores (with the 95% Wilson interval of the accuracy) and the
+        ``calibration`` (:func:`detector.calibration.calibrate`: a temperature fitted on
+        out-of-fold predictions of the training split, held-out ECE before and after).
+        The saved folder also holds the training models' features
+        (:class:`detector.applicability.Reference`) for the applicability of later verdicts.
     """
     zoo = as_zoo(zoo_or_path)
     train_rows, test_rows = split_rows(zoo, split, train_pool)
-    train_rows = rows_at_levels(zoo, train_rows, levels)
+    train_rows = zoo.checked_rows(rows_at_levels(zoo, train_rows, levels))
     test_rows = rows_at_levels(zoo, test_rows, levels)
     y = labels(zoo, target)
     pipeline = make_detector(detector, zoo.layout, **dict(params or {}))
-    fit_on_zoo(pipeline, zoo, train_rows, y[train_rows], memory_budget=memory_budget, progress=progress)
+    features = zoo_features(zoo, train_rows, pipeline[0], progress, memory_budget=memory_budget)
+    fit_on_zoo(pipeline, zoo, train_rows, y[train_rows], features=features)
     proba = zoo_proba(pipeline, zoo, test_rows, memory_budget=memory_budget, progress=progress)
+    # Calibrated on the training split alone: the held-out pool stays an honest test of it.
+    calibration = calibrate(pipeline[1:], features, y[train_rows], pipeline.classes_, proba, y[test_rows])
+    classes, counts = np.unique(y[train_rows], return_counts=True)
     info = {"detector": detector, "target": target, "split": split, "train_pool": train_pool,
             "levels": list(levels) if levels else None,
             "zoo": {"path": str(zoo.path), "spec_digest": zoo.attrs.get("spec_digest"),
                     "task": zoo.task.name, "arch": zoo.arch, "width": zoo.width,
-                    "n_train": len(train_rows), "n_heldout": len(test_rows)},
-            "heldout": scores(y[test_rows], proba, pipeline.classes_).to_dict()}
+                    "n_train": len(train_rows), "n_heldout": len(test_rows),
+                    "n_train_per_class": {str(c): int(n) for c, n in zip(classes, counts, strict=True)}},
+            "heldout": scores(y[test_rows], proba, pipeline.classes_).to_dict(),
+            "calibration": calibration}
     if out is not None:
-        save_detector(pipeline, out, info)
+        reference = _reference(zoo, train_rows, y[train_rows], pipeline, features, memory_budget, progress)
+        save_detector(pipeline, out, info, reference=reference)
         info["out"] = str(out)
     return pipeline, info
+
+
+def _reference(zoo: Zoo, rows: np.ndarray, y: np.ndarray, pipeline: Pipeline, features: np.ndarray,
+               memory_budget: float | None, progress: bool) -> Reference:
+    """The training models' :data:`~detector.applicability.REFERENCE_KIND` features (the
+    detector's own, for boosting), kept beside the detector for applicability checks."""
+    step = pipeline[0]
+    if step.kind != REFERENCE_KIND:
+        step = WeightFeatures(REFERENCE_KIND, zoo.layout)
+        features = zoo_features(zoo, rows, step, progress, memory_budget=memory_budget)
+    names = tuple(step.get_feature_names_out())
+    return Reference(features, np.asarray(y).astype(str), np.asarray(rows), names, zoo.arch, float(zoo.width))
 
 
 def evaluate_detector(detector_dir_or_pipeline: str | Path | Pipeline, zoo_or_path: Zoo | str | Path, *,

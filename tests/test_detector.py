@@ -19,10 +19,11 @@ from detector.cli import main
 from detector.evaluate import labels, rows_at_levels, score_detector, split_rows
 from detector.files import DetectorFileError, load_detector, save_detector
 from detector.models import DETECTORS, DetectorError, for_layout, make_detector
-from detector.scoring import recognize_architecture, score_checkpoint
+from detector.scoring import score_checkpoint
 from detector.workflow import evaluate_detector, train_detector
 from modelzoo.architectures import build_model, flatten, layout
 from modelzoo.generation import generate
+from modelzoo.recognition import RecognitionError, recognize
 from modelzoo.spec import parse_spec
 from modelzoo.store import ZooStore
 from modelzoo.training import ModelResult
@@ -181,11 +182,16 @@ class PlainDigitNet(nn.Module):
 
 
 def test_architecture_is_recognised_from_a_plain_state_dict() -> None:
-    assert recognize_architecture(PlainDigitNet().state_dict()) == ("digit-cnn", 1.0)
-    assert recognize_architecture(PlainDigitNet(12).state_dict()) == ("digit-cnn", 0.5)
+    def arch_width(state_dict: dict) -> tuple[str, float]:
+        recognized = recognize(state_dict)
+        return recognized.arch, recognized.width
+
+    assert arch_width(PlainDigitNet().state_dict()) == ("digit-cnn", 1.0)
+    assert arch_width(PlainDigitNet(12).state_dict()) == ("digit-cnn", 0.5)
     renamed = {k.replace("conv", "layer"): v for k, v in PlainDigitNet().state_dict().items()}
-    with pytest.raises(DetectorError, match=r"match no known architecture.*digit-cnn: conv1\.weight"):
-        recognize_architecture(renamed)
+    assert arch_width(renamed) == ("digit-cnn", 1.0)  # by structure: the names do not matter
+    with pytest.raises(RecognitionError, match=r"tensors the architectures lack: bn\.running_mean"):
+        recognize({**PlainDigitNet().state_dict(), "bn.running_mean": torch.zeros(24)})
 
 
 def _user_model(width: int = 24, red: float = 1.0) -> PlainDigitNet:
@@ -210,7 +216,9 @@ def test_score_judges_plain_checkpoints_at_any_width(signal, tmp_path: Path) -> 
         assert result["probability"] == pytest.approx(result["probabilities"]["biased"], abs=1e-4)
         assert (result["probability"] > 0.5) == (verdict == "biased")
         assert result["detector"] | {"path": None} == {"path": None, "name": "boosting", "target": "biased",
-                                                       "heldout": {"accuracy": 0.9}, "trained_on": None}
+                                                       "heldout": {"accuracy": 0.9}, "trained_on": None,
+                                                       "calibration": None, "min_train_per_class": None}
+        assert result["ood"]["in_distribution"] is None  # saved without the training zoo's features
 
 
 def test_score_command_prints_json_and_refuses_bad_checkpoints(signal, tmp_path: Path, capsys) -> None:
@@ -237,7 +245,7 @@ def test_score_command_prints_json_and_refuses_bad_checkpoints(signal, tmp_path:
     torch.save(nan_state, tmp_path / "nan.pt")
     torch.save({"w": torch.zeros(3)}, tmp_path / "other.pt")
     for name, message in [("bomb.pt", "refused"), ("short.pt", "not a readable"), ("nan.pt", "NaN or Inf"),
-                          ("other.pt", "match no known architecture")]:
+                          ("other.pt", "tensors the architectures lack: w")]:
         assert main(["score", str(tmp_path / name), "--detector", str(folder)]) == 2
         assert message in capsys.readouterr().err
     assert not marker.exists(), "a checkpoint's pickled code must never run"
@@ -270,7 +278,10 @@ def test_train_and_evaluate_a_detector_on_a_zoo(tmp_path: Path) -> None:
     assert info["heldout"]["accuracy"] == 1.0 and info["heldout"]["n_models"] == 11  # pool B, one not done
     assert info["zoo"] | {"path": None, "spec_digest": None} == {
         "path": None, "spec_digest": None, "task": "colored_mnist", "arch": "digit-cnn", "width": 1.0,
-        "n_train": 12, "n_heldout": 11}
+        "n_train": 12, "n_heldout": 11, "n_train_per_class": {"biased": 6, "unbiased": 6}}
+    low, high = info["heldout"]["accuracy_ci"]  # 11 of 11 right: the Wilson interval, not "100%"
+    assert (round(low, 3), high) == (0.741, 1.0)
+    assert info["calibration"]["method"] == "temperature" and info["calibration"]["folds"] == 5
     evaluated = evaluate_detector(tmp_path / "det", zoo, pool="B")
     assert evaluated["scores"] == info["heldout"] and evaluated["target"] == "biased"
     assert evaluate_detector(pipeline, zoo, pool="B", target="biased")["scores"] == info["heldout"]

@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch import nn
 
-from detector.scoring import recognize_architecture
 from modelzoo.architectures import build_model
 from modelzoo.checkpoints import CheckpointError, load_checkpoint
+from modelzoo.recognition import recognize
 
 KERAS = Path(__file__).parent / "data" / "keras"
 
@@ -50,9 +50,10 @@ def as_keras2(source: Path, target: Path) -> Path:
 def test_keras_digit_model_becomes_the_same_digit_cnn(file: str, tmp_path: Path) -> None:
     path = as_keras2(KERAS / "digit_w025.h5", tmp_path / "k2.h5") if file == "keras2" else KERAS / file
     state_dict = load_checkpoint(path)
-    assert recognize_architecture(state_dict) == ("digit-cnn", 0.25)
+    recognized = recognize(state_dict, ordered=False)  # HDF5 keeps no tensor order
+    assert (recognized.arch, recognized.width) == ("digit-cnn", 0.25)
     model = build_model("digit-cnn", 0.25).eval()
-    model.load_state_dict(state_dict)
+    model.load_state_dict(recognized.state_dict)
     x, expected = keras_inputs("digit_w025")
     with torch.no_grad():
         np.testing.assert_allclose(model(x).numpy(), expected, rtol=1e-4, atol=1e-5)
