@@ -137,7 +137,7 @@ def test_an_axis_given_twice_and_a_missing_bias_level_are_errors() -> None:
 def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[zoo\ntask = 1")
-    with pytest.raises(SpecError, match="not valid TOML"):
+    with pytest.raises(SpecError, match=r"bad\.toml: not a TOML text file \(Expected"):
         load_spec(bad)
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "missing.toml")
