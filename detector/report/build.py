@@ -11,11 +11,11 @@ from detector.files import load_detector
 from detector.report import plots
 from detector.report import sections_models as models
 from detector.report import sections_weights as weights
-from detector.report._read import ReportZoo
 from detector.report.context import group_notes, make_context, read_features
 from detector.report.options import MNIST_TASKS, VANILLA, CompareError, check_options
 from detector.report.render import write_report_files
 from detector.report.stats import choose_baseline, jsonable, model_groups, standardise
+from modelzoo.zoo import open_zoo
 
 
 def write_report(store_path: str | Path, out: str | Path, detector: str | Path | None, *, feature_kind: str,
@@ -24,7 +24,7 @@ def write_report(store_path: str | Path, out: str | Path, detector: str | Path |
     """What :func:`detector.report.compare` does (its docstring says what)."""
     check_options(feature_kind, n_permutations, min_models, probes_per_group)
     loaded = load_detector(detector) if detector is not None else None
-    zoo = ReportZoo.open(store_path)
+    zoo = open_zoo(store_path)
     groups = model_groups(zoo)
     out = _output_folder(out)  # only once the zoo is known good: bad input leaves nothing behind
     baseline, fallback_note = choose_baseline(groups, min_models)
@@ -36,7 +36,7 @@ def write_report(store_path: str | Path, out: str | Path, detector: str | Path |
     spec = zoo.spec
     summary: dict[str, Any] = {
         "report": "weightbias compare", "store": str(zoo.path), "task": spec.task, "arch": spec.arch,
-        "width": spec.width, "spec_digest": zoo.spec_digest, "n_models": zoo.n_models,
+        "width": spec.width, "spec_digest": zoo.attrs["spec_digest"], "n_models": zoo.n_models,
         "n_done": len(ctx.rows), "bias_level": spec.bias_level,
         "bias_levels": sorted(set(ctx.level.tolist())),
         "feature_kind": feature_kind, "n_features": int(features.projected.shape[1]),

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
+from detector.evaluate import labels
 from detector.features import feature_names, weight_features
-from detector.report._read import CHUNK_MODELS, ReportZoo
+from detector.report._read import CHUNK_MODELS, weight_blocks
 from detector.report.chroma import chromatic_fraction
 from detector.report.options import PROJECTION_KINDS, CompareError
 from detector.report.stats import Group
 from fairtrain.regularizers import regularizer_options
+from modelzoo.zoo import Zoo
 
 
 @dataclass
@@ -21,7 +23,7 @@ class Context:
     """The zoo, its groups (the baseline first: it leads every table and plot), and per done model,
     ascending: its group label and bias level."""
 
-    zoo: ReportZoo
+    zoo: Zoo
     groups: list[Group]
     baseline: Group
     rows: np.ndarray  # every done model, ascending
@@ -40,7 +42,7 @@ class Context:
         return self.group_of == group.label
 
 
-def make_context(zoo: ReportZoo, groups: list[Group], baseline: Group, min_models: int,
+def make_context(zoo: Zoo, groups: list[Group], baseline: Group, min_models: int,
                  progress: bool) -> Context:
     groups = [baseline, *(g for g in groups if g is not baseline)]
     rows = np.sort(np.concatenate([g.rows for g in groups]))
@@ -48,7 +50,7 @@ def make_context(zoo: ReportZoo, groups: list[Group], baseline: Group, min_model
     for group in groups:
         group_of[np.searchsorted(rows, group.rows)] = group.label
     level_values = zoo.column(f"config/{zoo.spec.bias_level}")[rows]
-    return Context(zoo, groups, baseline, rows, group_of.astype(str), zoo.labels("bias_level")[rows],
+    return Context(zoo, groups, baseline, rows, group_of.astype(str), labels(zoo, "bias_level")[rows],
                    level_values, min_models, progress)
 
 
@@ -60,7 +62,7 @@ def group_notes(ctx: Context) -> list[str]:
     if len(ctx.groups) == 1:
         notes.append(f"the zoo has one group only ('{ctx.groups[0].label}'): there is nothing to compare it "
                      "with, so shifts and distances are left out")
-    for axis in (a for a in ctx.zoo.config_axes() if a.startswith("reg.")):
+    for axis in (a for a in ctx.zoo.config_fields() if a.startswith("reg.")):
         values = ctx.zoo.column(f"config/{axis}")
         for group in ctx.groups:
             takes = axis.removeprefix("reg.") in regularizer_options(group.regularizer)
@@ -81,7 +83,7 @@ class WeightFeatures:
     chroma: np.ndarray | None
 
 
-def read_features(zoo: ReportZoo, rows: np.ndarray, kind: str, colour: bool,
+def read_features(zoo: Zoo, rows: np.ndarray, kind: str, colour: bool,
                   progress: bool = True) -> WeightFeatures:
     """One chunked pass over the weights of ``rows`` for every weight feature the report needs:
     only one chunk of weights is in memory at a time."""
@@ -101,7 +103,7 @@ def read_features(zoo: ReportZoo, rows: np.ndarray, kind: str, colour: bool,
     out = {k: np.empty((len(rows), width), dtype=np.float32) for k, width in widths.items()}
     chroma = np.empty(len(rows)) if colour else None
     n_chunks = -(-len(rows) // CHUNK_MODELS)
-    for start, block in tqdm(zoo.weight_blocks(rows), total=n_chunks, desc="weight features",
+    for start, block in tqdm(weight_blocks(zoo, rows), total=n_chunks, desc="weight features",
                              unit="chunk", disable=not progress):
         stop = start + len(block)
         for k in kinds:

@@ -11,7 +11,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from detector.activations import InsideBiasError, insidebias, probe_images
+from detector.evaluate import labels, split_rows
 from detector.models import DetectorError, for_layout
+from detector.report._read import weight_blocks
 from detector.report.context import Context
 from detector.report.options import CompareError
 from detector.report.stats import describe, jsonable, shares
@@ -67,10 +69,10 @@ def detector_section(ctx: Context, path: str | Path | None,
         notes.append(f"the detector was trained on {ctx.zoo.spec.bias_level} levels {meta['levels']} only; "
                      f"models at other levels ({int((~keep).sum())}) are not scored")
     zoo = meta.get("zoo") or {}
-    if zoo.get("spec_digest") == ctx.zoo.spec_digest:
+    if zoo.get("spec_digest") == ctx.zoo.attrs["spec_digest"]:
         # Scoring the detector's own training models would flatter it: keep its held-out ones only.
         try:
-            _, held_out = ctx.zoo.split_rows(meta.get("split", "pool"), meta.get("train_pool", "A"))
+            _, held_out = split_rows(ctx.zoo, meta.get("split", "pool"), meta.get("train_pool", "A"))
         except DetectorError as err:
             raise CompareError(f"the detector was trained on this zoo but its split cannot be rebuilt "
                                f"({err})") from err
@@ -80,12 +82,11 @@ def detector_section(ctx: Context, path: str | Path | None,
     if not rows.size:
         return {"skipped": "no model of this zoo is left to score (see the notes)", "notes": notes}
     detector = for_layout(detector, ctx.zoo.layout)  # a width-independent detector reads any width
-    proba = np.vstack([detector.predict_proba(chunk)
-                       for chunk in tqdm(ctx.zoo.weight_chunks(rows), desc="detector", unit="chunk",
-                                         disable=not ctx.progress)])
+    chunks = tqdm(weight_blocks(ctx.zoo, rows), desc="detector", unit="chunk", disable=not ctx.progress)
+    proba = np.vstack([detector.predict_proba(chunk) for _, chunk in chunks])
     classes = [str(c) for c in detector.classes_]
     try:
-        truth = ctx.zoo.labels(meta["target"])[rows].astype(str)
+        truth = labels(ctx.zoo, meta["target"])[rows].astype(str)
         if not set(truth) <= set(classes):
             notes.append(f"this zoo's {meta['target']} labels {sorted(set(truth) - set(classes))} are "
                          "unknown to the detector; accuracy is not computed")
@@ -125,7 +126,7 @@ def _face_folder(ctx: Context, data_dir: str | Path | None) -> Path:
     """The face folder to draw probes from: an explicit root first, then the folder the zoo was
     generated from (recorded in the store), then the usual lookup."""
     if data_dir is None:
-        recorded = ctx.zoo.attr("data_source")
+        recorded = ctx.zoo.attrs.get("data_source")
         if recorded and Path(recorded).is_dir():
             return Path(recorded)
     return find_face_folder(ctx.zoo.spec.dataset, data_dir)
@@ -147,13 +148,13 @@ def insidebias_section(ctx: Context, data_dir: str | Path | None, per_group: int
         reason = f"the face probes could not be loaded ({err})"
         return {"skipped": reason, "notes": [f"InsideBias skipped: {reason}"]}
     notes = []
-    if faces.fingerprint != ctx.zoo.attr("data_fingerprint"):
+    if faces.fingerprint != ctx.zoo.attrs.get("data_fingerprint"):
         notes.append(f"the probe images come from {folder}, which is not the face data this zoo was "
                      "trained on")
     min_ratio, lowest = np.full(len(ctx.rows), np.nan), np.full(len(ctx.rows), "dead layer", dtype=object)
     layer = ""
     with tqdm(total=len(ctx.rows), desc="InsideBias", unit="model", disable=not ctx.progress) as bar:
-        for start, block in ctx.zoo.weight_blocks(ctx.rows):
+        for start, block in weight_blocks(ctx.zoo, ctx.rows):
             for offset, row in enumerate(block):
                 model.load_state_dict(unflatten(row, ctx.zoo.layout))
                 result = insidebias(model, probes)
@@ -180,7 +181,7 @@ def insidebias_section(ctx: Context, data_dir: str | Path | None, per_group: int
 def tradeoff_section(ctx: Context) -> dict[str, Any]:
     """Unbiased accuracy against the group-accuracy gap and leakage, per model and per group."""
     values = metrics(ctx)
-    n_groups = len(ctx.zoo.attr("groups", [])) or ctx.zoo.spec.num_groups
+    n_groups = len(ctx.zoo.attrs.get("groups", [])) or ctx.zoo.spec.num_groups
     part = {"y": "unbiased_acc", "x": ["group_acc_gap", "leakage"], "leakage_chance": 1 / n_groups,
             "per_model": {"row": ctx.rows, "group": ctx.group_of, **values},
             "per_group": {g.label: {name: describe(column[ctx.members(g)]) for name, column in values.items()}

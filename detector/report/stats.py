@@ -2,7 +2,7 @@
 permutation test, Holm's adjustment, summaries of values, z-scores, and JSON-ready values.
 
 Nothing here draws or writes; :func:`model_groups` is the only function that reads the zoo (through
-:class:`detector.report._read.ReportZoo`).
+:class:`modelzoo.zoo.Zoo`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from scipy.spatial.distance import cdist
 from detector.report.options import DEFAULT_PERMUTATIONS, VANILLA, CompareError
 
 if TYPE_CHECKING:
-    from detector.report._read import ReportZoo
+    from modelzoo.zoo import Zoo
 
 _PERMUTATION_BATCH = 256
 
@@ -56,7 +56,7 @@ class EnergyTest:
 # ---------------------------------------------------------------- groups and baseline
 
 
-def model_groups(zoo: ReportZoo) -> list[Group]:
+def model_groups(zoo: Zoo) -> list[Group]:
     """The zoo's done models grouped by (regularizer, γ): vanilla first, then by name and γ."""
     done = np.flatnonzero(zoo.done)
     if not done.size:
