@@ -159,6 +159,7 @@ def _heavy_imports(store: Path, code: str = LIGHT_READ) -> list[str]:
     return json.loads(run.stdout.strip().splitlines()[-1])["heavy"]
 
 
+@pytest.mark.slow  # a fresh interpreter importing torch: 3-6 s
 def test_the_probe_would_see_torch_if_it_were_imported(small_store: Path) -> None:
     """Control for the test above: building a spec's regularizers does import torch, and the
     probe reports it."""

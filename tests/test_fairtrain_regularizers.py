@@ -208,7 +208,7 @@ def test_lntl_entropy_term_trains_features_not_the_head() -> None:
     features, logits, targets, sensitive = batch()
     term = reg.entropy_term(features)
     entropy = torch.distributions.Categorical(logits=reg.head(features)).entropy().mean()
-    assert term.item() == pytest.approx(math.log(3) - entropy.item(), rel=1e-6)
+    assert term.item() == pytest.approx(math.log(3) - entropy.item(), abs=1e-6)  # float32 of ~1.1
     term.backward()
     assert all(p.grad is None for p in reg.head.parameters())
     assert features.grad.abs().sum() > 0
