@@ -92,42 +92,43 @@ def _logged(path: Path) -> tuple[Zoo, _Gets]:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FAST))
 def test_chunked_features_fit_and_predict_exactly_as_in_memory(real_zoo: Path, name: str) -> None:
-    from detector.evaluate import labels, zoo_features, zoo_weights
-    from detector.models import DETECTORS, FeatureSet, make_detector
+    from detector.evaluate import labels, zoo_features
+    from detector.models import DETECTORS, make_detector
+    from detector.workflow import fit_on_zoo
 
     assert sorted(DETECTORS) == sorted(FAST)
     store = open_zoo(real_zoo)
     rows = np.flatnonzero(store.done)
     y = labels(store, "bias_level")[rows]
-    detector = make_detector(name, **FAST[name])
-    in_memory = zoo_weights(store, rows)
-    chunked = zoo_features(store, rows, detector, chunk_models=3)  # chunks of 3 over store chunks of 2
-    assert isinstance(chunked, FeatureSet) and chunked.kind == detector.feature_kind
-    np.testing.assert_array_equal(chunked.features, detector.features(in_memory))
+    features = make_detector(name, store.layout)[0]
+    in_memory = store.weights(rows)
+    chunked = zoo_features(store, rows, features, chunk_models=3)  # chunks of 3 over store chunks of 2
+    np.testing.assert_array_equal(chunked, features.transform(in_memory))
     scattered = np.array([7, 0, 5, 0])  # any order, repeats allowed
-    np.testing.assert_array_equal(zoo_features(store, scattered, detector, chunk_models=2).features,
-                                  detector.features(zoo_weights(store, scattered)))
+    np.testing.assert_array_equal(zoo_features(store, scattered, features, chunk_models=2),
+                                  features.transform(store.weights(scattered)))
 
-    from_weights = make_detector(name, **FAST[name]).fit(in_memory, y)
-    from_features = make_detector(name, **FAST[name]).fit(chunked, y)
-    np.testing.assert_array_equal(from_features.predict_proba(chunked), from_weights.predict_proba(in_memory))
-    np.testing.assert_array_equal(from_weights.predict(chunked), from_weights.predict(in_memory))
+    from_weights = make_detector(name, store.layout, **FAST[name]).fit(in_memory, y)
+    from_chunks = fit_on_zoo(make_detector(name, store.layout, **FAST[name]), store, rows, y)
+    np.testing.assert_array_equal(from_chunks.predict_proba(in_memory), from_weights.predict_proba(in_memory))
     if name != "dense" and name != "layer_conv":  # statistics: far fewer numbers than weights
-        assert chunked.features.shape[1] * 10 < store.n_params
+        assert chunked.shape[1] * 10 < store.n_params
 
 
 @pytest.mark.slow
-def test_features_of_another_kind_are_refused(real_zoo: Path) -> None:
+def test_rows_outside_the_zoo_and_raw_detectors_across_widths_are_refused(real_zoo: Path) -> None:
     from detector.evaluate import labels, zoo_features
-    from detector.models import DetectorError, make_detector
+    from detector.models import DetectorError, for_layout, make_detector
+    from modelzoo.layouts import arch_layout
 
     store = open_zoo(real_zoo)
     rows = np.flatnonzero(store.done)
-    raw = zoo_features(store, rows, make_detector("dense"))
-    with pytest.raises(DetectorError, match=r"'raw' features; a BoostingDetector reads 'stats\+first_layer'"):
-        make_detector("boosting").fit(raw, labels(store, "bias_level")[rows])
-    with pytest.raises(DetectorError, match=r"models \[8\] lie outside"):
-        zoo_features(store, np.array([0, 8]), make_detector("boosting"))
+    with pytest.raises(StoreError, match=r"models \[8\] lie outside"):
+        zoo_features(store, np.array([0, 8]), make_detector("boosting", store.layout)[0])
+    dense = make_detector("dense", store.layout, **FAST["dense"]).fit(store.weights(rows),
+                                                                        labels(store, "bias_level")[rows])
+    with pytest.raises(DetectorError, match="reads the exact layout it was trained on"):
+        for_layout(dense, arch_layout("digit-cnn", 1.0))  # the zoo is width 0.5
 
 
 def test_the_reader_asks_the_store_for_one_chunk_of_models_at_a_time(tmp_path: Path) -> None:
@@ -156,7 +157,7 @@ def test_detector_features_read_each_chunk_once(tmp_path: Path) -> None:
     path = tmp_path / "random.zarr"
     _random_store(path, n_models=48, models_per_task=4)
     zoo, gets = _logged(path)
-    features = zoo_features(zoo, np.arange(48), make_detector("boosting"), chunk_models=8)
+    features = zoo_features(zoo, np.arange(48), make_detector("boosting", zoo.layout)[0], chunk_models=8)
     assert len(features) == 48 and len(gets.weight_chunks()) == 12  # each chunk once
 
 
@@ -197,7 +198,7 @@ def test_chunked_features_take_memory_for_one_chunk_however_many_models(tmp_path
     store = _random_store(tmp_path / "random.zarr", n_models=96, models_per_task=4)
     rows = np.arange(96)
     matrix_bytes = 96 * store.n_params * 4
-    detector = make_detector("boosting")
+    detector = make_detector("boosting", store.layout)[0]
     zoo_features(store, rows[:4], detector, chunk_models=4)  # warm caches (metadata, layouts)
 
     quarter_peak, _ = _peak_bytes(zoo_features, store, rows[:24], detector, chunk_models=4)
@@ -206,7 +207,7 @@ def test_chunked_features_take_memory_for_one_chunk_however_many_models(tmp_path
     assert in_memory_peak >= matrix_bytes  # the measure sees the whole matrix when it is held
     assert chunked_peak < 1.25 * quarter_peak, (chunked_peak, quarter_peak)  # flat in the number of models
     assert chunked_peak < matrix_bytes / 3, (chunked_peak, matrix_bytes)
-    np.testing.assert_array_equal(features.features, detector.features(weights))
+    np.testing.assert_array_equal(features, detector.transform(weights))
 
 
 @pytest.mark.slow
