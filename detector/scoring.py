@@ -16,8 +16,9 @@ detector. Each verdict carries what a person needs to trust it or not:
 
 :class:`Scorer` loads a detector folder once for any number of checkpoints
 (:func:`score_checkpoints`). A ``boosting`` detector is scored from its exported trees
-(:mod:`detector.trees`) and never imports scikit-learn: for one checkpoint, importing it would
-cost more than everything else together. Other detectors load their pipeline on first use.
+(:mod:`detector.trees`), a ``deepsets`` one from its saved arrays (:mod:`detector.sethead`),
+and neither imports scikit-learn: for one checkpoint, importing it would cost more than
+everything else together. Other detectors (``dense``, ``layer_conv``) load their pipeline.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from detector.applicability import REFERENCE_KIND, Reference
 from detector.calibration import apply_temperature
-from detector.features import weight_features
+from detector.features import find_layers, weight_features
 from detector.files import DetectorFileError, load_detector, read_detector_info
 from detector.models import DetectorError
 from modelzoo.checkpoints import SUFFIXES, TORCH_SUFFIXES, load_checkpoint
@@ -44,6 +45,7 @@ from modelzoo.recognition import recognize
 UNBIASED_CLASSES = ("unbiased", "balanced")
 FEW_PER_CLASS = 20  # below this many training models per class, a verdict line warns
 _FEATURES_STEP = "detector.transform.WeightFeatures"
+SETHEAD_CLASS = "detector.heads.DeepSetsClassifier"
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,7 @@ class Scorer:
         try:
             self.reference = Reference.load(self.path, meta["reference"]) if "reference" in meta else None
             self.trees = self._trees(meta.get("predictor"))
+            self.sethead = self._sethead(meta["steps"])
         except (OSError, KeyError, ValueError, TypeError, IndexError) as err:
             raise DetectorFileError(f"{self.path}: damaged detector file ({type(err).__name__}: "
                                     f"{err})") from err
@@ -116,6 +119,16 @@ class Scorer:
         if entry.get("file") != PREDICTOR:
             raise ValueError(f"predictor file {entry.get('file')!r}, expected {PREDICTOR!r}")
         return TreeEnsemble.from_arrays(entry["state"], load_file(str(self.path / PREDICTOR)))
+
+    def _sethead(self, steps: list[dict[str, Any]]):
+        if len(steps) != 2 or steps[1].get("class") != SETHEAD_CLASS:
+            return None
+        from safetensors.numpy import load_file
+
+        from detector.files import ARRAYS
+        from detector.sethead import SetHead
+
+        return SetHead.from_step(steps[1], load_file(str(self.path / ARRAYS)))
 
     @property
     def pipeline(self):
@@ -163,11 +176,15 @@ class Scorer:
                                 f"experience: it learned from {trained} only; not scored")
 
     def _raw_proba(self, weights: CheckpointWeights) -> tuple[np.ndarray, np.ndarray | None]:
-        """Uncalibrated probabilities, and the classifier's features when it reads weight features
-        directly (the exported trees)."""
+        """Uncalibrated probabilities, and the classifier's features when it is read from arrays
+        (boosting's exported trees, a DeepSets head) rather than through scikit-learn."""
         if self.trees is not None:
             features = features_of(self.kind, weights)
             return self.trees.predict_proba(features)[0], features
+        if self.sethead is not None:
+            features = features_of(self.kind, weights)
+            sizes = tuple(layer.n_out for layer in find_layers(list(weights.layout))[:-1])
+            return self.sethead.predict_proba(features, sizes)[0], features
         from detector.models import for_layout
 
         return for_layout(self.pipeline, weights.layout).predict_proba(weights.weights)[0], None
@@ -197,7 +214,7 @@ class Scorer:
                             "reasons": reasons or ["unknown: the detector folder holds no training features; "
                                                    "retrain it with `weightbias detector train`"]},
                     "evidence": None}
-        own = features is not None and self.kind == REFERENCE_KIND
+        own = self.trees is not None and self.kind == REFERENCE_KIND  # the classifier reads these features
         row = features[0] if own else features_of(REFERENCE_KIND, weights)[0]
         ood = self.reference.assess(row, weights.arch, weights.width)
         if own:
