@@ -4,7 +4,8 @@ Part of the store stage, on the write side. ``zoo generate`` takes the lease of 
 before any work and renews it every :data:`RENEW_SECONDS` from a background thread; a second
 driver finds a live lease and is refused in one line naming the holder (host, pid, start
 time). A driver that died (SIGKILL, a lost node) stops renewing, and once its lease is older
-than :data:`LEASE_SECONDS` (``$WEIGHTBIAS_LEASE_SECONDS``) a new run takes the store over.
+than :data:`LEASE_SECONDS` (``$WEIGHTBIAS_LEASE_SECONDS``) a new run takes the store over; a
+dead holder on this same machine is seen at once (its process is gone) and not waited for.
 The run-id fence of :mod:`modelzoo.store` stays behind it: even a run that took over a lease
 too early could not have the old run's workers write into the store.
 
@@ -53,7 +54,7 @@ class Lease:
     def acquire(self) -> Lease:
         """Take the lease, or raise :class:`StoreBusyError` naming the live holder."""
         current = read_lease(self.path.parent)
-        if current is not None and not self._ours(current):
+        if current is not None and not self._ours(current) and not self._holder_is_gone(current):
             age = time.time() - current.get("renewed", 0)
             if age < lease_seconds():
                 raise StoreBusyError(
@@ -80,6 +81,19 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    def _holder_is_gone(self, lease: dict[str, Any]) -> bool:
+        """A holder on this machine whose process no longer exists left the lease behind: a resume
+        need not wait for it to expire. (Another machine's holder can only be waited out.)"""
+        if lease.get("host") != self.holder["host"] or not isinstance(lease.get("pid"), int):
+            return False
+        try:
+            os.kill(lease["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
 
     def _ours(self, lease: dict[str, Any]) -> bool:
         return lease.get("host") == self.holder["host"] and lease.get("pid") == self.holder["pid"]
