@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import modelzoo
@@ -14,6 +15,7 @@ from modelzoo.training import training_data, training_subset
 from tests.conftest import tiny_spec_dict
 
 
+@pytest.mark.slow  # renders and caches a ColoredMNIST pool
 def test_the_card_counts_exactly_the_training_subset_the_trainer_draws(tmp_path: Path) -> None:
     spec = modelzoo.parse_spec(tiny_spec_dict())
     card = data_card(spec, 1, tmp_path / "card")  # model 1: σ² 0.05, pool A, 512 images

@@ -72,6 +72,7 @@ def test_an_address_where_no_head_listens_fails_in_seconds_not_forever() -> None
     assert time.perf_counter() - started < 10
 
 
+@pytest.mark.slow  # starts Ray
 def test_gpus_no_node_has_are_refused(ray_local) -> None:
     with pytest.raises(GenerateError, match="no node of the Ray cluster has that many GPUs"):
         check_cluster_fits(1, 1)
