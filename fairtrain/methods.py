@@ -1,0 +1,402 @@
+"""The fairness regularizers themselves, one class per method, each after its paper (DESIGN §4):
+NDR, EnD, GRAD, LNTL, SensitiveNets, BinaryBernoulli, BinaryMI, group-balanced weighting and
+unsupervised pseudo-groups. Each class says where it departs from its source.
+
+Part of the trainer stage; the registry that builds them by name is :mod:`fairtrain.regularizers`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+from fairtrain.base import (
+    HeadRegularizer,
+    Regularizer,
+    RegularizerError,
+    ReversalHeadRegularizer,
+    balanced_weights,
+    binary_entropy,
+    check_gamma,
+    check_int,
+    check_unit,
+    frozen_call,
+    group_onehot,
+    lower_pairs,
+    mean_over_labels,
+    ndr_penalty,
+    pairwise_cosine,
+)
+
+# ----------------------------------------------------------------------------- regularizers
+
+
+class NDR(Regularizer):
+    """Tartaglione & Grangetto 2020: decorrelate the features of samples sharing a sensitive class.
+
+    With ỹ_i = y_i/‖y_i‖ and g^c_ij = ỹ_iᵀỹ_j for samples i, j of sensitive class c,
+
+        R = (1/C) Σ_c (1/M_c) Σ_{i<j ∈ c} |g^c_ij|,   M_c = n_c(n_c − 1)/2,
+
+    i.e. DESIGN's (1/(2M_c)) Σ_{i≠j} with M_c the number of pairs, so each class term is a mean
+    in [0, 1] that does not grow with the batch. Pitfalls handled: the absolute value is taken
+    per entry, not of the sum, so positive and negative cosines of signed (pre-activation)
+    features cannot cancel; a class with fewer than 2 samples in the batch has no pairs and is
+    left out of both the sum and C. Batches should hold every group for the term to see them.
+    """
+
+    name = "ndr"
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        return ndr_penalty(features, sensitive)
+
+
+class EnD(Regularizer):
+    """Tartaglione, Barbano & Grangetto, CVPR 2021: R = α·R_⊥ + β·R_∥ on normalized features.
+
+    R_⊥ ("disentangle") is :class:`NDR`'s term over same-bias pairs. R_∥ ("entangle") pulls
+    together same-class pairs of different bias: per target class y, the mean of (1 − g_ij)/2
+    over its pairs i<j with s_i ≠ s_j, averaged over the classes that have such pairs. It is
+    the reference implementation's 1 − mean (1 + g)/2, so it lies in [0, 1] and is 0 when those
+    pairs are aligned. α = β = 0.1 by default; DESIGN notes larger β, smaller α works better.
+    """
+
+    name = "end"
+
+    def __init__(self, gamma: float = 1.0, *, alpha: float = 0.1, beta: float = 0.1) -> None:
+        super().__init__(gamma)
+        self.alpha = check_gamma(alpha, "alpha")
+        self.beta = check_gamma(beta, "beta")
+
+    def parallel_term(self, features: torch.Tensor, targets: torch.Tensor,
+                      sensitive: torch.Tensor) -> torch.Tensor:
+        """R_∥: mean (1 − g_ij)/2 over same-class, different-bias pairs, averaged per class."""
+        gram = pairwise_cosine(features)
+        mask = ((targets[:, None] == targets[None, :]) & (sensitive[:, None] != sensitive[None, :])
+                & lower_pairs(len(targets), gram.device))
+        return mean_over_labels((1 - gram) / 2, mask, targets)
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        return (self.alpha * ndr_penalty(features, sensitive)
+                + self.beta * self.parallel_term(features, targets, sensitive))
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, alpha={self.alpha}, beta={self.beta}"
+
+
+class GRAD(ReversalHeadRegularizer):
+    """Raff & Sylvester 2018 (gradient reversal against discrimination).
+
+    An attribute head predicts S from the features behind a gradient-reversal layer; the term
+    is R = CE(head(GRL_λ(y)), s), so the trainer's total is L_y + γ·L_s: the head descends
+    L_s, the features ascend it, scaled by γλ. λ = ``grl_weight``, optionally ramped as
+    λ_p = 2/(1+e^(−10p)) − 1 from the ``progress`` p in [0, 1] the trainer sets.
+    """
+
+    name = "grad"
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        return self.bias_loss(features, sensitive)
+
+
+class LNTL(ReversalHeadRegularizer):
+    """Kim et al., CVPR 2019 ("Learning Not to Learn"): a bias head, reversal, and an entropy term.
+
+    R = CE(head(GRL_λ(y)), s) + μ·(log G − H(softmax(head(y)))).
+    The first part is :class:`GRAD`'s. What GRAD lacks is LNTL's mutual-information surrogate:
+    the entropy of the head's prediction is maximized with respect to the *features* only
+    (the head runs with detached weights there, so it is never trained to be uncertain; it only
+    learns S through the CE). log G makes the term ≥ 0 without changing its gradient. Taps may
+    be early feature maps: features (N, C, H, W) are flattened, and ``feature_dim`` is C·H·W.
+    """
+
+    name = "lntl"
+
+    def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int, hidden: int = 0,
+                 grl_weight: float = 1.0, ramp: bool = False, entropy_weight: float = 1.0) -> None:
+        super().__init__(gamma, feature_dim=feature_dim, num_groups=num_groups, hidden=hidden,
+                         grl_weight=grl_weight, ramp=ramp)
+        self.entropy_weight = check_gamma(entropy_weight, "entropy_weight")
+
+    def entropy_term(self, features: torch.Tensor) -> torch.Tensor:
+        """log G − mean entropy of the (frozen) head's prediction; gradient reaches features only."""
+        log_p = F.log_softmax(frozen_call(self.head, features), dim=1)
+        entropy = -(log_p.exp() * log_p).sum(1).mean()
+        return math.log(self.num_groups) - entropy
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        return self.bias_loss(features, sensitive) + self.entropy_weight * self.entropy_term(features)
+
+
+class SensitiveNets(HeadRegularizer):
+    """Morales et al., T-PAMI 2021 (SensitiveNets-style adversary).
+
+    One-vs-rest detectors P_k(y) = σ(head(y))_k of each sensitive class k. The term is
+
+        R = BCE(head(sg(y)), onehot(s)) + mean_{i,k} |q − P_k(y_i)|,   q = 0.9,
+
+    where sg stops the gradient. The detector loss trains the head on detached features, so
+    it cannot move the network; the confusion term evaluates the head with detached *weights*
+    on live features, so it pushes the features toward "every detector fires at q" (the
+    attribute becomes unreadable) while the head is never pushed to be confused.
+    """
+
+    name = "sensitive_nets"
+
+    def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int, hidden: int = 0,
+                 target_prob: float = 0.9) -> None:
+        super().__init__(gamma, feature_dim=feature_dim, num_groups=num_groups, hidden=hidden)
+        self.target_prob = check_unit("target_prob", target_prob)
+
+    def adversary_loss(self, features: torch.Tensor, sensitive: torch.Tensor) -> torch.Tensor:
+        """The detectors' own loss, on detached features: trains the head, never the network."""
+        onehot = F.one_hot(sensitive, self.num_groups).to(features.dtype)
+        return F.binary_cross_entropy_with_logits(self.head(features.detach()), onehot)
+
+    def confusion(self, features: torch.Tensor) -> torch.Tensor:
+        """mean |q − P_k(y)| with the head frozen: gradient reaches the features only."""
+        return (self.target_prob - torch.sigmoid(frozen_call(self.head, features))).abs().mean()
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        return self.adversary_loss(features, sensitive) + self.confusion(features)
+
+
+class BinaryBernoulli(Regularizer):
+    """Cerrato et al., AAAI 2023: a stochastic binary layer and the groups' entropy gap.
+
+    p = σ(τh) on the tapped features h (tap a pre-activation layer so h is signed), τ ≈ 6;
+    T ~ Bernoulli(p) with a straight-through gradient (:meth:`binarize`). With θ_i the batch
+    mean of p_i and θ_i^s its mean over group s,
+
+        R = Σ_i [H_b(θ_i) − Σ_s (N_s/N) H_b(θ_i^s)]   (nats, summed over units),
+
+    the per-unit information the code carries about S; ≥ 0 because H_b is concave. R is
+    computed from p, as DESIGN states, so its gradient does not pass through the sampling.
+    The last code (detached) is kept in ``code`` for inspection; a model that should run on
+    the binary code calls :meth:`binarize` in its own forward.
+    """
+
+    name = "binary_bernoulli"
+
+    def __init__(self, gamma: float = 1.0, *, tau: float = 6.0) -> None:
+        super().__init__(gamma)
+        if not math.isfinite(tau) or tau <= 0:
+            raise RegularizerError(f"tau must be a finite number > 0, got {tau}")
+        self.tau = float(tau)
+        self.code: torch.Tensor | None = None
+
+    def binarize(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(p, T): T sampled in training mode (thresholded at 0.5 in eval), straight-through."""
+        p = torch.sigmoid(self.tau * features)
+        hard = torch.bernoulli(p.detach()) if self.training else (p.detach() > 0.5).to(p.dtype)
+        return p, p + (hard - p).detach()
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        p, code = self.binarize(features)
+        self.code = code.detach()
+        onehot = group_onehot(sensitive, p.dtype)
+        counts = onehot.sum(0)
+        present = counts > 0
+        theta_s = (onehot.T @ p)[present] / counts[present, None]
+        weights = counts[present] / len(p)
+        return (binary_entropy(p.mean(0)) - weights @ binary_entropy(theta_s)).sum()
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, tau={self.tau}"
+
+
+class BinaryMI(Regularizer):
+    """I(T;S) between a k-bit binary code and the sensitive label, differentiable.
+
+    The code is the first ``bits`` units of p = σ(τh) (default 8, so 2^8 = 256 codes; the other
+    units are not constrained). Each sample's probability of each code t is the product of its
+    Bernoulli probabilities, q_n(t) = Π_b p_nb^{t_b}(1 − p_nb)^{1−t_b}; the joint is
+    P(t, s) = (1/N) Σ_{n∈s} q_n(t), and R = H(T) + H(S) − H(T, S) in nats. The published
+    estimator counts sampled codes and passes no gradient; this one is differentiable in p.
+    Unlike :class:`BinaryBernoulli` (per-unit, summed) it sees the bits jointly, so it also
+    catches S encoded in combinations of bits. Cost is O(N · 2^bits); ``bits`` ≤ 16.
+    """
+
+    name = "binary_mi"
+
+    def __init__(self, gamma: float = 1.0, *, bits: int = 8, tau: float = 6.0) -> None:
+        super().__init__(gamma)
+        self.bits = check_int("bits", bits, 1)
+        if self.bits > 16:
+            raise RegularizerError(f"bits must be <= 16 (the joint has 2^bits codes), got {bits}")
+        if not math.isfinite(tau) or tau <= 0:
+            raise RegularizerError(f"tau must be a finite number > 0, got {tau}")
+        self.tau = float(tau)
+        codes = torch.arange(2**self.bits)[:, None] >> torch.arange(self.bits) & 1
+        self.register_buffer("codes", codes.float(), persistent=False)
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        if features.shape[1] < self.bits:
+            raise RegularizerError(f"{self.name}: bits={self.bits} but features have only "
+                                   f"{features.shape[1]} units")
+        h = self.tau * features[:, : self.bits]
+        codes = self.codes.to(h.dtype)
+        # log q_n(t) in log space: products of many probabilities underflow otherwise.
+        log_q = F.logsigmoid(h) @ codes.T + F.logsigmoid(-h) @ (1 - codes).T
+        joint = log_q.exp().T @ group_onehot(sensitive, h.dtype) / len(h)
+
+        def entropy(p: torch.Tensor) -> torch.Tensor:
+            return -(p * p.clamp_min(1e-12).log()).sum()
+
+        return (entropy(joint.sum(1)) + entropy(joint.sum(0)) - entropy(joint)).clamp_min(0)
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, bits={self.bits}, tau={self.tau}"
+
+
+class GroupBalanced(Regularizer):
+    """Equal group weight in the loss (SensitiveLoss-style balancing), as an additive term.
+
+    R = (1/N) Σ_i (w_i − 1)·CE_i with w_i = N/(G·N_{g(i)}) over the G groups present, so
+    mean CE + R = (1/G) Σ_g mean_{i∈g} CE_i, the group-balanced CE. γ interpolates: γ = 1 is
+    exact balancing, γ = 0 plain CE.
+
+    ``per_class=True`` balances the groups inside each target class instead (w_i =
+    N_y/(G_y·N_{y,g(i)})). That is the form that counters a spurious correlation such as
+    colour ↔ digit, where every colour is equally common overall (so plain balancing does
+    nothing) but rare inside each class; plain balancing is the form for a skewed group mix
+    such as a face set dominated by one ethnic group.
+    """
+
+    name = "group_balanced"
+
+    def __init__(self, gamma: float = 1.0, *, per_class: bool = False) -> None:
+        super().__init__(gamma)
+        self.per_class = bool(per_class)
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        weights = balanced_weights(sensitive, targets if self.per_class else None)
+        return ((weights.to(ce.dtype) - 1) * ce).mean()
+
+    def extra_repr(self) -> str:
+        return f"gamma={self.gamma}, per_class={self.per_class}"
+
+
+class UnsupervisedGroups(Regularizer):
+    """Online pseudo-group discovery, for training without sensitive labels.
+
+    Per target class, an online k-means (k = ``clusters``) on the detached, L2-normalized
+    features: centroids live in buffers, are seeded on the first batch that holds ≥ k samples
+    of the class (farthest-point seeding, then a few Lloyd steps), and then follow each batch's
+    cluster means with ``momentum``; the running share of each cluster is tracked the same way.
+    A sample in its class's largest cluster is bias-aligned (pseudo-group 0); any other cluster
+    is bias-conflicting (1). The last pseudo-groups are in ``pseudo_groups``.
+
+    Alone, R up-weights the conflicting samples inside each class: R = (1/N) Σ_i (w_i − 1)·CE_i,
+    w_i = N_y/(G_y·N_{y,g(i)}), so class proportions are kept. With ``inner`` (built by
+    ``get_regularizer("unsupervised+X")``) the pseudo-groups are passed as ``sensitive`` to X
+    and R is X's term (X built with γ = 1; this module's γ scales it). Any ``sensitive`` given
+    is ignored. State updates only in training mode; for the first ``warmup_steps`` training
+    calls the clusters learn but the term is 0, since early features carry little structure.
+    """
+
+    name = "unsupervised"
+    needs_sensitive = False
+
+    def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_classes: int, clusters: int = 2,
+                 momentum: float = 0.9, warmup_steps: int = 0, seed_iters: int = 10,
+                 inner: Regularizer | None = None) -> None:
+        super().__init__(gamma)
+        self.feature_dim = check_int("feature_dim", feature_dim, 1)
+        self.num_classes = check_int("num_classes", num_classes, 1)
+        self.clusters = check_int("clusters", clusters, 2)
+        self.momentum = check_unit("momentum", momentum)
+        self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
+        self.seed_iters = check_int("seed_iters", seed_iters, 0)
+        if inner is not None and (not isinstance(inner, Regularizer)
+                                  or isinstance(inner, UnsupervisedGroups)):
+            raise RegularizerError(f"inner must be a supervised Regularizer, got {type(inner).__name__}")
+        self.inner = inner
+        if inner is not None:
+            self.name = f"unsupervised+{inner.name}"
+        self.register_buffer("centroids", torch.zeros(num_classes, clusters, feature_dim))
+        self.register_buffer("shares", torch.zeros(num_classes, clusters))
+        self.register_buffer("seeded", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.pseudo_groups: torch.Tensor | None = None
+
+    def _validate(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                  sensitive: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        features, targets, sensitive = super()._validate(features, logits, targets, sensitive)
+        if features.shape[1] != self.feature_dim:
+            raise RegularizerError(f"{self.name}: centroids were built for feature_dim={self.feature_dim}, "
+                                   f"features have {features.shape[1]}")
+        if int(targets.max()) >= self.num_classes:
+            raise RegularizerError(f"{self.name}: target {int(targets.max())} out of range for "
+                                   f"num_classes={self.num_classes}")
+        return features, targets, sensitive
+
+    def _seed(self, z: torch.Tensor) -> torch.Tensor:
+        # Deterministic farthest-point seeding: start nearest the class mean (inside the bulk),
+        # so the farthest points found next are the distinct, smaller modes.
+        first = torch.cdist(z.mean(0, keepdim=True), z).argmin()
+        centroids = z[first][None]
+        for _ in range(1, self.clusters):
+            farthest = torch.cdist(z, centroids).min(1).values.argmax()
+            centroids = torch.cat([centroids, z[farthest][None]])
+        for _ in range(self.seed_iters):
+            assign = torch.cdist(z, centroids).argmin(1)
+            for c in range(self.clusters):
+                if (assign == c).any():
+                    centroids[c] = z[assign == c].mean(0)
+        return centroids
+
+    @torch.no_grad()
+    def discover(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Pseudo-groups (N,) of a batch: 1 for bias-conflicting, 0 for bias-aligned."""
+        z = F.normalize(features.detach().float(), dim=1)
+        groups = torch.zeros_like(targets)
+        m = self.momentum
+        for y in targets.unique().tolist():
+            idx = (targets == y).nonzero().squeeze(1)
+            zy = z[idx]
+            if not self.seeded[y]:
+                if not self.training or len(idx) < self.clusters:
+                    continue
+                self.centroids[y] = self._seed(zy)
+                share = torch.bincount(torch.cdist(zy, self.centroids[y]).argmin(1), minlength=self.clusters)
+                self.shares[y] = share.float() / len(idx)
+                self.seeded[y] = True
+            assign = torch.cdist(zy, self.centroids[y]).argmin(1)
+            if self.training:
+                for c in range(self.clusters):
+                    if (assign == c).any():
+                        self.centroids[y, c] = m * self.centroids[y, c] + (1 - m) * zy[assign == c].mean(0)
+                share = torch.bincount(assign, minlength=self.clusters).float() / len(idx)
+                self.shares[y] = m * self.shares[y] + (1 - m) * share
+            groups[idx] = (assign != self.shares[y].argmax()).long()
+        return groups
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        groups = self.discover(features, targets)
+        self.pseudo_groups = groups
+        if self.training:
+            self.steps += 1
+            if int(self.steps) <= self.warmup_steps:
+                return features.new_zeros(())
+        if self.inner is not None:
+            return self.inner(features, logits, targets, groups)
+        ce = F.cross_entropy(logits, targets, reduction="none")
+        return ((balanced_weights(groups, strata=targets).to(ce.dtype) - 1) * ce).mean()
+
+    def extra_repr(self) -> str:
+        return (f"gamma={self.gamma}, clusters={self.clusters}, momentum={self.momentum}, "
+                f"warmup_steps={self.warmup_steps}")
