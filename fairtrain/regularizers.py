@@ -49,7 +49,8 @@ from fairtrain.methods import (
 __all__ = ["GRAD", "LNTL", "MODEL_SHAPES", "NDR", "REGULARIZERS", "BinaryBernoulli", "BinaryMI", "EnD",
            "FeatureTap", "GradientReversal", "GroupBalanced", "Regularizer", "RegularizerError",
            "SensitiveNets", "UnsupervisedGroups", "balanced_weights", "check_regularizer_name",
-           "get_regularizer", "ndr_penalty", "regularizer_for_model", "regularizer_options", "reverse_gradient"]
+           "get_regularizer", "ndr_penalty", "regularizer_for_model", "regularizer_options",
+           "reverse_gradient"]
 
 # ----------------------------------------------------------------------------- feature tap
 
