@@ -9,8 +9,10 @@ remedies, both computed at training time and saved in ``detector.json`` as plain
   renormalised. One number ``T``, fitted by minimum log-loss on *out-of-fold* predictions
   of the training split (each training model scored by a clone of the pipeline that did not
   see it: :func:`out_of_fold_proba`), never on the held-out models, which stay an honest test.
-  It keeps the predicted class (the order of the probabilities does not change), so a
-  calibrated detector gives the same verdicts with truthful confidence. For two classes it is
+  The targets are Laplace-smoothed (:func:`fit_temperature`), so a spotless record on a few
+  models never sharpens a detector into certainty. The temperature keeps the predicted class
+  (the order of the probabilities does not change), so a calibrated detector gives the same
+  verdicts with truthful confidence. For two classes it is
   Platt scaling without an intercept: an intercept would move the threshold, which a split of
   12 models cannot support.
 * **Wilson intervals** (:func:`wilson_interval`): "100% held-out accuracy" on 8 models is a
@@ -63,8 +65,22 @@ def log_loss(proba: np.ndarray, y_index: np.ndarray) -> float:
 
 def fit_temperature(proba: np.ndarray, y_index: np.ndarray) -> float:
     """The temperature of least log-loss on (out-of-fold) probabilities ``proba`` with true
-    class indices ``y_index``; a grid search, so the result is deterministic and bounded."""
-    losses = [log_loss(apply_temperature(proba, 10.0**t), y_index) for t in _LOG10_T]
+    class indices ``y_index``, against Laplace-smoothed targets; a grid search, so the result
+    is deterministic and bounded.
+
+    Why smoothed: a detector right on all 8 of its out-of-fold models would otherwise be told
+    to grow ever surer (the log-loss of n right answers falls to 0 as T → 0), which 8 models
+    cannot justify. The smoothed target gives the true class (s + 1) / (n + 2) where s = n,
+    Laplace's rule of succession, so a perfect record on n models earns confidence near
+    (n + 1) / (n + 2), no more.
+    """
+    proba = np.asarray(proba, dtype=np.float64)
+    n, k = proba.shape
+    epsilon = min(1.0, k / ((k - 1) * (n + 2)))
+    targets = np.full((n, k), epsilon / k)
+    targets[np.arange(n), y_index] += 1 - epsilon
+    logs = [np.log(np.clip(apply_temperature(proba, 10.0**t), _P_FLOOR, 1.0)) for t in _LOG10_T]
+    losses = [-(targets * log).sum(axis=1).mean() for log in logs]
     return float(10.0 ** _LOG10_T[int(np.argmin(losses))])
 
 
