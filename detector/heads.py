@@ -17,6 +17,7 @@ the caller's random stream alone. Fitted state is numpy arrays plus the network'
 from __future__ import annotations
 
 import copy
+from abc import ABCMeta, abstractmethod
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -35,7 +36,7 @@ _STATE_VERSION = 1
 _EPS = 1e-6  # added to every std: a constant input column must not divide by zero
 
 
-class _TorchClassifier(ClassifierMixin, BaseEstimator):
+class _TorchClassifier(ClassifierMixin, BaseEstimator, metaclass=ABCMeta):
     """What both heads share: validation, seeded full-batch training, probabilities, saving."""
 
     _parameter_constraints: ClassVar[dict] = {
@@ -89,17 +90,21 @@ class _TorchClassifier(ClassifierMixin, BaseEstimator):
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
     # -- what a subclass says ------------------------------------------------------------------
+    @abstractmethod
     def _check_structure(self, n_features: int) -> None:
-        raise NotImplementedError
+        """Each head says this for its own structure."""
 
+    @abstractmethod
     def _fit_scaling(self, X: np.ndarray) -> None:
-        raise NotImplementedError
+        """Each head says this for its own structure."""
 
+    @abstractmethod
     def _inputs(self, X: np.ndarray) -> list[torch.Tensor]:
-        raise NotImplementedError
+        """Each head says this for its own structure."""
 
+    @abstractmethod
     def _network(self, n_classes: int) -> nn.Module:
-        raise NotImplementedError
+        """Each head says this for its own structure."""
 
     # -- detector files (detector.files) -------------------------------------------------------
     def _save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
