@@ -86,19 +86,6 @@ def rows_at_levels(zoo: Zoo, rows: np.ndarray, levels: list[str] | None) -> np.n
     return rows[np.isin(values[rows], levels)]
 
 
-def zoo_weights(zoo: Zoo, rows: np.ndarray, progress: bool = False) -> np.ndarray:
-    """The flat weight rows (len(rows), P) float32 of done models ``rows``, read chunk by chunk."""
-    rows = zoo.checked_rows(rows)
-    weights = np.empty((len(rows), zoo.n_params), dtype=np.float32)
-    start = 0
-    with tqdm(total=len(rows), unit="model", desc="reading weights", disable=not progress) as bar:
-        for chunk_rows, chunk in zoo.weight_chunks(rows):
-            weights[start : start + len(chunk_rows)] = chunk
-            start += len(chunk_rows)
-            bar.update(len(chunk_rows))
-    return weights
-
-
 def zoo_features(zoo: Zoo, rows: np.ndarray, features: WeightFeatures, progress: bool = False,
                  chunk_models: int = CHUNK_MODELS, memory_budget: float | None = None) -> np.ndarray:
     """``features`` of the done models ``rows`` (len(rows), F) float32, computed chunk by chunk.

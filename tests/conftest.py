@@ -84,3 +84,14 @@ def random_zoo(path: Path, spec: ZooSpec, n_done: int | None = None, seed: int =
             g[f"metrics/{name}"][start:stop] = rng.uniform(0.1, 1, stop - start).astype(np.float32)
         g["done"][start:stop] = True
     return store
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny networks gain nothing from threads, and lose badly on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -33,13 +33,7 @@ from tests.conftest import tiny_spec_dict
 FAST = {"layer_conv": {"epochs": 60}, "deepsets": {"epochs": 150}, "dense": {"max_iter": 200}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny full-batch networks gain nothing from threads, and lose badly on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def colour_signal_weights(n: int, width: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple]:

@@ -41,13 +41,7 @@ FAST = {"layer_conv": {"epochs": 40}, "deepsets": {"epochs": 60}, "dense": {"max
         "boosting": {"max_iter": 40}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny full-batch networks gain nothing from threads, and lose badly on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def weight_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple]:

@@ -192,7 +192,7 @@ def test_reading_in_chunks_takes_memory_for_one_chunk_however_many_models(tmp_pa
 
 @pytest.mark.slow  # tracemalloc slows every allocation of three full passes
 def test_chunked_features_take_memory_for_one_chunk_however_many_models(tmp_path: Path) -> None:
-    from detector.evaluate import zoo_features, zoo_weights
+    from detector.evaluate import zoo_features
     from detector.models import make_detector
 
     store = _random_store(tmp_path / "random.zarr", n_models=96, models_per_task=4)
@@ -203,7 +203,7 @@ def test_chunked_features_take_memory_for_one_chunk_however_many_models(tmp_path
 
     quarter_peak, _ = _peak_bytes(zoo_features, store, rows[:24], detector, chunk_models=4)
     chunked_peak, features = _peak_bytes(zoo_features, store, rows, detector, chunk_models=4)
-    in_memory_peak, weights = _peak_bytes(zoo_weights, store, rows)
+    in_memory_peak, weights = _peak_bytes(store.weights, rows)
     assert in_memory_peak >= matrix_bytes  # the measure sees the whole matrix when it is held
     assert chunked_peak < 1.25 * quarter_peak, (chunked_peak, quarter_peak)  # flat in the number of models
     assert chunked_peak < matrix_bytes / 3, (chunked_peak, matrix_bytes)

@@ -47,13 +47,7 @@ from tests.conftest import tiny_spec_dict
 STRONG, WEAK = 0.005, 0.5  # σ²: colour nearly fixed by the digit, or barely related to it
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small networks gain nothing from threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class TheirNet(nn.Module):
