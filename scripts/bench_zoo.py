@@ -44,9 +44,9 @@ from fairtrain.metrics import representation_leakage
 from modelzoo.architectures import build_model
 from modelzoo.generation import block_data_keys, generate, load_datasets, start_ray
 from modelzoo.spec import ZooSpec, parse_spec
-from modelzoo.zoo import open_zoo
 from modelzoo.training import TrainingData, evaluate, fit, seeded_model, training_subset
 from modelzoo.vectorized import ModelJob, fit_jobs, plan_groups
+from modelzoo.zoo import open_zoo
 
 
 def bench_spec(task: str, n_models: int, train_size: int, eval_size: int, models_per_task: int) -> ZooSpec:
