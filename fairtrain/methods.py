@@ -17,6 +17,7 @@ from fairtrain.base import (
     Regularizer,
     RegularizerError,
     ReversalHeadRegularizer,
+    Tap,
     balanced_weights,
     binary_entropy,
     check_gamma,
@@ -48,6 +49,9 @@ class NDR(Regularizer):
     """
 
     name = "ndr"
+    # The paper's Table I taps conv1's pre-activation or fc1; fc1's pre-activation keeps the
+    # features signed, so switching units off (all-zero post-ReLU vectors, R = 0) cannot satisfy R.
+    default_tap = Tap(None, "pre")
 
     def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                 sensitive: torch.Tensor | None) -> torch.Tensor:
@@ -65,6 +69,9 @@ class EnD(Regularizer):
     """
 
     name = "end"
+    # EnD's network ends in tanh and normalises after it; here tanh of the bottleneck's
+    # pre-activation is what the term reads (the classifier itself keeps digit-cnn's ReLU).
+    default_tap = Tap(None, "tanh")
 
     def __init__(self, gamma: float = 1.0, *, alpha: float = 0.1, beta: float = 0.1) -> None:
         super().__init__(gamma)
@@ -85,7 +92,7 @@ class EnD(Regularizer):
                 + self.beta * self.parallel_term(features, targets, sensitive))
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, alpha={self.alpha}, beta={self.beta}"
+        return f"{super().extra_repr()}, alpha={self.alpha}, beta={self.beta}"
 
 
 class GRAD(ReversalHeadRegularizer):
@@ -98,6 +105,7 @@ class GRAD(ReversalHeadRegularizer):
     """
 
     name = "grad"
+    default_tap = Tap(None, "relu")  # reversal on the trunk's output: the post-ReLU bottleneck
 
     def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                 sensitive: torch.Tensor | None) -> torch.Tensor:
@@ -116,6 +124,7 @@ class LNTL(ReversalHeadRegularizer):
     """
 
     name = "lntl"
+    default_tap = Tap("conv2", "relu")  # Kim et al.'s heads sit on an early map (their conv2)
 
     def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int, hidden: int = 0,
                  grl_weight: float = 1.0, ramp: bool = False, entropy_weight: float = 1.0) -> None:
@@ -148,6 +157,7 @@ class SensitiveNets(HeadRegularizer):
     """
 
     name = "sensitive_nets"
+    default_tap = Tap(None, "relu")  # the embedding the detectors read: the post-ReLU bottleneck
 
     def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int, hidden: int = 0,
                  target_prob: float = 0.9) -> None:
@@ -171,7 +181,8 @@ class SensitiveNets(HeadRegularizer):
 class BinaryBernoulli(Regularizer):
     """Cerrato et al., AAAI 2023: a stochastic binary layer and the groups' entropy gap.
 
-    p = σ(τh) on the tapped features h (tap a pre-activation layer so h is signed), τ ≈ 6;
+    p = σ(τh) on the tapped features h (by default h = tanh of the bottleneck's pre-activation,
+    signed, as the source's σ(6·tanh(·))), τ ≈ 6;
     T ~ Bernoulli(p) with a straight-through gradient (:meth:`binarize`). With θ_i the batch
     mean of p_i and θ_i^s its mean over group s,
 
@@ -184,6 +195,7 @@ class BinaryBernoulli(Regularizer):
     """
 
     name = "binary_bernoulli"
+    default_tap = Tap(None, "tanh")  # p = σ(τ·tanh(h)), the source's σ(6·tanh(·))
 
     def __init__(self, gamma: float = 1.0, *, tau: float = 6.0) -> None:
         super().__init__(gamma)
@@ -210,7 +222,7 @@ class BinaryBernoulli(Regularizer):
         return (binary_entropy(p.mean(0)) - weights @ binary_entropy(theta_s)).sum()
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, tau={self.tau}"
+        return f"{super().extra_repr()}, tau={self.tau}"
 
 
 class BinaryMI(Regularizer):
@@ -226,6 +238,7 @@ class BinaryMI(Regularizer):
     """
 
     name = "binary_mi"
+    default_tap = Tap(None, "tanh")  # as BinaryBernoulli: σ(τ·tanh(h))
 
     def __init__(self, gamma: float = 1.0, *, bits: int = 8, tau: float = 6.0) -> None:
         super().__init__(gamma)
@@ -255,7 +268,7 @@ class BinaryMI(Regularizer):
         return (entropy(joint.sum(1)) + entropy(joint.sum(0)) - entropy(joint)).clamp_min(0)
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, bits={self.bits}, tau={self.tau}"
+        return f"{super().extra_repr()}, bits={self.bits}, tau={self.tau}"
 
 
 class GroupBalanced(Regularizer):
@@ -285,7 +298,7 @@ class GroupBalanced(Regularizer):
         return ((weights.to(ce.dtype) - 1) * ce).mean()
 
     def extra_repr(self) -> str:
-        return f"gamma={self.gamma}, per_class={self.per_class}"
+        return f"{super().extra_repr()}, per_class={self.per_class}"
 
 
 class UnsupervisedGroups(Regularizer):
@@ -398,5 +411,5 @@ class UnsupervisedGroups(Regularizer):
         return ((balanced_weights(groups, strata=targets).to(ce.dtype) - 1) * ce).mean()
 
     def extra_repr(self) -> str:
-        return (f"gamma={self.gamma}, clusters={self.clusters}, momentum={self.momentum}, "
+        return (f"{super().extra_repr()}, clusters={self.clusters}, momentum={self.momentum}, "
                 f"warmup_steps={self.warmup_steps}")

@@ -1,35 +1,38 @@
 """Fairness regularizers: loss terms that change what one model learns about a sensitive attribute.
 
 Part of the trainer stage (dataset → **trainer + regularizer** → store). A regularizer is an
-``nn.Module`` that reads the features of a named bottleneck layer (through a
-:class:`FeatureTap`) and returns γ·R, the term the trainer adds to its task loss. The trainer
-does not know which regularizer it runs::
+``nn.Module`` that declares where it reads its features (its :class:`Tap`: a layer and an
+activation, after its source paper), hooks itself onto the model, and returns γ·R, the term
+the trainer adds to its task loss. The trainer does not know which regularizer it runs::
 
-    tap = FeatureTap(model, "fc1", activation=torch.relu)
-    reg = get_regularizer("grad", gamma=1.0, feature_dim=128, num_groups=3)
+    reg = regularizer_for_network("grad", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10)
     optimizer = torch.optim.Adam([*model.parameters(), *reg.parameters()])
-    logits = model(images)
-    loss = F.cross_entropy(logits, targets) + reg(tap.features, logits, targets, sensitive)
+    with reg.attach(model) as tap:
+        logits = model(images)
+        loss = F.cross_entropy(logits, targets) + reg(tap.features, logits, targets, sensitive)
 
 Heads (attribute detectors) are built in ``__init__`` from explicit ``feature_dim`` and
 ``num_groups`` arguments, never lazily: a head created on the first forward would be missing
 from ``reg.parameters()`` when the optimizer is built, and would silently never train.
+:func:`regularizer_for_network` measures ``feature_dim`` at the tap for you.
 Formulas and sources are those of DESIGN §4; each class says where it departs from them.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
-import torch
 from torch import nn
 
 from fairtrain.base import (  # re-exported: the regularizer API in one place
+    ACTIVATIONS,
+    FeatureTap,
     GradientReversal,
     Regularizer,
     RegularizerError,
+    Tap,
     balanced_weights,
     ndr_penalty,
     reverse_gradient,
@@ -46,60 +49,35 @@ from fairtrain.methods import (
     UnsupervisedGroups,
 )
 
-__all__ = ["GRAD", "LNTL", "MODEL_SHAPES", "NDR", "REGULARIZERS", "BinaryBernoulli", "BinaryMI", "EnD",
-           "FeatureTap", "GradientReversal", "GroupBalanced", "Regularizer", "RegularizerError",
-           "SensitiveNets", "UnsupervisedGroups", "balanced_weights", "check_regularizer_name",
-           "get_regularizer", "ndr_penalty", "regularizer_for_model", "regularizer_options",
-           "reverse_gradient"]
-
-# ----------------------------------------------------------------------------- feature tap
-
-
-class FeatureTap:
-    """Capture the output of a named submodule on every forward pass (a forward hook).
-
-    ``layer`` defaults to the model's ``bottleneck`` attribute. The captured tensor keeps its
-    graph, so a regularizer's gradient flows back into the model. Note that it is the
-    *module's* output: DigitCNN applies its ReLU inside ``features()``, after ``fc1``, so
-    tapping "fc1" gives the pre-activation; pass ``activation=torch.relu`` to get the exact
-    bottleneck. A module called twice in one forward keeps the last call's output.
-    """
-
-    def __init__(self, model: nn.Module, layer: str | None = None,
-                 activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
-        layer = layer if layer is not None else getattr(model, "bottleneck", None)
-        modules = dict(model.named_modules())
-        if not layer or layer not in modules:
-            available = [name for name in modules if name]
-            raise RegularizerError(f"{type(model).__name__} has no layer {layer!r}; available: {available}")
-        self.layer = layer
-        self.activation = activation
-        self._features: torch.Tensor | None = None
-        self._handle = modules[layer].register_forward_hook(self._capture)
-
-    def _capture(self, module: nn.Module, inputs: tuple, output: object) -> None:
-        if not isinstance(output, torch.Tensor):
-            raise RegularizerError(f"layer {self.layer!r} returned {type(output).__name__}, not a tensor")
-        self._features = output if self.activation is None else self.activation(output)
-
-    @property
-    def features(self) -> torch.Tensor:
-        """The tapped layer's output from the latest forward pass."""
-        if self._features is None:
-            raise RegularizerError(f"no forward pass through {self.layer!r} since the tap was attached")
-        return self._features
-
-    def remove(self) -> None:
-        """Detach the hook and drop the last features."""
-        self._handle.remove()
-        self._features = None
-
-    def __enter__(self) -> FeatureTap:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.remove()
-
+__all__ = [
+    "ACTIVATIONS",
+    "GRAD",
+    "LNTL",
+    "MODEL_SHAPES",
+    "NDR",
+    "REGULARIZERS",
+    "TAP_OPTIONS",
+    "BinaryBernoulli",
+    "BinaryMI",
+    "EnD",
+    "FeatureTap",
+    "GradientReversal",
+    "GroupBalanced",
+    "Regularizer",
+    "RegularizerError",
+    "SensitiveNets",
+    "Tap",
+    "UnsupervisedGroups",
+    "balanced_weights",
+    "check_regularizer_name",
+    "get_regularizer",
+    "ndr_penalty",
+    "regularizer_for_model",
+    "regularizer_for_network",
+    "regularizer_options",
+    "regularizer_tap",
+    "reverse_gradient",
+]
 
 # ----------------------------------------------------------------------------- registry
 
@@ -138,14 +116,28 @@ def get_regularizer(name: str, gamma: float = 1.0, **options: Any) -> Regularize
     """Build a registered regularizer by name, e.g. ``get_regularizer("grad", 1.0, feature_dim=128,
     num_groups=3)``. "unsupervised+X" wraps X in :class:`UnsupervisedGroups`: options go to the
     constructor(s) that accept them (``feature_dim`` to both), and X's ``num_groups`` defaults to 2,
-    the number of pseudo-groups."""
+    the number of pseudo-groups. Every regularizer also takes ``layer`` and ``activation``, which
+    override its source's :class:`Tap`."""
+    tap_options = {k: options.pop(k) for k in TAP_OPTIONS if k in options}
+    regularizer = _build_named(name, gamma, options)
+    regularizer.tap = _tap(type(regularizer).default_tap, tap_options)
+    return regularizer
+
+
+def _tap(default: Tap, options: Mapping[str, Any]) -> Tap:
+    """``default`` with the user's ``layer`` / ``activation`` options applied."""
+    return Tap(options.get("layer", default.layer), options.get("activation", default.activation))
+
+
+def _build_named(name: str, gamma: float, options: dict[str, Any]) -> Regularizer:
     base, plus, inner_name = name.partition("+")
     if not plus:
         cls = _lookup(name)
         accepted, _ = _option_names(cls)
         unknown = sorted(set(options) - accepted)
         if unknown:
-            raise RegularizerError(f"{name} does not take options {unknown}; it accepts {sorted(accepted)}")
+            raise RegularizerError(f"{name} does not take options {unknown}; it accepts "
+                                   f"{sorted(accepted | set(TAP_OPTIONS))}")
         return _build(cls, gamma, options, name)
     if base != UnsupervisedGroups.name:
         raise RegularizerError(f"composite names take the form 'unsupervised+X', got {name!r}")
@@ -158,7 +150,7 @@ def get_regularizer(name: str, gamma: float = 1.0, **options: Any) -> Regularize
     unknown = sorted(set(options) - outer_accepts - inner_accepts)
     if unknown:
         raise RegularizerError(f"{name} does not take options {unknown}; it accepts "
-                               f"{sorted(outer_accepts | inner_accepts)}")
+                               f"{sorted(outer_accepts | inner_accepts | set(TAP_OPTIONS))}")
     inner_options = {k: v for k, v in options.items() if k in inner_accepts}
     if "num_groups" in inner_accepts:
         inner_options.setdefault("num_groups", 2)
@@ -179,6 +171,8 @@ def check_regularizer_name(name: str) -> None:
 
 # What a trainer fills in from the model and the data; everything else is the user's to set.
 MODEL_SHAPES = ("feature_dim", "num_groups", "num_classes")
+# Options every regularizer takes: where it reads its features (see :class:`Tap`).
+TAP_OPTIONS = ("layer", "activation")
 
 
 def regularizer_options(name: str) -> set[str]:
@@ -188,7 +182,16 @@ def regularizer_options(name: str) -> set[str]:
     if name == "none":
         return set()
     parts = [part for part in name.partition("+")[::2] if part]
-    return set().union(*(_option_names(_lookup(part))[0] for part in parts)) - set(MODEL_SHAPES)
+    own = set().union(*(_option_names(_lookup(part))[0] for part in parts)) - set(MODEL_SHAPES)
+    return own | set(TAP_OPTIONS)
+
+
+def regularizer_tap(name: str, options: Mapping[str, Any] | None = None) -> Tap:
+    """Where ``name`` reads its features: its source's tap, or the one ``options`` set through
+    ``layer`` / ``activation``. For ``unsupervised+X`` it is the tap of the pair (the pseudo-groups
+    are found on the features X reads)."""
+    check_regularizer_name(name)
+    return _tap(_lookup(name.partition("+")[0]).default_tap, options or {})
 
 
 def regularizer_for_model(name: str, gamma: float, *, feature_dim: int, num_groups: int,
@@ -206,5 +209,18 @@ def regularizer_for_model(name: str, gamma: float, *, feature_dim: int, num_grou
     shapes = {"feature_dim": feature_dim, "num_classes": num_classes}
     if not plus:
         shapes["num_groups"] = num_groups
+    accepted |= set(TAP_OPTIONS)
     chosen = {k: v for k, v in (options or {}).items() if k in accepted and k not in MODEL_SHAPES}
     return get_regularizer(name, gamma, **{k: v for k, v in shapes.items() if k in accepted}, **chosen)
+
+
+def regularizer_for_network(name: str, gamma: float, model: nn.Module, input_shape: tuple[int, ...], *,
+                            num_groups: int, num_classes: int,
+                            options: Mapping[str, Any] | None = None) -> Regularizer:
+    """Build ``name`` for ``model``: its tap is resolved from ``options`` and its width measured
+    by one blank forward pass of an ``input_shape`` image (no random number is drawn, so the
+    heads' initial weights follow the model's in the global RNG as before). A tap layer the
+    model lacks is a :class:`RegularizerError` naming the layers it has."""
+    width = regularizer_tap(name, options).width(model, input_shape)
+    return regularizer_for_model(name, gamma, feature_dim=width, num_groups=num_groups,
+                                 num_classes=num_classes, options=dict(options or {}))

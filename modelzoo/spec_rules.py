@@ -12,7 +12,7 @@ from typing import Any
 
 from modelzoo.config import REG_PREFIX
 from modelzoo.errors import WeightbiasError
-from modelzoo.layouts import ARCH_INFO, arch_layout
+from modelzoo.layouts import ARCH_INFO
 from modelzoo.tasks import MNIST_POOLS, TASKS, Task, get_task
 
 OPTIMIZERS = ("adam", "sgd")
@@ -93,14 +93,15 @@ def check_options(tables: dict[str, dict[str, Any]], seen: dict[str, str], named
 def build_regularizers(zoo: dict[str, Any], tables: dict[str, dict[str, Any]], seen: dict[str, str],
                         named: set[str]) -> None:
     """Build each named regularizer once per distinct value of each of its options and of γ
-    (the others at their defaults), at the zoo's model shapes; a value it refuses is a
-    SpecError naming the key."""
-    from fairtrain.regularizers import regularizer_for_model, regularizer_options
+    (the others at their defaults) for the zoo's architecture, at its own tap (so a
+    ``reg.layer`` the architecture lacks is caught here); a value it refuses is a SpecError
+    naming the key."""
+    from fairtrain.regularizers import regularizer_for_network, regularizer_options
+    from modelzoo.architectures import build_model
 
     info = ARCH_INFO[zoo["arch"]]
-    slots = {s.name: s for s in arch_layout(zoo["arch"], zoo["width"])}
-    shapes = {"feature_dim": slots[f"{info.bottleneck}.weight"].shape[0],
-              "num_groups": get_task(zoo["task"]).num_groups, "num_classes": info.num_classes}
+    model = build_model(zoo["arch"], zoo["width"])
+    shapes = {"num_groups": get_task(zoo["task"]).num_groups, "num_classes": info.num_classes}
     gammas = values_given(tables, "gamma")
     for name in sorted(named - {"none"}):
         trials = [("gamma", gamma, {}) for gamma in sorted(gammas)]
@@ -110,7 +111,7 @@ def build_regularizers(zoo: dict[str, Any], tables: dict[str, dict[str, Any]], s
         for axis, value, options in trials:
             gamma = value if axis == "gamma" else max(gammas)
             try:
-                regularizer_for_model(name, gamma, options=options, **shapes)
+                regularizer_for_network(name, gamma, model, info.input_shape, options=options, **shapes)
             except (WeightbiasError, TypeError, ValueError, ArithmeticError) as err:
                 where = f"{seen.get(axis, 'fixed')}.{axis}"
                 raise SpecError(f"{where}: regularizer {name} refuses {value!r} ({err})") from err

@@ -3,7 +3,7 @@
 Third stage of the flow (source → dataset → **trainer** + regularizer → store → detector).
 Given a model's :class:`~modelzoo.config.ModelConfig` and the rendered datasets
 it needs, it returns the flat weight vector and the per-model metrics the store records. A
-fairtrain regularizer named in the config taps the model's bottleneck and adds its term; the
+fairtrain regularizer named in the config hooks its own tap onto the model and adds its term; the
 sensitive attribute is each image's colour (MNIST tasks) or ethnic group (faces). It knows
 nothing about Ray or Zarr, so a plain loop (tests, benchmarks, a user's notebook) can call it.
 Its steps (:func:`seeded_model`, :func:`fit`'s helpers, :func:`evaluate`) are shared with
@@ -24,7 +24,7 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from fairtrain.metrics import representation_leakage
-from fairtrain.regularizers import FeatureTap, Regularizer, regularizer_for_model
+from fairtrain.regularizers import FeatureTap, Regularizer, regularizer_for_network
 from modelzoo.architectures import build_model, flatten
 from modelzoo.config import ModelConfig
 from modelzoo.datasets import N_COLORS, ImageSet
@@ -92,18 +92,17 @@ def bottleneck_tap(model: nn.Module) -> FeatureTap:
 
 
 def build_regularizer(model: nn.Module, config: ModelConfig, device: torch.device,
-                      num_groups: int = N_COLORS) -> Regularizer | None:
-    """The config's regularizer sized for ``model``'s bottleneck, or None for ``"none"``.
+                      input_shape: tuple[int, ...], num_groups: int = N_COLORS) -> Regularizer | None:
+    """The config's regularizer, sized at its own tap of ``model``, or None for ``"none"``.
 
     Building a head draws its initial weights from the global RNG, so callers that must
     reproduce :func:`train_model` call this right after initialising the model, as it does.
     """
     if config.regularizer == "none":
         return None
-    return regularizer_for_model(
-        config.regularizer, config.gamma,
-        feature_dim=model.get_submodule(model.bottleneck).out_features,
-        num_groups=num_groups, num_classes=model.num_classes, options=dict(config.reg_options),
+    return regularizer_for_network(
+        config.regularizer, config.gamma, model, input_shape, num_groups=num_groups,
+        num_classes=model.num_classes, options=dict(config.reg_options),
     ).to(device)
 
 
@@ -128,9 +127,9 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
     images = torch.from_numpy(np.ascontiguousarray(train.images[subset]))
     labels = torch.from_numpy(np.ascontiguousarray(train.labels[subset]))
     sensitive = torch.from_numpy(np.ascontiguousarray(train.bias[subset]))
-    regularizer = build_regularizer(model, config, device, num_groups)
+    regularizer = build_regularizer(model, config, device, tuple(images.shape[1:]), num_groups)
     model.to(memory_format=MEMORY_FORMAT)
-    tap = bottleneck_tap(model) if regularizer is not None else None
+    tap = regularizer.attach(model) if regularizer is not None else None
     params = list(model.parameters())
     if regularizer is not None:
         params += list(regularizer.parameters())

@@ -29,12 +29,13 @@ What batches, and what falls back to one-at-a-time ``train_model`` (identical re
 * every regularizer batches. The network, its backward pass and the optimizer step run for
   all M models at once; each model's regularizer term (γ·R, with its own heads, head
   optimizer, state and ramp) is computed by that model's own regularizer module on its
-  slice of the stacked bottleneck features and logits, in a loop over models. Regularizers
+  slice of the stacked tap features and logits, in a loop over models. Regularizers
   whose terms branch on batch contents (NDR, EnD, GroupBalanced, UnsupervisedGroups) cannot
   run under ``vmap``, and per-model terms cost little next to the network;
 * models are grouped only when they share ``optimizer``, ``epochs``, ``batch_size`` and the
-  size of their training subset (so every step has the same batch shape). Learning rate,
-  seed, data, regularizer and γ may differ within a group;
+  size of their training subset (so every step has the same batch shape), and whose
+  regularizers read the same :class:`~fairtrain.regularizers.Tap` (or who have none). Learning
+  rate, seed, data, regularizer and γ may differ within a group;
 * a model with no partner in its block, an architecture with buffers (e.g. batch norm,
   whose running statistics ``vmap`` cannot update in place) or with random modules other
   than ``nn.Dropout``, and an optimizer configured beyond what :class:`StackedOptimizer`
@@ -57,7 +58,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fairtrain.regularizers import FeatureTap, Regularizer
+from fairtrain.regularizers import FeatureTap, Regularizer, Tap, regularizer_tap
 from modelzoo.architectures import build_model, layout, unflatten
 from modelzoo.config import ModelConfig
 from modelzoo.stacked_optimizer import StackedOptimizer, VectorizeError, stackable_optimizer
@@ -66,7 +67,6 @@ from modelzoo.training import (
     ModelResult,
     TrainingData,
     as_batch,
-    bottleneck_tap,
     build_regularizer,
     evaluate,
     make_optimizer,
@@ -177,10 +177,11 @@ class StackedNetwork:
     """M models of one architecture as one (M, P) weight tensor and one batched forward.
 
     Row m of :attr:`weights` is model m's flat weight vector in layout order (what the zoo
-    stores). ``features=True`` also returns the post-ReLU bottleneck features, (M, B, D).
+    stores). With a ``features`` tap it also returns the features captured there, (M, B, ...).
     """
 
-    def __init__(self, models: Sequence[nn.Module], input_shape: tuple[int, ...], features: bool) -> None:
+    def __init__(self, models: Sequence[nn.Module], input_shape: tuple[int, ...],
+                 features: Tap | None) -> None:
         self.template = copy.deepcopy(models[0])
         self.slots = layout(self.template)
         rows = [torch.cat([p.detach().reshape(-1) for p in m.parameters()]) for m in models]
@@ -190,7 +191,7 @@ class StackedNetwork:
             parent, _, leaf = name.rpartition(".")
             setattr(self.template.get_submodule(parent) if parent else self.template, leaf, _GivenNoise())
         self.template.train()
-        self.tap: FeatureTap | None = bottleneck_tap(self.template) if features else None
+        self.tap: FeatureTap | None = features.attach(self.template) if features is not None else None
         self._batched = vmap(self._one if self.tap is None else self._one_with_features)
 
     def draw_noise(self, streams: Sequence[_Stream], batch: int) -> dict[str, torch.Tensor]:
@@ -247,7 +248,8 @@ def _member(arch: str, width: float, job: ModelJob, device: torch.device) -> _Me
     # The order of global-RNG draws is train_model's: the model's init, then its regularizer's heads.
     model = seeded_model(arch, width, job.config, device)
     subset = training_subset(job.data.train, job.config)
-    regularizer = build_regularizer(model, job.config, device, job.data.num_groups)
+    regularizer = build_regularizer(model, job.config, device, job.data.train.images.shape[1:],
+                                    job.data.num_groups)
     heads = list(regularizer.parameters()) if regularizer is not None else []
     head_optimizer = make_optimizer(job.config.optimizer, heads, job.config.lr) if heads else None
     shuffler = torch.Generator().manual_seed(job.config.seed)
@@ -255,9 +257,11 @@ def _member(arch: str, width: float, job: ModelJob, device: torch.device) -> _Me
 
 
 def _group_key(job: ModelJob) -> tuple:
-    """Models with equal keys take steps of equal batch shape and one optimizer kind."""
+    """Models with equal keys take steps of equal batch shape and one optimizer kind, and
+    their regularizers (if any) read one tap, which the stacked network captures for all."""
     c = job.config
-    return c.optimizer, c.epochs, c.batch_size, len(training_subset(job.data.train, c))
+    tap = None if c.regularizer == "none" else regularizer_tap(c.regularizer, c.reg_options)
+    return c.optimizer, c.epochs, c.batch_size, len(training_subset(job.data.train, c)), tap
 
 
 def _training_bank(members: Sequence[_Member], device: torch.device
@@ -290,7 +294,9 @@ def fit_group(members: Sequence[_Member], device: torch.device) -> list[FitResul
     n, batch_size = len(members[0].subset), first.batch_size
     regularized = [i for i, m in enumerate(members) if m.regularizer is not None]
     head_optimizers = [m.head_optimizer for m in members if m.head_optimizer is not None]
-    net = StackedNetwork([m.model for m in members], tuple(images.shape[1:]), features=bool(regularized))
+    taps = {m.regularizer.tap for m in members if m.regularizer is not None}
+    net = StackedNetwork([m.model for m in members], tuple(images.shape[1:]),
+                         features=taps.pop() if regularized else None)
     optimizer = StackedOptimizer(first.optimizer, net.weights, [m.job.config.lr for m in members])
     total_steps, step = first.epochs * -(-n // batch_size), 0
     results = [FitResult(float("nan"), 0.0)] * len(members)

@@ -14,10 +14,13 @@ from fairtrain.regularizers import (
     GradientReversal,
     Regularizer,
     RegularizerError,
+    Tap,
     balanced_weights,
     get_regularizer,
     regularizer_for_model,
+    regularizer_for_network,
     regularizer_options,
+    regularizer_tap,
     reverse_gradient,
 )
 from modelzoo.architectures import build_model
@@ -410,15 +413,52 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# Each method's tap after its source (DESIGN §4); None is the model's bottleneck, fc1.
+SOURCE_TAPS = {
+    "ndr": Tap(None, "pre"), "end": Tap(None, "tanh"), "grad": Tap(None, "relu"),
+    "lntl": Tap("conv2", "relu"), "sensitive_nets": Tap(None, "relu"),
+    "binary_bernoulli": Tap(None, "tanh"), "binary_mi": Tap(None, "tanh"),
+    "group_balanced": Tap(None, "relu"), "unsupervised": Tap(None, "relu"),
+}
+
+
+def test_each_regularizer_declares_its_sources_tap_and_options_override_it() -> None:
+    assert {name: cls.default_tap for name, cls in REGULARIZERS.items()} == SOURCE_TAPS
+    for name in REGULARIZERS:
+        assert {"layer", "activation"} <= regularizer_options(name)
+        assert regularizer_tap(name) == SOURCE_TAPS[name] == reg_of(name).tap
+    assert regularizer_tap("lntl", {"layer": "conv1", "activation": "pre"}) == Tap("conv1", "pre")
+    assert get_regularizer("ndr", activation="tanh").tap == Tap(None, "tanh")
+    assert regularizer_tap("unsupervised+ndr") == SOURCE_TAPS["unsupervised"]
+    with pytest.raises(RegularizerError, match="activation must be one of"):
+        get_regularizer("ndr", activation="softplus")
+
+
+def test_a_tap_is_measured_without_drawing_a_random_number_and_reads_its_own_layer() -> None:
+    model = build_model("digit-cnn").train()
+    state = torch.random.get_rng_state()
+    assert Tap("conv2", "relu").width(model, (3, 28, 28)) == 48 * 10 * 10
+    assert Tap(None, "pre").width(model, (3, 28, 28)) == 128
+    assert torch.equal(state, torch.random.get_rng_state()) and model.training
+    reg = regularizer_for_network("lntl", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10)
+    assert reg.head.in_features == 4800
+    images = torch.rand(4, 3, 28, 28)
+    with reg.attach(model) as tap:
+        model.eval()
+        model(images)
+        assert torch.equal(tap.features, torch.relu(model.conv2(torch.max_pool2d(
+            torch.relu(model.conv1(images)), 2))))
+    with pytest.raises(RegularizerError, match=r"no layer 'conv9'; available: \['conv1'"):
+        regularizer_for_network("ndr", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10,
+                                options={"layer": "conv9"})
+
+
 @pytest.mark.parametrize("name", [*sorted(REGULARIZERS), "unsupervised+end"])
 def test_digit_cnn_trains_with_a_regularizer(name: str, one_thread: None) -> None:
     torch.manual_seed(0)
     model = build_model("digit-cnn")
-    tap = FeatureTap(model, "fc1", activation=None if name.startswith("binary") else torch.relu)
-    options = {"feature_dim": 128, "num_groups": 3} if name in ("grad", "lntl", "sensitive_nets") else {}
-    if name.startswith("unsupervised"):
-        options = {"feature_dim": 128, "num_classes": 10}
-    reg = get_regularizer(name, 0.5, **options)
+    reg = regularizer_for_network(name, 0.5, model, (3, 28, 28), num_groups=3, num_classes=10)
+    tap = reg.attach(model)  # the regularizer's own tap, wherever its source reads
     optimizer = torch.optim.Adam([*model.parameters(), *reg.parameters()], lr=1e-3)
     heads_before = [p.detach().clone() for p in reg.parameters()]
     model_before = model.fc1.weight.detach().clone()

@@ -165,6 +165,23 @@ def test_a_regularizer_option_it_refuses_fails_at_parse_time() -> None:
     assert parse_spec(raw, build_regularizers=False).sweep["reg.hidden"] == [8, -1]
 
 
+def test_a_regularizers_tap_is_a_spec_axis_checked_against_the_architecture() -> None:
+    raw = tiny_spec_dict(regularizer="ndr")
+    raw["sweep"]["reg.layer"] = ["conv1", "fc1"]
+    raw["fixed"]["reg.activation"] = "pre"
+    spec = parse_spec(raw)
+    assert {spec.config(i).reg_options["layer"] for i in range(spec.n_models)} == {"conv1", "fc1"}
+    assert spec.config_values(0)["reg.activation"] == "pre"  # a store column, like any option
+    raw["sweep"]["reg.layer"] = ["conv1", "conv9"]
+    with pytest.raises(SpecError, match=r"^sweep\.reg\.layer: regularizer ndr refuses 'conv9' "
+                                        r"\(DigitCNN has no layer 'conv9'; available: \['conv1'"):
+        parse_spec(raw)
+    raw["sweep"]["reg.layer"] = ["conv1"]
+    raw["fixed"]["reg.activation"] = "gelu"
+    with pytest.raises(SpecError, match=r"^fixed\.reg\.activation: regularizer ndr refuses 'gelu'"):
+        parse_spec(raw)
+
+
 def test_model_configs_are_typed_values() -> None:
     spec = parse_spec({"zoo": {"task": "face_gender", "arch": "gender-cnn", "n_models": 2, "dataset": "x"},
                        "fixed": {"skew": 0.9, "regularizer": "end", "reg": {"alpha": 0.25}},

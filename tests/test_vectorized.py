@@ -104,14 +104,32 @@ def test_regularizers_batch_with_their_own_heads_and_random_draws(colored: Train
     # GRAD brings a head, its optimizer and a ramped reversal weight; BinaryBernoulli samples its
     # code from the global RNG, so its draws sit between the model's dropout draws: with SGD
     # the weights only match this tightly if each model's stream is replayed in order.
+    # GRAD reads tanh of the bottleneck here, BinaryBernoulli's own tap, so the two stack.
     settings = {"optimizer": "sgd", "lr": 0.05, "gamma": 0.5}
-    jobs = [ModelJob(0, _config(0, regularizer="grad", **settings, **{"reg.ramp": True}), colored),
+    jobs = [ModelJob(0, _config(0, regularizer="grad", **settings,
+                                **{"reg.ramp": True, "reg.activation": "tanh"}), colored),
             ModelJob(1, _config(1, regularizer="binary_bernoulli", **settings), colored)]
+    assert plan_groups("digit-cnn", 1.0, jobs, 2) == [jobs]
     results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=2))
     for job in jobs:
         want = train_model("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL)
         _assert_same_training(results[job.index], want, job.config, EVAL)
         assert results[job.index].metrics["reg_loss"] != 0
+
+
+def test_a_tap_on_a_convolution_map_batches_and_other_taps_train_apart(colored: TrainingData) -> None:
+    # LNTL reads conv2's map (48×10×10 per image): captured under vmap for both models at once.
+    settings = {"optimizer": "sgd", "lr": 0.05, "gamma": 0.5, "regularizer": "lntl"}
+    jobs = [ModelJob(i, _config(i, **settings), colored) for i in range(2)]
+    assert plan_groups("digit-cnn", 1.0, jobs, 2) == [jobs]
+    results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=2))
+    for job in jobs:
+        _assert_same_training(results[job.index], train_model("digit-cnn", 1.0, job.config, job.data,
+                                                              "cpu", EVAL), job.config, EVAL)
+    # A model tapping elsewhere, or with no regularizer, is not stacked with them.
+    other = ModelJob(2, _config(2, **settings, **{"reg.layer": "conv1"}), colored)
+    plain = ModelJob(3, _config(3, optimizer="sgd", lr=0.05), colored)
+    assert plan_groups("digit-cnn", 1.0, [*jobs, other, plain], 4) == [jobs, [other], [plain]]
 
 
 def test_gender_cnn_matches_train_one(mnist) -> None:
