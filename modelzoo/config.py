@@ -10,6 +10,7 @@ regularizer's options in ``reg_options``, so a new task or regularizer adds no f
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ from typing import Any
 from modelzoo.tasks import Task, get_task
 
 REG_PREFIX = "reg."  # a store column named reg.<option> holds a regularizer option
+LR_SCHEDULES = ("constant", "step", "cosine")
+SELECTIONS = ("last", "best_val")
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,31 @@ class ModelConfig:
     regularizer: str = "none"
     gamma: float = 1.0
     reg_options: Mapping[str, Any] = field(default_factory=dict)
+    # The training recipe beyond the defaults (see RECIPE_DEFAULTS); a spec that sets none of
+    # them trains, stores and digests exactly as before they existed.
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"  # constant | step | cosine, applied per epoch
+    lr_step: int = 0  # step: epochs between decays
+    lr_decay: float = 0.1  # step: the factor at each decay
+    val_size: int = 0  # images of an unbiased validation split carved from the training pool
+    select: str = "last"  # last | best_val: keep the last epoch's weights or the best on validation
 
     @property
     def task_info(self) -> Task:
         return get_task(self.task)
+
+    @property
+    def default_recipe(self) -> bool:
+        """True when every recipe field keeps its default (plain constant-rate training)."""
+        return all(getattr(self, name) == value for name, value in RECIPE_DEFAULTS.items())
+
+    def lr_factor(self, epoch: int) -> float:
+        """The schedule's multiplier of ``lr`` during ``epoch`` (0-based)."""
+        if self.lr_schedule == "step" and self.lr_step > 0:
+            return self.lr_decay ** (epoch // self.lr_step)
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        return 1.0
 
     @property
     def bias_level(self) -> float | str:
@@ -47,9 +71,11 @@ class ModelConfig:
         return self.task_axes[self.task_info.bias_level]
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat ``{axis: value}``: the task's axes, the common ones and ``reg.<option>``s."""
+        """Flat ``{axis: value}``: the task's axes, the common ones (recipe fields only where
+        they differ from their defaults) and ``reg.<option>``s."""
         common = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("task_axes", "reg_options", "task")}
+                  if f.name not in ("task_axes", "reg_options", "task")
+                  and (f.name not in RECIPE_DEFAULTS or getattr(self, f.name) != RECIPE_DEFAULTS[f.name])}
         return {**dict(self.task_axes), **common,
                 **{REG_PREFIX + k: v for k, v in sorted(self.reg_options.items())}}
 
@@ -66,3 +92,8 @@ class ModelConfig:
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (``config.replace(epochs=1)``)."""
         return dataclasses.replace(self, **changes)
+
+
+RECIPE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                                   if f.name in ("weight_decay", "lr_schedule", "lr_step", "lr_decay",
+                                                 "val_size", "select")}

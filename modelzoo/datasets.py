@@ -50,7 +50,10 @@ BAHNG_COLORS = np.array(
 )
 assert len(KIM_COLORS) == len(BAHNG_COLORS) == N_COLORS  # both tasks: ten colours, the sensitive groups
 TASKS = ("colored_mnist", "biased_mnist")
-SPLITS = ("train", "test_biased", "test_unbiased")
+# "val": a training pool's digits rendered as the unbiased test set is (colour independent of
+# the digit; Biased-MNIST at ρ = 0.1), from which a model's validation images are carved.
+SPLITS = ("train", "test_biased", "test_unbiased", "val")
+UNBIASED_SPLITS = ("test_unbiased", "val")
 POOLS = ("A", "B", "all")
 BIASED_MNIST_UNBIASED_RHO = 0.1
 CACHE_FORMAT_VERSION = 2  # 2: ColoredMNIST groups are the nearest mean colour, and colours are kept
@@ -147,7 +150,7 @@ def _render(mnist: MNIST, task: str, split: str, level: float, pool: str, seed: 
         raise DatasetError(f"task must be one of {TASKS}, got {task!r}")
     if split not in SPLITS:
         raise DatasetError(f"split must be one of {SPLITS}, got {split!r}")
-    if split == "train":
+    if split in ("train", "val"):
         index = pool_indices(len(mnist.train_labels), pool)
         gray, labels = mnist.train_images[index], mnist.train_labels[index]
     else:
@@ -156,15 +159,15 @@ def _render(mnist: MNIST, task: str, split: str, level: float, pool: str, seed: 
     stream = [seed, TASKS.index(task), SPLITS.index(split), POOLS.index(pool), round(level * 1e6)]
     rng = np.random.default_rng(stream)
     if task == "colored_mnist":
-        return render_colored_mnist(gray, labels, level, split == "test_unbiased", rng)
-    rho = BIASED_MNIST_UNBIASED_RHO if split == "test_unbiased" else level
+        return render_colored_mnist(gray, labels, level, split in UNBIASED_SPLITS, rng)
+    rho = BIASED_MNIST_UNBIASED_RHO if split in UNBIASED_SPLITS else level
     return render_biased_mnist(gray, labels, rho, rng)
 
 
 def cache_path(mnist: MNIST, task: str, split: str, level: float, pool: str, seed: int,
                cache_dir: Path | None = None) -> Path:
     folder = (cache_dir or user_cache_dir()) / "datasets"
-    pool_part = pool if split == "train" else "test"
+    pool_part = pool if split in ("train", "val") else "test"
     name = f"{task}-{split}-{pool_part}-{level:g}-seed{seed}-{mnist.fingerprint}.h5"
     return folder / name
 

@@ -237,7 +237,9 @@ def _train_pending(spec: ZooSpec, out: str | Path, store: ZooStore, blocks: list
                     cause = task_error(err)
                     summary.failures.append(f"models {futures[ready[0]]}: {type(cause).__name__}: {cause}")
                 elapsed = time.perf_counter() - started
-                bar.set_postfix(models_per_hour=f"{3600 * summary.n_trained / max(elapsed, 1e-9):.0f}")
+                nodes = sum(1 for count in summary.models_per_node.values() if count)
+                bar.set_postfix(models_per_hour=f"{3600 * summary.n_trained / max(elapsed, 1e-9):.0f}",
+                                nodes=nodes)  # Ray nodes that have trained models so far
         summary.seconds = time.perf_counter() - started
         # Counted from the store: a killed attempt may have finished models no receipt reports.
         summary.n_done = int(store.done.sum())

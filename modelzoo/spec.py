@@ -49,6 +49,7 @@ from modelzoo.config import REG_PREFIX, ModelConfig
 from modelzoo.spec_rules import (
     AXES,
     EXECUTION_KEYS,
+    RECIPE_AXES,
     ZOO_KEYS,
     SpecError,
     check_options,
@@ -63,7 +64,8 @@ from modelzoo.spec_rules import (
 from modelzoo.spec_rules import build_regularizers as check_by_building
 from modelzoo.tasks import Task, get_task
 
-__all__ = ["AXES", "ZOO_KEYS", "SpecError", "ZooSpec", "common_axes", "load_spec", "parse_spec"]
+__all__ = ["AXES", "RECIPE_AXES", "ZOO_KEYS", "SpecError", "ZooSpec", "common_axes", "load_spec",
+           "parse_spec"]
 
 @dataclass(frozen=True)
 class ZooSpec:
@@ -103,13 +105,13 @@ class ZooSpec:
         """Config fields every model has, in a stable order: the task's axes, the common ones,
         then reg.* options."""
         given = {*self.fixed, *self.sweep, *self.sample}
-        return (list(self.task_info.axis_names) + common_axes()
+        return (list(self.task_info.axis_names) + common_axes() + [a for a in RECIPE_AXES if a in given]
                 + sorted(a for a in given if a.startswith(REG_PREFIX)))
 
     def axis_type(self, axis: str) -> type:
         """Python type of an axis's values (a reg.* option takes the type of the values given)."""
-        if axis in AXES:
-            return AXES[axis][0]
+        if axis in AXES or axis in RECIPE_AXES:
+            return {**AXES, **RECIPE_AXES}[axis][0]
         own = {a.name: a for a in self.task_info.axes}
         if axis in own:
             return own[axis].kind
@@ -146,7 +148,8 @@ class ZooSpec:
     def _base(self) -> dict[str, Any]:
         """What every model's config starts from: the axes' defaults, then ``fixed``. Cached, as
         a store builds 20,000 configs at once."""
-        defaults = {**{a.name: a.default for a in self.task_info.axes}, **{k: v[1] for k, v in AXES.items()}}
+        defaults = {**{a.name: a.default for a in self.task_info.axes},
+                    **{k: v[1] for k, v in {**AXES, **RECIPE_AXES}.items()}}
         return {**{name: defaults[name] for name in self.axes if name in defaults}, **self.fixed}
 
     def config(self, index: int) -> ModelConfig:
@@ -245,7 +248,7 @@ def parse_spec(raw: dict[str, Any], *, build_regularizers: bool = True) -> ZooSp
     tables = {name: flat_options(name, dict(raw.get(name, {}))) for name in ("fixed", "sweep", "sample")}
     task = get_task(zoo["task"])
     level = task.bias_level
-    allowed = [*task.axis_names, *common_axes()]
+    allowed = [*task.axis_names, *common_axes(), *RECIPE_AXES]
     seen: dict[str, str] = {}
     for table, entries in tables.items():
         for axis in entries:
@@ -275,6 +278,8 @@ def parse_spec(raw: dict[str, Any], *, build_regularizers: bool = True) -> ZooSp
         check_options(tables, seen, named)
     if named != {"none"} and build_regularizers:  # only then is the regularizer module (and torch) needed
         check_by_building(zoo, tables, seen, named)
+    if "best_val" in values_given(tables, "select") and "val_size" not in seen:
+        raise SpecError(f"{seen['select']}.select: best_val selects on a validation split; give val_size")
     pools = values_given(tables, "pool")
     if not pools <= set(task.pools):
         raise SpecError(f"pool: {task.name} trains on pool {' or '.join(task.pools)}, got {sorted(pools)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from modelzoo.config import REG_PREFIX
+from modelzoo.config import LR_SCHEDULES, RECIPE_DEFAULTS, REG_PREFIX, SELECTIONS
 from modelzoo.errors import WeightbiasError
 from modelzoo.layouts import ARCH_INFO
 from modelzoo.tasks import MNIST_POOLS, TASKS, Task, get_task
@@ -40,6 +40,10 @@ ZOO_KEYS: dict[str, tuple[type, Any]] = {
     "dataset": (str, ""),  # face_gender: a folder under <data root>/faces/, or a path
     "vectorize": (int, 1),  # models of a block trained together (modelzoo.vectorized); 1 = one at a time
 }
+# Training-recipe axes (weight decay, LR schedule, validation split and selection): a store
+# column only where a spec gives them, so specs and stores made before them are unchanged.
+RECIPE_AXES: dict[str, tuple[type, Any]] = {name: (type(value), value)
+                                            for name, value in RECIPE_DEFAULTS.items()}
 # How models are trained, not which: left out of the digest, so a zoo resumes under another value.
 EXECUTION_KEYS = ("vectorize",)
 SAMPLERS = ("choice", "uniform", "log_uniform", "int_uniform")
@@ -186,7 +190,7 @@ def checked_value(where: str, axis: str, value: Any, task: Task, regularizers: b
         if problem:
             raise SpecError(f"{where}: value {value!r} must be {problem}")
         return value
-    value = typed(where, value, AXES[axis][0])
+    value = typed(where, value, {**AXES, **RECIPE_AXES}[axis][0])
     ok, expected = True, ""
     if axis == "pool":
         ok, expected = value in MNIST_POOLS, f"one of {list(MNIST_POOLS)}"
@@ -198,6 +202,19 @@ def checked_value(where: str, axis: str, value: Any, task: Task, regularizers: b
         ok, expected = 1 <= value <= LIMITS[axis], f"in [1, {LIMITS[axis]:,}]"
     elif axis in ("train_size", "seed", "gamma"):
         ok, expected = value >= 0, "non-negative"
+    elif axis == "weight_decay":
+        ok, expected = 0 <= value < 1, "in [0, 1)"
+    elif axis == "lr_schedule":
+        ok, expected = value in LR_SCHEDULES, f"one of {list(LR_SCHEDULES)}"
+    elif axis == "lr_step":
+        ok, expected = 0 <= value <= LIMITS["epochs"], f"in [0, {LIMITS['epochs']:,}]"
+    elif axis == "lr_decay":
+        ok, expected = 0 < value <= 1, "in (0, 1]"
+    elif axis == "val_size":
+        ok, expected = 1 <= value <= MAX_MODELS, (f"in [1, {MAX_MODELS:,}] (leave val_size out for "
+                                                  "no validation split)")
+    elif axis == "select":
+        ok, expected = value in SELECTIONS, f"one of {list(SELECTIONS)}"
     elif axis == "regularizer" and value != "none" and regularizers:
         from fairtrain.regularizers import RegularizerError, check_regularizer_name
 
@@ -223,7 +240,8 @@ def checked_sampler(where: str, axis: str, sampler: Any, task: Task, regularizer
     if len(args) != 2:
         raise SpecError(f"{where}.{how}: needs exactly [low, high]")
     own = {a.name: a.kind for a in task.axes}
-    kind = (AXES[axis][0] if axis in AXES else own[axis] if axis in own
+    common = {**AXES, **RECIPE_AXES}
+    kind = (common[axis][0] if axis in common else own[axis] if axis in own
             else type(same_type(f"{where}.{how}", args)[0]))
     if kind is not int and kind is not float:
         raise SpecError(f"{where}.{how}: axis {axis} is not numeric; use choice = [...]")

@@ -51,10 +51,10 @@ import zarr
 from modelzoo.layouts import ARCH_INFO, arch_layout, layout_records
 from modelzoo.spec import ZooSpec
 from modelzoo.verify import (
-    SCALAR_METRICS,
     block_signatures,
     config_problems,
     group_metric_widths,
+    scalar_metrics,
     scan_models,
 )
 from modelzoo.zoo import (
@@ -207,7 +207,7 @@ class ZooStore(Zoo):
         stale = None
         if signatures is not None:
             stale = np.flatnonzero(self._verified_marks() != signatures)
-        scan = scan_models(self.group, self.n_models, chunk, blocks=stale)
+        scan = scan_models(self.group, self.n_models, chunk, blocks=stale, metrics=scalar_metrics(self.spec))
         broken = sorted({*scan.lost, *(i for models, _ in scan.unreadable for i in models)})
         if stale is not None:
             self.mark_verified(stale[~np.isin(stale, np.array(broken, dtype=np.int64) // chunk)])
@@ -239,7 +239,8 @@ class ZooStore(Zoo):
         """Read back the given blocks and mark the intact ones verified (the driver calls this
         as receipts arrive, so a later resume need not read them again)."""
         chunk = self.group["weights"].chunks[0]
-        scan = scan_models(self.group, self.n_models, chunk, blocks=np.array(blocks, dtype=np.int64))
+        scan = scan_models(self.group, self.n_models, chunk, blocks=np.array(blocks, dtype=np.int64),
+                           metrics=scalar_metrics(self.spec))
         bad = {i // chunk for i in scan.lost} | {models.start // chunk for models, _ in scan.unreadable}
         self.mark_verified(np.array([b for b in blocks if b not in bad], dtype=np.int64))
 
@@ -296,7 +297,7 @@ def _build(path: Path, spec: ZooSpec) -> None:
     for axis, values in columns.items():
         _write_config_column(config_group, spec, axis, values)
     metrics = g.create_group("metrics")
-    for name in SCALAR_METRICS:
+    for name in scalar_metrics(spec):
         metrics.create_array(name, shape=(n,), chunks=(chunk,), dtype="float32", fill_value=np.nan)
     for name, width in group_metric_widths(spec).items():
         metrics.create_array(name, shape=(n, width), chunks=(chunk, width), dtype="float32",

@@ -90,10 +90,14 @@ class Task:
         return len(self.groups)
 
     def data_keys(self, config: ModelConfig) -> dict[str, DataKey]:
-        """The three datasets one model needs, by role (train, test_biased, test_unbiased)."""
+        """The datasets one model needs, by role (train, test_biased, test_unbiased, and val
+        when it has a validation split: its pool rendered as the unbiased test set is)."""
         level = config.bias_level
-        return {"train": ("train", level, config.pool), "test_biased": ("test_biased", level, "all"),
+        keys = {"train": ("train", level, config.pool), "test_biased": ("test_biased", level, "all"),
                 "test_unbiased": ("test_unbiased", level, "all")}
+        if config.val_size:
+            keys["val"] = ("val", level, config.pool)
+        return keys
 
     def load_datasets(self, keys: set[DataKey], *, data_seed: int, arch: str, dataset: str = "",
                       data_dir: str | Path | None = None) -> tuple[dict[DataKey, ImageSet], str, str]:
@@ -107,15 +111,39 @@ class Task:
         return {}
 
     def training_subset(self, train: ImageSet, config: ModelConfig) -> np.ndarray:
-        """Indices of the pool a model trains on: all of it, or a seeded random subset."""
+        """Indices of the pool a model trains on: all of it, or a seeded random subset; never
+        a row of its validation split."""
         n_pool = len(train)
-        if config.train_size > n_pool:
-            raise TaskError(f"model {config.index}: train_size {config.train_size} is larger than pool "
-                            f"{config.pool}'s {n_pool} images; lower train_size (0 means the whole pool)")
-        if config.train_size in (0, n_pool):
-            return np.arange(n_pool)
+        if not config.val_size:  # (drawn exactly as before validation splits existed)
+            self._check_size(config, n_pool, "")
+            if config.train_size in (0, n_pool):
+                return np.arange(n_pool)
+            rng = np.random.default_rng([config.seed, 2])
+            return np.sort(rng.choice(n_pool, config.train_size, replace=False))
+        available = np.setdiff1d(np.arange(n_pool), self.validation_subset(train, config))
+        self._check_size(config, len(available), f" left beside its {config.val_size} validation images")
+        if config.train_size in (0, len(available)):
+            return available
         rng = np.random.default_rng([config.seed, 2])
-        return np.sort(rng.choice(n_pool, config.train_size, replace=False))
+        return np.sort(rng.choice(available, config.train_size, replace=False))
+
+    def validation_subset(self, train: ImageSet, config: ModelConfig) -> np.ndarray:
+        """Rows of the pool held out for validation (seeded; empty without ``val_size``). Their
+        images come from the ``val`` dataset, the pool rendered without the training bias."""
+        if not config.val_size:
+            return np.arange(0)
+        if config.val_size >= len(train):
+            raise TaskError(f"model {config.index}: val_size {config.val_size} leaves nothing of pool "
+                            f"{config.pool}'s {len(train)} images to train on")
+        rng = np.random.default_rng([config.seed, 4])
+        return np.sort(rng.permutation(len(train))[: config.val_size])
+
+    @staticmethod
+    def _check_size(config: ModelConfig, available: int, beside: str) -> None:
+        if config.train_size > available:
+            raise TaskError(f"model {config.index}: train_size {config.train_size} is larger than pool "
+                            f"{config.pool}'s {available} images{beside}; lower train_size (0 means "
+                            "the whole pool)")
 
     def biased(self, levels: np.ndarray) -> np.ndarray:
         """True for models whose bias level is in the stronger half of the levels present."""
@@ -169,9 +197,13 @@ class FaceTask(Task):
 
     def data_keys(self, config: ModelConfig) -> dict[str, DataKey]:
         # One balanced test set for every model; its biased test set is the favoured group's part.
-        return {"train": ("train", "", config.pool),
+        # Validation faces are pool faces the model does not train on, so val is the pool itself.
+        keys = {"train": ("train", "", config.pool),
                 "test_biased": ("test_biased", config.bias_level, "all"),
                 "test_unbiased": ("test_unbiased", "", "all")}
+        if config.val_size:
+            keys["val"] = keys["train"]
+        return keys
 
     def load_datasets(self, keys: set[DataKey], *, data_seed: int, arch: str, dataset: str = "",
                       data_dir: str | Path | None = None) -> tuple[dict[DataKey, ImageSet], str, str]:
@@ -211,6 +243,25 @@ class FaceTask(Task):
         skew = config.task_axes["skew"]
         size = config.train_size or largest_skewed_size(train.bias, skew)
         return skewed_subset(train.bias, config.bias_level, skew, size, config.seed)
+
+    def validation_subset(self, train: ImageSet, config: ModelConfig) -> np.ndarray:
+        """``val_size`` pool faces outside the model's training set, balanced over gender ×
+        group as the test set is (seeded); a cell the pool cannot fill is an error naming it."""
+        if not config.val_size:
+            return np.arange(0)
+        free = np.setdiff1d(np.arange(len(train)), self.training_subset(train, config))
+        cells = [(group, label) for group in range(self.num_groups) for label in (0, 1)]
+        per_cell = max(1, config.val_size // len(cells))
+        rng = np.random.default_rng([config.seed, 4])
+        chosen = []
+        for group, label in cells:
+            rows = free[(train.bias[free] == group) & (train.labels[free] == label)]
+            if len(rows) < per_cell:
+                raise TaskError(f"model {config.index}: val_size {config.val_size} needs {per_cell} "
+                                f"{self.groups[group]} faces of gender {label} outside its training set; "
+                                f"pool {config.pool} has {len(rows)}; lower val_size or train_size")
+            chosen.append(rng.choice(rows, per_cell, replace=False))
+        return np.sort(np.concatenate(chosen))
 
     def biased(self, levels: np.ndarray) -> np.ndarray:
         return np.asarray(levels) != "balanced"

@@ -37,13 +37,15 @@ if TYPE_CHECKING:  # pragma: no cover - the trainer takes a spec's data, never p
 
 @dataclass(frozen=True)
 class TrainingData:
-    """The three image sets one model needs: its training pool and both test sets, and how
+    """The image sets one model needs: its training pool, both test sets and, with a
+    validation split, the pool as the validation images are drawn from it (``val``); and how
     many sensitive groups their ``bias`` labels range over (10 colours, 3 face groups)."""
 
     train: ImageSet
     test_biased: ImageSet
     test_unbiased: ImageSet
     num_groups: int = N_COLORS
+    val: ImageSet | None = None
 
 
 @dataclass
@@ -66,10 +68,12 @@ def as_batch(images: torch.Tensor, device: torch.device,
                                                     memory_format=memory_format).div_(255.0)
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """Adam, or SGD with momentum 0.9; ``weight_decay`` is the L2 term both add to the gradient
+    (as ReBias, EnD and LNTL train)."""
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr)
-    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
 
 
 def training_subset(train: ImageSet, config: ModelConfig) -> np.ndarray:
@@ -80,10 +84,14 @@ def training_subset(train: ImageSet, config: ModelConfig) -> np.ndarray:
 
 @dataclass(frozen=True)
 class FitResult:
-    """Mean cross-entropy and mean regularizer term (γ·R) over the last epoch."""
+    """Mean cross-entropy and mean regularizer term (γ·R) over the last epoch; with a
+    validation split, the validation accuracy of the epoch whose weights were kept and that
+    epoch (1-based)."""
 
     train_loss: float
     reg_loss: float
+    val_acc: float | None = None
+    best_epoch: int | None = None
 
 
 def bottleneck_tap(model: nn.Module) -> FeatureTap:
@@ -121,8 +129,11 @@ def regularizer_term(regularizer: Regularizer, progress: float, features: torch.
 
 
 def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.device,
-        num_groups: int = N_COLORS) -> FitResult:
-    """Train in place for ``config.epochs``, with the config's regularizer if it names one."""
+        num_groups: int = N_COLORS, val: ImageSet | None = None) -> FitResult:
+    """Train in place for ``config.epochs``, with the config's regularizer if it names one,
+    its weight decay and learning-rate schedule; with ``val`` (the config has ``val_size``),
+    score the validation split after every epoch and, for ``select = "best_val"``, end on the
+    weights of the best epoch (the first of equals)."""
     subset = training_subset(train, config)
     images = torch.from_numpy(np.ascontiguousarray(train.images[subset]))
     labels = torch.from_numpy(np.ascontiguousarray(train.labels[subset]))
@@ -133,12 +144,15 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
     params = list(model.parameters())
     if regularizer is not None:
         params += list(regularizer.parameters())
-    optimizer = make_optimizer(config.optimizer, params, config.lr)
+    optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
     shuffler = torch.Generator().manual_seed(config.seed)
     total_steps, step = config.epochs * -(-len(labels) // config.batch_size), 0
+    validation = Validation(val, config, train) if val is not None and config.val_size else None
     model.train()
     result = FitResult(float("nan"), 0.0)
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * config.lr_factor(epoch)
         ce_total, reg_total = torch.zeros((), device=device), torch.zeros((), device=device)
         for batch in shuffled_batches(len(labels), config.batch_size, shuffler):
             target = labels[batch].to(device, non_blocking=True)
@@ -155,9 +169,42 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
             optimizer.step()
             step += 1
         result = FitResult(float(ce_total) / len(labels), float(reg_total) / len(labels))
+        if validation is not None:
+            validation.score(model, epoch, device)
+            model.train()
     if tap is not None:
         tap.remove()
-    return result
+    if validation is None:
+        return result
+    epoch, accuracy = validation.chosen(model)
+    return FitResult(result.train_loss, result.reg_loss, accuracy, epoch + 1)
+
+
+class Validation:
+    """A model's validation split, scored after each epoch; keeps the best epoch's weights
+    when its config selects on it."""
+
+    def __init__(self, val: ImageSet, config: ModelConfig, train: ImageSet) -> None:
+        rows = config.task_info.validation_subset(train, config)
+        self.images, self.labels = val.images[rows], val.labels[rows]
+        self.select_best = config.select == "best_val"
+        self.history: list[float] = []
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def score(self, model: nn.Module, epoch: int, device: torch.device) -> None:
+        predicted, _ = predict(model, self.images, device)
+        accuracy = float((predicted == self.labels).mean())
+        if self.select_best and (not self.history or accuracy > max(self.history)):
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.history.append(accuracy)
+
+    def chosen(self, model: nn.Module) -> tuple[int, float]:
+        """(epoch, validation accuracy) of the weights ``model`` ends with, restoring them."""
+        if not self.select_best:
+            return len(self.history) - 1, self.history[-1]
+        model.load_state_dict(self.best_state)
+        best = int(np.argmax(self.history))
+        return best, self.history[best]
 
 
 @torch.no_grad()
@@ -214,6 +261,7 @@ def evaluate(model: nn.Module, data: TrainingData, fitted: FitResult, device: to
         "leakage": leakage(features, unbiased.bias[:n]),
         "train_loss": fitted.train_loss,
         "reg_loss": fitted.reg_loss,
+        **({} if fitted.val_acc is None else {"val_acc": fitted.val_acc, "best_epoch": fitted.best_epoch}),
         "wall_seconds": time.perf_counter() - started,
         "worker_host": socket.gethostname(),
     }
@@ -226,7 +274,7 @@ def train_model(arch: str, width: float, config: ModelConfig, data: TrainingData
     device = torch.device(device)
     started = time.perf_counter()
     model = seeded_model(arch, width, config, device)
-    fitted = fit(model, data.train, config, device, data.num_groups)
+    fitted = fit(model, data.train, config, device, data.num_groups, data.val)
     return evaluate(model, data, fitted, device, eval_size, started)
 
 

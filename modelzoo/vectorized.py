@@ -36,7 +36,8 @@ What batches, and what falls back to one-at-a-time ``train_model`` (identical re
   size of their training subset (so every step has the same batch shape), and whose
   regularizers read the same :class:`~fairtrain.regularizers.Tap` (or who have none). Learning
   rate, seed, data, regularizer and γ may differ within a group;
-* a model with no partner in its block, an architecture with buffers (e.g. batch norm,
+* a model whose recipe sets weight decay, a learning-rate schedule or a validation split, a
+  model with no partner in its block, an architecture with buffers (e.g. batch norm,
   whose running statistics ``vmap`` cannot update in place) or with random modules other
   than ``nn.Dropout``, and an optimizer configured beyond what :class:`StackedOptimizer`
   implements, are trained one at a time.
@@ -374,6 +375,9 @@ def plan_groups(arch: str, width: float, jobs: Sequence[ModelJob], vectorize: in
     by_key: dict[tuple, list[list[ModelJob]]] = {}
     groups: list[list[ModelJob]] = []
     for job in jobs:
+        if not job.config.default_recipe:  # weight decay, a schedule or a validation split:
+            groups.append([job])           # train_model's loop, one model at a time
+            continue
         key = _group_key(job)
         chunks = by_key.setdefault(key, [])
         if not stackable_optimizer(key[0]) or not chunks or len(chunks[-1]) >= vectorize:

@@ -20,7 +20,15 @@ import zarr
 from tqdm.auto import tqdm
 
 from modelzoo.layouts import arch_layout
-from modelzoo.zoo import SCALAR_METRICS, Zoo, column_checksum, plain_local_folder, read_rows, weights_checksum
+from modelzoo.zoo import (
+    SCALAR_METRICS,
+    Zoo,
+    column_checksum,
+    plain_local_folder,
+    read_rows,
+    scalar_metrics,
+    weights_checksum,
+)
 
 VERIFY_BLOCK = 512
 
@@ -119,7 +127,8 @@ def verify(zoo: Zoo | str | Path, progress: bool = False) -> VerifyReport:
         problems.append("layout attribute does not match the architecture it names")
     shapes = {"weights": (n, p), "checksum": (n,), "done": (n,)}
     shapes |= {f"metrics/{m}": (n, width) for m, width in group_metric_widths(store).items()}
-    shapes |= {f"metrics/{m}": (n,) for m in (*SCALAR_METRICS, "worker_host")}
+    metrics = scalar_metrics(store.spec)
+    shapes |= {f"metrics/{m}": (n,) for m in (*metrics, "worker_host")}
     shapes |= {f"config/{a}": (n,) for a in store.spec.axes}
     for name, shape in shapes.items():
         if name not in g:
@@ -129,7 +138,7 @@ def verify(zoo: Zoo | str | Path, progress: bool = False) -> VerifyReport:
     if problems:
         return report
     problems += [f"{name}: {problem}" for name, problem in config_problems(store).items()]
-    scan = scan_models(g, n, g["weights"].chunks[0], progress)
+    scan = scan_models(g, n, g["weights"].chunks[0], progress, metrics=metrics)
     report.n_done, report.n_checked = scan.n_done, scan.n_checked
     problems += [f"models {m.start}..{m.stop - 1}: unreadable chunk ({err})" for m, err in scan.unreadable]
     problems += [f"model {i}: {problem}" for i, found in sorted(scan.bad.items()) for problem in found]
@@ -205,7 +214,7 @@ def block_signatures(g: zarr.Group, blocks: np.ndarray | None = None) -> np.ndar
 
 
 def scan_models(g: zarr.Group, n: int, chunk: int, progress: bool = False,
-                blocks: np.ndarray | None = None) -> Scan:
+                blocks: np.ndarray | None = None, metrics: tuple[str, ...] = SCALAR_METRICS) -> Scan:
     """Check every done model's weights, checksum and metrics (of the store ``blocks`` only,
     if given), reading VERIFY_BLOCK models at a time and, where that fails, chunk by chunk to
     name exactly the models that are lost."""
@@ -216,12 +225,12 @@ def scan_models(g: zarr.Group, n: int, chunk: int, progress: bool = False,
     bar = tqdm(total=sum(map(len, spans)), unit="model", desc="zoo verify", disable=not progress)
     for block in spans:
         try:
-            _scan_block(g, block, scan)
+            _scan_block(g, block, scan, metrics)
         except Exception:  # a corrupted chunk surfaces as a codec error; find which one
             for first in range(block.start, block.stop, chunk):
                 models = range(first, min(first + chunk, n))
                 try:
-                    _scan_block(g, models, scan)
+                    _scan_block(g, models, scan, metrics)
                 except Exception as err:
                     scan.unreadable.append((models, str(err) or type(err).__name__))
         bar.update(len(block))
@@ -242,13 +251,13 @@ def _spans(blocks: np.ndarray, chunk: int, step: int, n: int) -> list[range]:
     return spans
 
 
-def _scan_block(g: zarr.Group, models: range, scan: Scan) -> None:
+def _scan_block(g: zarr.Group, models: range, scan: Scan, metrics: tuple[str, ...]) -> None:
     # Everything is read before anything is counted, so a failed read leaves scan untouched.
     first, stop = models.start, models.stop
     done = np.asarray(read_rows(g["done"], first, stop), dtype=bool)
     weights = read_rows(g["weights"], first, stop)
     checksums = read_rows(g["checksum"], first, stop)
-    scalars = {m: read_rows(g[f"metrics/{m}"], first, stop) for m in SCALAR_METRICS}
+    scalars = {m: read_rows(g[f"metrics/{m}"], first, stop) for m in metrics}
     for offset in np.flatnonzero(done):
         found = []
         row = weights[offset]

@@ -39,6 +39,12 @@ from modelzoo.tasks import Task
 FORMAT = "weightbias-zoo"
 FORMAT_VERSION = 1
 SCALAR_METRICS = ("unbiased_acc", "biased_acc", "leakage", "train_loss", "reg_loss", "wall_seconds")
+VALIDATION_METRICS = ("val_acc", "best_epoch")  # in zoos whose spec gives val_size
+
+
+def scalar_metrics(spec: ZooSpec) -> tuple[str, ...]:
+    """The one-number-per-model metrics a zoo of ``spec`` records."""
+    return SCALAR_METRICS + (VALIDATION_METRICS if "val_size" in spec.axes else ())
 CHUNK_MODELS = 512  # weight rows read at a time: ~100 MB of digit-cnns
 
 
