@@ -96,6 +96,17 @@ def group_onehot(groups: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return F.one_hot(groups, int(groups.max()) + 1).to(dtype)
 
 
+def balanced_table(groups: torch.Tensor, strata: torch.Tensor, n_groups: int, n_strata: int) -> torch.Tensor:
+    """(n_strata, n_groups) weights N_t / (G_t · N_{t,g}) from counts over a whole training set
+    (G_t: groups present in stratum t; 0 for an empty cell), so every group present in a
+    stratum carries the same total weight and the stratum keeps its own."""
+    cell_count = torch.bincount(strata * n_groups + groups, minlength=n_strata * n_groups)
+    cell_count = cell_count.view(n_strata, n_groups).double()
+    present = (cell_count > 0).sum(1, keepdim=True).clamp_min(1)
+    table = cell_count.sum(1, keepdim=True) / (present * cell_count)
+    return torch.where(cell_count > 0, table, torch.zeros_like(table)).float()
+
+
 def balanced_weights(groups: torch.Tensor, strata: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample weights that give every group present in the batch the same total weight.
 
@@ -144,10 +155,16 @@ class GradientReversal(nn.Module):
         return f"weight={self.weight}"
 
 
-def make_head(feature_dim: int, num_outputs: int, hidden: int) -> nn.Module:
+def make_head(feature_dim: int, num_outputs: int, hidden: int, depth: int = 1,
+              batch_norm: bool = False) -> nn.Module:
+    """Linear for ``hidden`` 0; else ``depth`` layers of ``hidden`` units (Linear, optional
+    BatchNorm, ReLU) before the output layer."""
     if hidden == 0:
         return nn.Linear(feature_dim, num_outputs)
-    return nn.Sequential(nn.Linear(feature_dim, hidden), nn.ReLU(), nn.Linear(hidden, num_outputs))
+    layers: list[nn.Module] = []
+    for width_in in [feature_dim] + [hidden] * (depth - 1):
+        layers += [nn.Linear(width_in, hidden), *([nn.BatchNorm1d(hidden)] if batch_norm else []), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden, num_outputs))
 
 
 def frozen_call(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -275,6 +292,10 @@ class Regularizer(nn.Module, metaclass=ABCMeta):
         """Hook this regularizer's tap onto ``model``; pass the hook's ``features`` to ``forward``."""
         return self.tap.attach(model)
 
+    def prepare(self, targets: torch.Tensor, sensitive: torch.Tensor) -> None:
+        """See the whole training set's labels once before training (a trainer calls this);
+        methods whose source weighs samples by dataset-level counts keep them. No-op here."""
+
     def forward(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                 sensitive: torch.Tensor | None = None) -> torch.Tensor:
         features, targets, sensitive = self._validate(features, logits, targets, sensitive)
@@ -331,11 +352,13 @@ def describe(x: object) -> str:
 class HeadRegularizer(Regularizer):
     """A regularizer with a sensitive-attribute head on features of a known width."""
 
-    def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int, hidden: int = 0) -> None:
+    def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int, hidden: int = 0,
+                 depth: int = 1, batch_norm: bool = False) -> None:
         super().__init__(gamma)
         self.feature_dim = check_int("feature_dim", feature_dim, 1)
         self.num_groups = check_int("num_groups", num_groups, 2)
-        self.head = make_head(self.feature_dim, self.num_groups, check_int("hidden", hidden, 0))
+        self.head = make_head(self.feature_dim, self.num_groups, check_int("hidden", hidden, 0),
+                              check_int("depth", depth, 1), bool(batch_norm))
 
     def _validate(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                   sensitive: torch.Tensor | None
@@ -354,8 +377,10 @@ class ReversalHeadRegularizer(HeadRegularizer):
     """A head behind a gradient-reversal layer, with the optional DANN ramp of its weight."""
 
     def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int, hidden: int = 0,
-                 grl_weight: float = 1.0, ramp: bool = False) -> None:
-        super().__init__(gamma, feature_dim=feature_dim, num_groups=num_groups, hidden=hidden)
+                 grl_weight: float = 1.0, ramp: bool = False, depth: int = 1,
+                 batch_norm: bool = False) -> None:
+        super().__init__(gamma, feature_dim=feature_dim, num_groups=num_groups, hidden=hidden,
+                         depth=depth, batch_norm=batch_norm)
         if not math.isfinite(grl_weight) or grl_weight < 0:
             raise RegularizerError(f"grl_weight must be a finite number >= 0, got {grl_weight}")
         self.grl_weight = float(grl_weight)

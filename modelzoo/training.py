@@ -139,6 +139,8 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
     labels = torch.from_numpy(np.ascontiguousarray(train.labels[subset]))
     sensitive = torch.from_numpy(np.ascontiguousarray(train.bias[subset]))
     regularizer = build_regularizer(model, config, device, tuple(images.shape[1:]), num_groups)
+    if regularizer is not None:
+        regularizer.prepare(labels, sensitive)
     model.to(memory_format=MEMORY_FORMAT)
     tap = regularizer.attach(model) if regularizer is not None else None
     params = list(model.parameters())

@@ -251,6 +251,9 @@ def _member(arch: str, width: float, job: ModelJob, device: torch.device) -> _Me
     subset = training_subset(job.data.train, job.config)
     regularizer = build_regularizer(model, job.config, device, job.data.train.images.shape[1:],
                                     job.data.num_groups)
+    if regularizer is not None:
+        regularizer.prepare(torch.from_numpy(job.data.train.labels[subset]),
+                            torch.from_numpy(job.data.train.bias[subset]))
     heads = list(regularizer.parameters()) if regularizer is not None else []
     head_optimizer = make_optimizer(job.config.optimizer, heads, job.config.lr) if heads else None
     shuffler = torch.Generator().manual_seed(job.config.seed)

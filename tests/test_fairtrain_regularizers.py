@@ -300,11 +300,47 @@ def test_group_balanced_per_class_balances_groups_inside_each_class() -> None:
     assert (F.cross_entropy(logits, targets) + per_class).item() == pytest.approx(within.item(), rel=1e-6)
 
 
+def test_group_balanced_weighs_by_the_training_sets_counts_once_prepared() -> None:
+    # The training set: in class 0, 95 aligned (group 0) and 5 conflicting (group 1) digits.
+    targets_all, groups_all = torch.zeros(100, dtype=torch.long), (torch.arange(100) >= 95).long()
+    reg = get_regularizer("group_balanced", per_class=True)
+    reg.prepare(targets_all, groups_all)
+    assert reg.table[0].tolist() == pytest.approx([100 / (2 * 95), 100 / (2 * 5)])
+    # A batch of 7 aligned and 1 conflicting: weighed by the data set, not by the batch's 7:1.
+    features, logits, _, _ = batch(n=8)
+    targets, groups = torch.zeros(8, dtype=torch.long), torch.tensor([0] * 7 + [1])
+    ce = F.cross_entropy(logits, targets, reduction="none")
+    want = (ce[:7] * 100 / 190).sum() / 8 + ce[7] * 10 / 8
+    total = F.cross_entropy(logits, targets) + reg(features, logits, targets, groups)
+    assert total.item() == pytest.approx(want.item(), rel=1e-6)
+    conflicting_share = (ce[7] * 10) / (ce[:7] * 100 / 190).sum().add(ce[7] * 10)
+    assert conflicting_share > 0.5  # in-batch balancing would give it only half of the loss
+    with pytest.raises(RegularizerError, match="outside the training set"):
+        reg(features, logits, targets, torch.tensor([0] * 7 + [2]))
+
+
+def test_unsupervised_weighs_by_running_shares_not_by_the_batch() -> None:
+    reg = reg_of("unsupervised")
+    features, targets, _ = planted()
+    reg(features, torch.zeros(len(targets), 10), targets)  # seeds both classes
+    aligned = reg.shares.max(1).values
+    groups = torch.tensor([0, 1, 0, 1])
+    labels = torch.tensor([0, 0, 1, 1])
+    want = torch.stack([0.5 / aligned[0], 0.5 / (1 - aligned[0]), 0.5 / aligned[1], 0.5 / (1 - aligned[1])])
+    assert torch.allclose(reg.weights(groups, labels), want)
+    fresh = reg_of("unsupervised")  # nothing clustered yet: every sample weighs 1
+    assert torch.equal(fresh.weights(groups, labels), torch.ones(4))
+
+
 def test_model_regularizers_take_the_options_they_accept() -> None:
     shapes = {"feature_dim": 8, "num_groups": 3, "num_classes": 2}
     options = {"hidden": 16, "per_class": True}  # one zoo-wide table: grad takes hidden only
     grad = regularizer_for_model("grad", 1.0, **shapes, options=options)
-    assert sum(isinstance(m, torch.nn.Linear) for m in grad.modules()) == 2  # hidden layer + output
+    linears = [m for m in grad.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.out_features for m in linears] == [16, 16, 3]  # two hidden layers (the paper's) + output
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in grad.modules()) == 2
+    plain = regularizer_for_model("grad", 1.0, **shapes, options={"hidden": 0})
+    assert isinstance(plain.head, torch.nn.Linear)
     balanced = regularizer_for_model("group_balanced", 1.0, **shapes, options=options)
     assert balanced.per_class is True
     assert regularizer_options("unsupervised+end") >= {"alpha", "beta", "clusters", "momentum"}

@@ -132,6 +132,16 @@ def test_a_tap_on_a_convolution_map_batches_and_other_taps_train_apart(colored: 
     assert plan_groups("digit-cnn", 1.0, [*jobs, other, plain], 4) == [jobs, [other], [plain]]
 
 
+def test_dataset_level_balancing_is_prepared_alike_in_a_bank(colored: TrainingData) -> None:
+    settings = {"optimizer": "sgd", "lr": 0.05, "regularizer": "group_balanced", "reg.per_class": True}
+    jobs = [ModelJob(i, _config(i, **settings), colored) for i in range(2)]
+    results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=2))
+    for job in jobs:
+        want = train_model("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL)
+        _assert_same_training(results[job.index], want, job.config, EVAL)
+        assert want.metrics["reg_loss"] != 0
+
+
 def test_gender_cnn_matches_train_one(mnist) -> None:
     # Real MNIST digits padded to the face models' 48×48 input: gender-cnn's two classes are
     # odd/even digits, its three groups digit mod 3.
