@@ -112,9 +112,9 @@ class Reference:
         distance = float(self.distances(features).min())
         percentile = 100.0 * float(np.mean(self.loo < distance))
         if distance > self.loo.max():
-            reasons.append(f"its features are {distance:.2f} standard deviations (RMS) from the nearest "
+            reasons.append(f"its features are {distance:.3f} standard deviations (RMS) from the nearest "
                            f"training model, farther than any training model is from its own nearest "
-                           f"neighbour (at most {self.loo.max():.2f})")
+                           f"neighbour (at most {self.loo.max():.3f})")
         return {"in_distribution": not reasons, "reasons": reasons,
                 "distance": round(distance, 4), "distance_percentile": round(percentile, 1),
                 "training_distances": {"median": round(float(np.median(self.loo)), 4),

@@ -176,6 +176,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from detector.scoring import score_checkpoints, summary_lines, verdict_lines
 
     results = []
@@ -183,8 +185,8 @@ def _score(args: argparse.Namespace) -> int:
                                     progress=True):
         results.append(result)
         print(json.dumps(result) if args.json else "\n".join(verdict_lines(result)), flush=True)
-        if "refused" in result:
-            print(f"weightbias: error: {result['checkpoint']}: {result['refused']}", file=sys.stderr)
+        if "refused" in result:  # through the bar, so the line is not glued onto it
+            tqdm.write(f"weightbias: error: {result['checkpoint']}: {result['refused']}", file=sys.stderr)
     if not args.json and len(results) > 1:
         print("\n".join(summary_lines(results)))
     return EXIT_REFUSED if any("refused" in result for result in results) else 0

@@ -282,6 +282,16 @@ class Regularizer(nn.Module, metaclass=ABCMeta):
     name: str = "regularizer"
     needs_sensitive: bool = True
     default_tap: Tap = Tap()  # where the method's source reads its features
+    # True when the tap changes the network's own forward pass (BinaryBernoulli feeds its
+    # sampled code on): the hook stays on the model after training, and such models train
+    # one at a time (a random draw inside the network cannot run under vmap).
+    alters_forward: bool = False
+
+    @property
+    def task_weight(self) -> float:
+        """What the trainer multiplies the task loss by before adding γ·R (1 but where a
+        source writes its objective as a convex combination)."""
+        return 1.0
 
     def __init__(self, gamma: float = 1.0) -> None:
         super().__init__()

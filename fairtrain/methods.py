@@ -13,6 +13,8 @@ import torch
 from torch.nn import functional as F
 
 from fairtrain.base import (
+    ACTIVATIONS,
+    FeatureTap,
     HeadRegularizer,
     Regularizer,
     RegularizerError,
@@ -194,48 +196,75 @@ class SensitiveNets(HeadRegularizer):
 class BinaryBernoulli(Regularizer):
     """Cerrato et al., AAAI 2023: a stochastic binary layer and the groups' entropy gap.
 
-    p = σ(τh) on the tapped features h (by default h = tanh of the bottleneck's pre-activation,
-    signed, as the source's σ(6·tanh(·))), τ ≈ 6;
-    T ~ Bernoulli(p) with a straight-through gradient (:meth:`binarize`). With θ_i the batch
-    mean of p_i and θ_i^s its mean over group s,
+    The tapped layer's output h (by default tanh of the bottleneck's pre-activation) becomes
+    p = σ(τh), τ ≈ 6, the source's σ(6·tanh(·)); the layer's output is *replaced* by the code
+    T ~ Bernoulli(p) in training (straight-through gradient), T = [p > ½] in eval mode, so the
+    classifier runs on the binary code, as in the source (the hook stays on the model after
+    training: it is part of the trained network). With θ_i the batch mean of p_i and θ_i^s its
+    mean over group s,
 
-        R = Σ_i [H_b(θ_i) − Σ_s (N_s/N) H_b(θ_i^s)]   (nats, summed over units),
+        R = Σ_i [H_b(θ_i) − Σ_s (N_s/N) H_b(θ_i^s)]   (bits, summed over units),
 
-    the per-unit information the code carries about S; ≥ 0 because H_b is concave. R is
-    computed from p, as DESIGN states, so its gradient does not pass through the sampling.
-    The last code (detached) is kept in ``code`` for inspection; a model that should run on
-    the binary code calls :meth:`binarize` in its own forward.
+    the per-unit information the code carries about S; ≥ 0 because H_b is concave. The
+    objective is the source's (1 − γ)·CE + γ·R, so γ lies in [0, 1); R is computed from p, so
+    its gradient does not pass through the sampling.
     """
 
     name = "binary_bernoulli"
     default_tap = Tap(None, "tanh")  # p = σ(τ·tanh(h)), the source's σ(6·tanh(·))
+    alters_forward = True
 
-    def __init__(self, gamma: float = 1.0, *, tau: float = 6.0) -> None:
+    def __init__(self, gamma: float = 0.5, *, tau: float = 6.0) -> None:
+        if not 0 <= gamma < 1:
+            raise RegularizerError(f"gamma must lie in [0, 1) for binary_bernoulli, whose objective is "
+                                   f"(1 - gamma)·CE + gamma·R (1 would drop the task loss), got {gamma!r}")
         super().__init__(gamma)
         if not math.isfinite(tau) or tau <= 0:
             raise RegularizerError(f"tau must be a finite number > 0, got {tau}")
         self.tau = float(tau)
-        self.code: torch.Tensor | None = None
 
-    def binarize(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(p, T): T sampled in training mode (thresholded at 0.5 in eval), straight-through."""
-        p = torch.sigmoid(self.tau * features)
-        hard = torch.bernoulli(p.detach()) if self.training else (p.detach() > 0.5).to(p.dtype)
-        return p, p + (hard - p).detach()
+    @property
+    def task_weight(self) -> float:
+        return 1.0 - self.gamma
+
+    def attach(self, model: torch.nn.Module) -> FeatureTap:
+        """Hook the binary layer onto the tap: features are p, the layer's output becomes T."""
+        return BinaryCodeTap(model, self.tap.layer, ACTIVATIONS[self.tap.activation], self.tau)
 
     def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                 sensitive: torch.Tensor | None) -> torch.Tensor:
-        p, code = self.binarize(features)
-        self.code = code.detach()
+        p = features  # the tap's p = σ(τh)
         onehot = group_onehot(sensitive, p.dtype)
         counts = onehot.sum(0)
         present = counts > 0
         theta_s = (onehot.T @ p)[present] / counts[present, None]
         weights = counts[present] / len(p)
-        return (binary_entropy(p.mean(0)) - weights @ binary_entropy(theta_s)).sum()
+        return (binary_entropy(p.mean(0)) - weights @ binary_entropy(theta_s)).sum() / math.log(2)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, tau={self.tau}"
+
+
+def binarize(p: torch.Tensor, sample: bool) -> torch.Tensor:
+    """T ~ Bernoulli(p) when ``sample``, else [p > ½]; straight-through (gradient as if T = p)."""
+    hard = torch.bernoulli(p.detach()) if sample else (p.detach() > 0.5).to(p.dtype)
+    return p + (hard - p).detach()
+
+
+class BinaryCodeTap(FeatureTap):
+    """A tap that turns its layer into a stochastic binary layer: it captures p = σ(τ·a(out))
+    and hands the network the code T instead of the layer's output (sampled while the layer is
+    in training mode, thresholded in eval mode)."""
+
+    def __init__(self, model: torch.nn.Module, layer: str | None, activation, tau: float) -> None:
+        super().__init__(model, layer, activation)
+        self.tau = tau
+
+    def _capture(self, module: torch.nn.Module, inputs: tuple, output: object) -> torch.Tensor:
+        super()._capture(module, inputs, output)
+        p = torch.sigmoid(self.tau * self._features)
+        self._features = p
+        return binarize(p, module.training)
 
 
 class BinaryMI(Regularizer):

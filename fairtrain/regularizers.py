@@ -186,6 +186,12 @@ def regularizer_options(name: str) -> set[str]:
     return own | set(TAP_OPTIONS)
 
 
+def regularizer_alters_forward(name: str) -> bool:
+    """Whether ``name``'s tap changes the network's forward pass (see ``Regularizer.alters_forward``)."""
+    check_regularizer_name(name)
+    return name != "none" and any(_lookup(part).alters_forward for part in name.partition("+")[::2] if part)
+
+
 def regularizer_tap(name: str, options: Mapping[str, Any] | None = None) -> Tap:
     """Where ``name`` reads its features: its source's tap, or the one ``options`` set through
     ``layer`` / ``activation``. For ``unsupervised+X`` it is the tap of the pair (the pseudo-groups

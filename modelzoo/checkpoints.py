@@ -110,7 +110,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             raise
         raise CheckpointError(f"{path}: {err}") from err
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path}: refused: holds Python objects beyond tensors, which are "
+        raise CheckpointError(f"{path}: holds Python objects beyond tensors, which are "
                               f"never unpickled ({str(err).splitlines()[-1] if str(err) else err})") from err
     # Parsers of damaged bytes raise whatever their code trips over (torch's weights-only
     # unpickler an IndexError or struct.error, a malformed HDF5 tree a TypeError or AttributeError).

@@ -130,8 +130,9 @@ def regularizer_term(regularizer: Regularizer, progress: float, features: torch.
 
 def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.device,
         num_groups: int = N_COLORS, val: ImageSet | None = None) -> FitResult:
-    """Train in place for ``config.epochs``, with the config's regularizer if it names one,
-    its weight decay and learning-rate schedule; with ``val`` (the config has ``val_size``),
+    """Train in place for ``config.epochs``, with the config's regularizer if it names one
+    (a regularizer that alters the forward pass, BinaryBernoulli's binary code, stays hooked
+    on ``model``), its weight decay and learning-rate schedule; with ``val`` (the config has ``val_size``),
     score the validation split after every epoch and, for ``select = "best_val"``, end on the
     weights of the best epoch (the first of equals)."""
     subset = training_subset(train, config)
@@ -165,7 +166,7 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
                 term = regularizer_term(regularizer, step / total_steps, tap.features, logits, target,
                                         sensitive[batch].to(device))
                 reg_total += term.detach() * len(batch)
-                loss = loss + term
+                loss = regularizer.task_weight * loss + term
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -174,8 +175,8 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
         if validation is not None:
             validation.score(model, epoch, device)
             model.train()
-    if tap is not None:
-        tap.remove()
+    if tap is not None and not regularizer.alters_forward:
+        tap.remove()  # (a tap that alters the forward pass is part of the trained network)
     if validation is None:
         return result
     epoch, accuracy = validation.chosen(model)

@@ -36,11 +36,12 @@ What batches, and what falls back to one-at-a-time ``train_model`` (identical re
   size of their training subset (so every step has the same batch shape), and whose
   regularizers read the same :class:`~fairtrain.regularizers.Tap` (or who have none). Learning
   rate, seed, data, regularizer and γ may differ within a group;
-* a model whose recipe sets weight decay, a learning-rate schedule or a validation split, a
-  model with no partner in its block, an architecture with buffers (e.g. batch norm,
-  whose running statistics ``vmap`` cannot update in place) or with random modules other
-  than ``nn.Dropout``, and an optimizer configured beyond what :class:`StackedOptimizer`
-  implements, are trained one at a time.
+* a model whose recipe sets weight decay, a learning-rate schedule or a validation split, one
+  whose regularizer alters the forward pass (BinaryBernoulli samples its code inside the
+  network, which ``vmap`` cannot), a model with no partner in its block, an architecture with
+  buffers (e.g. batch norm, whose running statistics ``vmap`` cannot update in place) or with
+  random modules other than ``nn.Dropout``, and an optimizer configured beyond what
+  :class:`StackedOptimizer` implements, are trained one at a time.
 
 Metrics are computed per model after training with the same code as ``train_model``. A
 model's ``wall_seconds`` is its share of its group's training time plus its own evaluation.
@@ -59,7 +60,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fairtrain.regularizers import FeatureTap, Regularizer, Tap, regularizer_tap
+from fairtrain.regularizers import FeatureTap, Regularizer, Tap, regularizer_alters_forward, regularizer_tap
 from modelzoo.architectures import build_model, layout, unflatten
 from modelzoo.config import ModelConfig
 from modelzoo.stacked_optimizer import StackedOptimizer, VectorizeError, stackable_optimizer
@@ -302,6 +303,8 @@ def fit_group(members: Sequence[_Member], device: torch.device) -> list[FitResul
     net = StackedNetwork([m.model for m in members], tuple(images.shape[1:]),
                          features=taps.pop() if regularized else None)
     optimizer = StackedOptimizer(first.optimizer, net.weights, [m.job.config.lr for m in members])
+    task_weights = torch.tensor([m.regularizer.task_weight if m.regularizer is not None else 1.0
+                                 for m in members], device=device)
     total_steps, step = first.epochs * -(-n // batch_size), 0
     results = [FitResult(float("nan"), 0.0)] * len(members)
     for _ in range(first.epochs):
@@ -318,7 +321,7 @@ def fit_group(members: Sequence[_Member], device: torch.device) -> list[FitResul
             ce = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
             ce = ce.view(len(members), b).mean(1)
             ce_total += ce.detach() * b
-            loss = ce.sum()
+            loss = (ce * task_weights).sum()
             for i in regularized:
                 m = members[i]
                 with m.stream:  # a regularizer may draw (BinaryBernoulli samples its code)
@@ -378,8 +381,8 @@ def plan_groups(arch: str, width: float, jobs: Sequence[ModelJob], vectorize: in
     by_key: dict[tuple, list[list[ModelJob]]] = {}
     groups: list[list[ModelJob]] = []
     for job in jobs:
-        if not job.config.default_recipe:  # weight decay, a schedule or a validation split:
-            groups.append([job])           # train_model's loop, one model at a time
+        if not job.config.default_recipe or regularizer_alters_forward(job.config.regularizer):
+            groups.append([job])  # a recipe, or a random layer inside the network: one at a time
             continue
         key = _group_key(job)
         chunks = by_key.setdefault(key, [])

@@ -37,7 +37,7 @@ REGULARIZERS = ("none", "ndr", "end", "grad", "lntl", "sensitive_nets", "binary_
                 "group_balanced", "unsupervised")
 # γ per regularizer: reversal heads (grad, lntl) diverge at γ = 1 on these tasks.
 DEFAULT_GAMMA = {"none": 0.0, "ndr": 1.0, "end": 1.0, "grad": 0.1, "lntl": 0.1, "sensitive_nets": 1.0,
-                 "binary_bernoulli": 1.0, "binary_mi": 1.0, "group_balanced": 1.0, "unsupervised": 1.0}
+                 "binary_bernoulli": 0.5, "binary_mi": 1.0, "group_balanced": 1.0, "unsupervised": 1.0}
 # Colour is equally common overall, so balancing must happen inside each digit class.
 OPTIONS = {"group_balanced": {"per_class": True}}
 # Unbiased-test accuracy (%) by ρ, DESIGN §2 (Bahng et al. 2020; Tartaglione et al. 2021;

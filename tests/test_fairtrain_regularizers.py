@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from fairtrain.methods import binarize
 from fairtrain.regularizers import (
     REGULARIZERS,
     FeatureTap,
@@ -17,6 +18,7 @@ from fairtrain.regularizers import (
     Tap,
     balanced_weights,
     get_regularizer,
+    regularizer_alters_forward,
     regularizer_for_model,
     regularizer_for_network,
     regularizer_options,
@@ -47,7 +49,10 @@ def dummy(n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.zeros(n, 10), torch.zeros(n, dtype=torch.long)
 
 
-def reg_of(name: str, gamma: float = 1.0) -> Regularizer:
+def reg_of(name: str, gamma: float | None = None) -> Regularizer:
+    """``name`` with its test options, at γ = 1 (binary_bernoulli, whose γ lies in [0, 1): ½)."""
+    if gamma is None:
+        gamma = 0.5 if name == "binary_bernoulli" else 1.0
     return get_regularizer(name, gamma, **OPTIONS[name])
 
 
@@ -232,27 +237,47 @@ def test_lntl_entropy_term_trains_features_not_the_head() -> None:
 
 
 def test_binary_bernoulli_gap_vanishes_without_group_information() -> None:
-    reg = reg_of("binary_bernoulli")
-    h = torch.randn(8, 16)
-    features = torch.cat([h, h])
+    reg = reg_of("binary_bernoulli", 0.5)
+    p = torch.sigmoid(6 * torch.randn(8, 16))  # what its tap hands it: p = σ(τh)
     groups = torch.cat([torch.zeros(8), torch.ones(8)]).long()
-    assert reg(features, *dummy(16), groups).item() == pytest.approx(0.0, abs=1e-5)
-    separated = torch.cat([torch.full((8, 16), 3.0), torch.full((8, 16), -3.0)])
-    assert reg(separated, *dummy(16), groups).item() == pytest.approx(16 * math.log(2), rel=1e-3)
-    # p = σ(6·±3) is within 2e-8 of 1 or 0, so the sampled code is each group's sign pattern.
-    torch.manual_seed(0)
-    reg(separated, *dummy(16), groups)
-    torch.testing.assert_close(reg.code, (separated > 0).float(), rtol=0, atol=0)
+    assert reg(torch.cat([p, p]), *dummy(16), groups).item() == pytest.approx(0.0, abs=1e-5)
+    separated = torch.sigmoid(6 * torch.cat([torch.full((8, 16), 3.0), torch.full((8, 16), -3.0)]))
+    # Every unit gives the group away: one bit each, and R is counted in bits, times γ = 0.5.
+    assert reg(separated, *dummy(16), groups).item() == pytest.approx(0.5 * 16, rel=1e-3)
+    assert reg.task_weight == 0.5  # the source's (1 − γ)·CE + γ·R
+    with pytest.raises(RegularizerError, match=r"gamma must lie in \[0, 1\) for binary_bernoulli"):
+        get_regularizer("binary_bernoulli", 1.0)
 
 
 def test_binary_bernoulli_code_passes_gradient_straight_through() -> None:
-    reg = reg_of("binary_bernoulli")
     h = torch.randn(6, 4, requires_grad=True)
-    p, code = reg.binarize(h)
+    p = torch.sigmoid(6 * h)
+    code = binarize(p, sample=True)
     assert set(code.detach().unique().tolist()) <= {0.0, 1.0}
     (code * torch.arange(4.0)).sum().backward()
     p = p.detach()
-    assert torch.allclose(h.grad, reg.tau * p * (1 - p) * torch.arange(4.0))  # d/dh of p·w, as if T were p
+    assert torch.allclose(h.grad, 6 * p * (1 - p) * torch.arange(4.0))  # d/dh of p·w, as if T were p
+    assert torch.equal(binarize(p, sample=False), (p > 0.5).float())
+
+
+def test_binary_bernoulli_feeds_its_binary_code_to_the_classifier() -> None:
+    torch.manual_seed(0)
+    model = build_model("digit-cnn")
+    reg = regularizer_for_network("binary_bernoulli", 0.5, model, (3, 28, 28), num_groups=3, num_classes=10)
+    images = torch.rand(16, 3, 28, 28)
+    with reg.attach(model) as tap:
+        model.train()
+        bottleneck = model.features(images)  # relu(fc1(x)) with fc1's output replaced by T
+        assert set(bottleneck.unique().tolist()) <= {0.0, 1.0}
+        p = tap.features
+        assert p.shape == (16, 128) and ((p > 0) & (p < 1)).all()
+        maps = torch.max_pool2d(torch.relu(model.conv3(torch.max_pool2d(torch.relu(model.conv2(
+            torch.max_pool2d(torch.relu(model.conv1(images)), 2))), 2))), 2)
+        pre = F.linear(maps.flatten(1), model.fc1.weight, model.fc1.bias)  # (calling fc1 would be hooked)
+        torch.testing.assert_close(p, torch.sigmoid(6 * torch.tanh(pre)))
+        model.eval()
+        torch.testing.assert_close(model.features(images), (tap.features > 0.5).float())
+    assert regularizer_alters_forward("binary_bernoulli") and not regularizer_alters_forward("binary_mi")
 
 
 def test_binary_mi_is_differentiable_and_tracks_group_dependence() -> None:

@@ -101,15 +101,17 @@ def test_digit_cnn_group_matches_train_one_and_a_lone_model_falls_back(colored: 
 
 
 def test_regularizers_batch_with_their_own_heads_and_random_draws(colored: TrainingData) -> None:
-    # GRAD brings a head, its optimizer and a ramped reversal weight; BinaryBernoulli samples its
-    # code from the global RNG, so its draws sit between the model's dropout draws: with SGD
-    # the weights only match this tightly if each model's stream is replayed in order.
-    # GRAD reads tanh of the bottleneck here, BinaryBernoulli's own tap, so the two stack.
+    # GRAD brings a head (with batch norm), its optimizer and a ramped reversal weight; each
+    # model's dropout stream is replayed in order, so with SGD the weights match tightly.
+    # GRAD reads tanh of the bottleneck here, BinaryMI's own tap, so the two stack.
     settings = {"optimizer": "sgd", "lr": 0.05, "gamma": 0.5}
     jobs = [ModelJob(0, _config(0, regularizer="grad", **settings,
                                 **{"reg.ramp": True, "reg.activation": "tanh"}), colored),
-            ModelJob(1, _config(1, regularizer="binary_bernoulli", **settings), colored)]
+            ModelJob(1, _config(1, regularizer="binary_mi", **settings), colored)]
     assert plan_groups("digit-cnn", 1.0, jobs, 2) == [jobs]
+    # BinaryBernoulli samples its code inside the network, which vmap cannot: it trains alone.
+    sampled = ModelJob(2, _config(2, regularizer="binary_bernoulli", **settings), colored)
+    assert plan_groups("digit-cnn", 1.0, [*jobs, sampled], 3) == [jobs, [sampled]]
     results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=2))
     for job in jobs:
         want = train_model("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL)
