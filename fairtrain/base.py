@@ -196,7 +196,8 @@ class FeatureTap:
         self.layer = layer
         self.activation = activation
         self._features: torch.Tensor | None = None
-        self._handle = modules[layer].register_forward_hook(self._capture)
+        self._handles = [modules[layer].register_forward_hook(self._capture)]
+        self.model = model
 
     def _capture(self, module: nn.Module, inputs: tuple, output: object) -> None:
         if not isinstance(output, torch.Tensor):
@@ -212,7 +213,8 @@ class FeatureTap:
 
     def remove(self) -> None:
         """Detach the hook and drop the last features."""
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
         self._features = None
 
     def __enter__(self) -> FeatureTap:
@@ -250,18 +252,23 @@ class Tap:
         """A forward hook on ``model`` that captures this tap's features on every pass."""
         return FeatureTap(model, self.layer, ACTIVATIONS[self.activation])
 
-    def width(self, model: nn.Module, input_shape: tuple[int, ...]) -> int:
-        """Features per sample at this tap (C·H·W for a convolution's map), from one forward
-        pass of a blank image in eval mode: no dropout mask, so no random number, is drawn."""
+    def shape(self, model: nn.Module, input_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The features' shape per sample at this tap ((C, H, W) for a convolution's map), from
+        one forward pass of a blank image in eval mode: no dropout mask, so no random number,
+        is drawn."""
         was_training = model.training
         device = next(model.parameters()).device
         model.eval()
         try:
             with torch.no_grad(), self.attach(model) as tap:
                 model(torch.zeros(1, *input_shape, device=device))
-                return int(tap.features[0].numel())
+                return tuple(tap.features.shape[1:])
         finally:
             model.train(was_training)
+
+    def width(self, model: nn.Module, input_shape: tuple[int, ...]) -> int:
+        """Features per sample at this tap (C·H·W for a convolution's map)."""
+        return math.prod(self.shape(model, input_shape))
 
     def __str__(self) -> str:
         return f"{self.layer or 'bottleneck'}/{self.activation}"
@@ -283,9 +290,11 @@ class Regularizer(nn.Module, metaclass=ABCMeta):
     needs_sensitive: bool = True
     default_tap: Tap = Tap()  # where the method's source reads its features
     # True when the tap changes the network's own forward pass (BinaryBernoulli feeds its
-    # sampled code on): the hook stays on the model after training, and such models train
-    # one at a time (a random draw inside the network cannot run under vmap).
+    # sampled code on): the hook stays on the model after training.
     alters_forward: bool = False
+    # False when the method needs hooks of its own beyond its tap's features (a random draw
+    # inside the network, the input images), which a vectorized bank's shared tap lacks.
+    vectorizable: bool = True
 
     @property
     def task_weight(self) -> float:
@@ -367,8 +376,12 @@ class HeadRegularizer(Regularizer):
         super().__init__(gamma)
         self.feature_dim = check_int("feature_dim", feature_dim, 1)
         self.num_groups = check_int("num_groups", num_groups, 2)
-        self.head = make_head(self.feature_dim, self.num_groups, check_int("hidden", hidden, 0),
-                              check_int("depth", depth, 1), bool(batch_norm))
+        self.head = self.build_head(check_int("hidden", hidden, 0), check_int("depth", depth, 1),
+                                    bool(batch_norm))
+
+    def build_head(self, hidden: int, depth: int, batch_norm: bool) -> nn.Module:
+        """The attribute head on ``feature_dim`` features (see :func:`make_head`)."""
+        return make_head(self.feature_dim, self.num_groups, hidden, depth, batch_norm)
 
     def _validate(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                   sensitive: torch.Tensor | None

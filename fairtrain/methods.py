@@ -32,7 +32,10 @@ from fairtrain.base import (
     mean_over_labels,
     ndr_penalty,
     pairwise_cosine,
+    reverse_gradient,
 )
+
+IGNORE = -100  # a pixel target no loss counts (cross_entropy's default ignore_index)
 
 # ----------------------------------------------------------------------------- regularizers
 
@@ -128,34 +131,100 @@ class GRAD(ReversalHeadRegularizer):
 
 
 class LNTL(ReversalHeadRegularizer):
-    """Kim et al., CVPR 2019 ("Learning Not to Learn"): a bias head, reversal, and an entropy term.
+    """Kim et al., CVPR 2019 ("Learning Not to Learn"): bias heads behind gradient reversal, and
+    an entropy term that leaves them uncertain.
 
-    R = CE(head(GRL_λ(y)), s) + μ·(log G − H(softmax(head(y)))).
-    The first part is :class:`GRAD`'s. What GRAD lacks is LNTL's mutual-information surrogate:
-    the entropy of the head's prediction is maximized with respect to the *features* only
-    (the head runs with detached weights there, so it is never trained to be uncertain; it only
-    learns S through the CE). log G makes the term ≥ 0 without changing its gradient. Taps may
-    be early feature maps: features (N, C, H, W) are flattened, and ``feature_dim`` is C·H·W.
+    With ``target = "pixels"`` (the source's form; the default) three heads, one per colour
+    channel, each conv 3×3 → batch norm → ReLU → conv 3×3, read the tapped map (an early
+    convolution's, (C, H, W)) and predict every pixel's colour in ``bins`` levels: the input
+    image average-pooled to H×W, each channel ``value // (256 / bins)``, background (black)
+    pixels ignored. The network's input is captured by the regularizer's own hook, so the
+    trainer passes nothing more. R is
+
+        Σ_c CE(head_c(GRL_λ(f)), colour_c) + μ·(log bins − mean_c,pixels H(softmax(head_c(f)))),
+
+    the heads learning the colour through the CE while the features, through the reversal (λ =
+    ``grl_weight``, the source's 0.1), unlearn it; the entropy term (μ = ``entropy_weight``,
+    the source's 0.01) runs the heads with detached weights, so only the features are pushed to
+    leave them uncertain. The source alternates two updates per batch; here both terms share
+    one step. ``target = "group"`` is a linear head predicting the sensitive group from the
+    flattened features instead (for tasks whose bias is not a pixel colour, e.g. faces).
     """
 
     name = "lntl"
     default_tap = Tap("conv2", "relu")  # Kim et al.'s heads sit on an early map (their conv2)
+    vectorizable = False  # its own hook reads the network's input images
 
-    def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int, hidden: int = 0,
-                 grl_weight: float = 1.0, ramp: bool = False, entropy_weight: float = 1.0) -> None:
+    def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int,
+                 feature_shape: tuple[int, ...] | None = None, target: str = "pixels", bins: int = 8,
+                 hidden: int = 0, grl_weight: float = 0.1, ramp: bool = False,
+                 entropy_weight: float = 0.01) -> None:
+        if target not in ("pixels", "group"):
+            raise RegularizerError(f"target must be 'pixels' or 'group', got {target!r}")
+        if target == "pixels" and (feature_shape is None or len(feature_shape) != 3):
+            raise RegularizerError(f"lntl's per-pixel colour target needs a convolution map tap (C, H, W), "
+                                   f"got features of shape {feature_shape}; tap a convolution "
+                                   f"(reg.layer) or set reg.target = 'group'")
+        self.target, self.bins = target, check_int("bins", bins, 2)
+        self.feature_shape = tuple(feature_shape) if feature_shape is not None else None
         super().__init__(gamma, feature_dim=feature_dim, num_groups=num_groups, hidden=hidden,
                          grl_weight=grl_weight, ramp=ramp)
         self.entropy_weight = check_gamma(entropy_weight, "entropy_weight")
+        self.inputs: torch.Tensor | None = None
+
+    def build_head(self, hidden: int, depth: int, batch_norm: bool) -> torch.nn.Module:
+        if self.target == "group":
+            return super().build_head(hidden, depth, batch_norm)
+        channels = self.feature_shape[0]
+        return torch.nn.ModuleList(torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, padding=1), torch.nn.BatchNorm2d(channels),
+            torch.nn.ReLU(), torch.nn.Conv2d(channels, self.bins, 3, padding=1)) for _ in range(3))
+
+    def attach(self, model: torch.nn.Module) -> FeatureTap:
+        tap = super().attach(model)
+        if self.target == "pixels":
+            tap._handles.append(model.register_forward_pre_hook(self._capture_inputs))
+        return tap
+
+    def _capture_inputs(self, module: torch.nn.Module, args: tuple) -> None:
+        self.inputs = args[0].detach()
+
+    def pixel_colours(self, size: tuple[int, int]) -> torch.Tensor:
+        """(N, 3, H, W) colour levels of the captured input images; background pixels −100."""
+        if self.inputs is None:
+            raise RegularizerError("lntl reads the input images through its own hook: attach it to the "
+                                   "model (reg.attach(model)) before the forward pass")
+        pooled = F.adaptive_avg_pool2d(self.inputs.float(), size)
+        levels = (pooled * 255 // (256 / self.bins)).long().clamp(0, self.bins - 1)
+        background = (pooled.amax(1, keepdim=True) == 0).expand_as(levels)
+        return levels.masked_fill(background, IGNORE)
 
     def entropy_term(self, features: torch.Tensor) -> torch.Tensor:
-        """log G − mean entropy of the (frozen) head's prediction; gradient reaches features only."""
-        log_p = F.log_softmax(frozen_call(self.head, features), dim=1)
-        entropy = -(log_p.exp() * log_p).sum(1).mean()
-        return math.log(self.num_groups) - entropy
+        """log K − mean entropy of the (frozen) heads' predictions; gradient reaches features only."""
+        if self.target == "group":
+            log_p = F.log_softmax(frozen_call(self.head, features), dim=1)
+            return math.log(self.num_groups) + (log_p.exp() * log_p).sum(1).mean()
+        maps = features.view(len(features), *self.feature_shape)
+        negentropy = torch.stack([(log_p.exp() * log_p).sum(1).mean() for log_p in
+                                  (F.log_softmax(frozen_call(head, maps), dim=1) for head in self.head)])
+        return math.log(self.bins) + negentropy.mean()
+
+    def bias_loss(self, features: torch.Tensor, sensitive: torch.Tensor) -> torch.Tensor:
+        if self.target == "group":
+            return super().bias_loss(features, sensitive)
+        maps = reverse_gradient(features.view(len(features), *self.feature_shape), self.reversal_weight)
+        colours = self.pixel_colours(self.feature_shape[1:])
+        if not (colours != IGNORE).any():
+            return features.new_zeros(())
+        return sum(F.cross_entropy(head(maps), colours[:, c], ignore_index=IGNORE)
+                   for c, head in enumerate(self.head))
 
     def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                 sensitive: torch.Tensor | None) -> torch.Tensor:
         return self.bias_loss(features, sensitive) + self.entropy_weight * self.entropy_term(features)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, target={self.target}"
 
 
 class SensitiveNets(HeadRegularizer):
@@ -213,6 +282,7 @@ class BinaryBernoulli(Regularizer):
     name = "binary_bernoulli"
     default_tap = Tap(None, "tanh")  # p = σ(τ·tanh(h)), the source's σ(6·tanh(·))
     alters_forward = True
+    vectorizable = False  # a random draw inside the network cannot run under vmap
 
     def __init__(self, gamma: float = 0.5, *, tau: float = 6.0) -> None:
         if not 0 <= gamma < 1:

@@ -21,6 +21,7 @@ Formulas and sources are those of DESIGN §4; each class says where it departs f
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -170,7 +171,7 @@ def check_regularizer_name(name: str) -> None:
 
 
 # What a trainer fills in from the model and the data; everything else is the user's to set.
-MODEL_SHAPES = ("feature_dim", "num_groups", "num_classes")
+MODEL_SHAPES = ("feature_dim", "feature_shape", "num_groups", "num_classes")
 # Options every regularizer takes: where it reads its features (see :class:`Tap`).
 TAP_OPTIONS = ("layer", "activation")
 
@@ -186,10 +187,11 @@ def regularizer_options(name: str) -> set[str]:
     return own | set(TAP_OPTIONS)
 
 
-def regularizer_alters_forward(name: str) -> bool:
-    """Whether ``name``'s tap changes the network's forward pass (see ``Regularizer.alters_forward``)."""
+def regularizer_vectorizable(name: str) -> bool:
+    """Whether models trained with ``name`` can share a vectorized bank (see
+    ``Regularizer.vectorizable``); True for ``"none"``."""
     check_regularizer_name(name)
-    return name != "none" and any(_lookup(part).alters_forward for part in name.partition("+")[::2] if part)
+    return name == "none" or all(_lookup(part).vectorizable for part in name.partition("+")[::2] if part)
 
 
 def regularizer_tap(name: str, options: Mapping[str, Any] | None = None) -> Tap:
@@ -201,7 +203,8 @@ def regularizer_tap(name: str, options: Mapping[str, Any] | None = None) -> Tap:
 
 
 def regularizer_for_model(name: str, gamma: float, *, feature_dim: int, num_groups: int,
-                          num_classes: int, options: dict[str, Any] | None = None) -> Regularizer:
+                          num_classes: int, options: dict[str, Any] | None = None,
+                          feature_shape: tuple[int, ...] | None = None) -> Regularizer:
     """Build ``name`` for a model whose bottleneck has ``feature_dim`` units.
 
     The shapes a trainer knows (bottleneck width, number of sensitive groups, number of
@@ -212,7 +215,8 @@ def regularizer_for_model(name: str, gamma: float, *, feature_dim: int, num_grou
     check_regularizer_name(name)
     base, plus, inner = name.partition("+")
     accepted = set().union(*(_option_names(_lookup(part))[0] for part in (base, inner) if part))
-    shapes = {"feature_dim": feature_dim, "num_classes": num_classes}
+    shapes = {"feature_dim": feature_dim, "num_classes": num_classes,
+              "feature_shape": feature_shape or (feature_dim,)}
     if not plus:
         shapes["num_groups"] = num_groups
     accepted |= set(TAP_OPTIONS)
@@ -227,6 +231,6 @@ def regularizer_for_network(name: str, gamma: float, model: nn.Module, input_sha
     by one blank forward pass of an ``input_shape`` image (no random number is drawn, so the
     heads' initial weights follow the model's in the global RNG as before). A tap layer the
     model lacks is a :class:`RegularizerError` naming the layers it has."""
-    width = regularizer_tap(name, options).width(model, input_shape)
-    return regularizer_for_model(name, gamma, feature_dim=width, num_groups=num_groups,
-                                 num_classes=num_classes, options=dict(options or {}))
+    shape = regularizer_tap(name, options).shape(model, input_shape)
+    return regularizer_for_model(name, gamma, feature_dim=math.prod(shape), num_groups=num_groups,
+                                 num_classes=num_classes, options=dict(options or {}), feature_shape=shape)

@@ -37,11 +37,11 @@ What batches, and what falls back to one-at-a-time ``train_model`` (identical re
   regularizers read the same :class:`~fairtrain.regularizers.Tap` (or who have none). Learning
   rate, seed, data, regularizer and γ may differ within a group;
 * a model whose recipe sets weight decay, a learning-rate schedule or a validation split, one
-  whose regularizer alters the forward pass (BinaryBernoulli samples its code inside the
-  network, which ``vmap`` cannot), a model with no partner in its block, an architecture with
-  buffers (e.g. batch norm, whose running statistics ``vmap`` cannot update in place) or with
-  random modules other than ``nn.Dropout``, and an optimizer configured beyond what
-  :class:`StackedOptimizer` implements, are trained one at a time.
+  whose regularizer needs hooks of its own (BinaryBernoulli samples its code inside the
+  network, which ``vmap`` cannot; LNTL reads the input images), a model with no partner in
+  its block, an architecture with buffers (e.g. batch norm, whose running statistics ``vmap``
+  cannot update in place) or with random modules other than ``nn.Dropout``, and an optimizer
+  configured beyond what :class:`StackedOptimizer` implements, are trained one at a time.
 
 Metrics are computed per model after training with the same code as ``train_model``. A
 model's ``wall_seconds`` is its share of its group's training time plus its own evaluation.
@@ -60,7 +60,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fairtrain.regularizers import FeatureTap, Regularizer, Tap, regularizer_alters_forward, regularizer_tap
+from fairtrain.regularizers import FeatureTap, Regularizer, Tap, regularizer_tap, regularizer_vectorizable
 from modelzoo.architectures import build_model, layout, unflatten
 from modelzoo.config import ModelConfig
 from modelzoo.stacked_optimizer import StackedOptimizer, VectorizeError, stackable_optimizer
@@ -381,7 +381,7 @@ def plan_groups(arch: str, width: float, jobs: Sequence[ModelJob], vectorize: in
     by_key: dict[tuple, list[list[ModelJob]]] = {}
     groups: list[list[ModelJob]] = []
     for job in jobs:
-        if not job.config.default_recipe or regularizer_alters_forward(job.config.regularizer):
+        if not job.config.default_recipe or not regularizer_vectorizable(job.config.regularizer):
             groups.append([job])  # a recipe, or a random layer inside the network: one at a time
             continue
         key = _group_key(job)

@@ -18,11 +18,11 @@ from fairtrain.regularizers import (
     Tap,
     balanced_weights,
     get_regularizer,
-    regularizer_alters_forward,
     regularizer_for_model,
     regularizer_for_network,
     regularizer_options,
     regularizer_tap,
+    regularizer_vectorizable,
     reverse_gradient,
 )
 from modelzoo.architectures import build_model
@@ -30,7 +30,7 @@ from modelzoo.architectures import build_model
 HEAD_OPTIONS = {"feature_dim": 16, "num_groups": 3}
 OPTIONS = {
     "ndr": {}, "end": {}, "binary_bernoulli": {}, "binary_mi": {"bits": 4}, "group_balanced": {},
-    "grad": HEAD_OPTIONS, "lntl": HEAD_OPTIONS, "sensitive_nets": HEAD_OPTIONS,
+    "grad": HEAD_OPTIONS, "lntl": {**HEAD_OPTIONS, "target": "group"}, "sensitive_nets": HEAD_OPTIONS,
     "unsupervised": {"feature_dim": 16, "num_classes": 10},
 }
 
@@ -211,6 +211,37 @@ def test_sensitive_nets_detector_loss_cannot_move_features() -> None:
     assert features.grad is not None and features.grad.abs().sum() > 0
 
 
+def test_lntl_reads_each_pixels_colour_from_the_input_and_ignores_the_background() -> None:
+    model = build_model("digit-cnn")
+    reg = regularizer_for_network("lntl", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10)
+    assert reg.feature_shape == (48, 10, 10) and len(reg.head) == 3  # one head per colour channel
+    images = torch.zeros(2, 3, 28, 28)
+    images[:, :, 14:] = torch.tensor([1.0, 0.5, 0.1])[:, None, None]  # coloured lower half, black above
+    with reg.attach(model):
+        model(images)
+    colours = reg.pixel_colours((10, 10))
+    assert (colours[:, :, :4] == -100).all()  # background: no colour to learn
+    assert colours[0, :, 6:, 0].tolist() == [[7] * 4, [3] * 4, [0] * 4]  # 255//32, 127//32, 25//32
+    with pytest.raises(RegularizerError, match="needs a convolution map tap"):
+        regularizer_for_network("lntl", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10,
+                                options={"layer": "fc1"})
+
+
+def test_lntl_heads_learn_the_colour_and_the_reversal_pushes_the_features_away() -> None:
+    torch.manual_seed(0)
+    reg = get_regularizer("lntl", 1.0, feature_dim=4 * 5 * 5, feature_shape=(4, 5, 5), num_groups=10,
+                          entropy_weight=0.0)
+    reg.inputs = torch.rand(6, 3, 28, 28)  # as its hook captures them
+    features = torch.randn(6, 100, requires_grad=True)
+    reg(features, *dummy(6), torch.zeros(6, dtype=torch.long)).backward()
+    reversed_grad = features.grad.clone()
+    features.grad = None
+    maps, colours = features.view(6, 4, 5, 5), reg.pixel_colours((5, 5))
+    sum(F.cross_entropy(head(maps), colours[:, c]) for c, head in enumerate(reg.head)).backward()
+    assert torch.allclose(reversed_grad, -0.1 * features.grad, atol=1e-6)  # the source's ×0.1
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in reg.head.parameters())
+
+
 def test_lntl_entropy_term_trains_features_not_the_head() -> None:
     reg = reg_of("lntl")
     features, logits, targets, sensitive = batch()
@@ -277,7 +308,7 @@ def test_binary_bernoulli_feeds_its_binary_code_to_the_classifier() -> None:
         torch.testing.assert_close(p, torch.sigmoid(6 * torch.tanh(pre)))
         model.eval()
         torch.testing.assert_close(model.features(images), (tap.features > 0.5).float())
-    assert regularizer_alters_forward("binary_bernoulli") and not regularizer_alters_forward("binary_mi")
+    assert not regularizer_vectorizable("binary_bernoulli") and regularizer_vectorizable("binary_mi")
 
 
 def test_binary_mi_is_differentiable_and_tracks_group_dependence() -> None:
@@ -501,7 +532,8 @@ def test_a_tap_is_measured_without_drawing_a_random_number_and_reads_its_own_lay
     assert Tap("conv2", "relu").width(model, (3, 28, 28)) == 48 * 10 * 10
     assert Tap(None, "pre").width(model, (3, 28, 28)) == 128
     assert torch.equal(state, torch.random.get_rng_state()) and model.training
-    reg = regularizer_for_network("lntl", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10)
+    reg = regularizer_for_network("lntl", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10,
+                                  options={"target": "group"})
     assert reg.head.in_features == 4800
     images = torch.rand(4, 3, 28, 28)
     with reg.attach(model) as tap:

@@ -120,18 +120,24 @@ def test_regularizers_batch_with_their_own_heads_and_random_draws(colored: Train
 
 
 def test_a_tap_on_a_convolution_map_batches_and_other_taps_train_apart(colored: TrainingData) -> None:
-    # LNTL reads conv2's map (48×10×10 per image): captured under vmap for both models at once.
-    settings = {"optimizer": "sgd", "lr": 0.05, "gamma": 0.5, "regularizer": "lntl"}
+    # NDR reads conv2's map here (48×10×10 per image): captured under vmap for both models at once.
+    settings = {"optimizer": "sgd", "lr": 0.05, "gamma": 0.5, "regularizer": "ndr", "reg.layer": "conv2"}
     jobs = [ModelJob(i, _config(i, **settings), colored) for i in range(2)]
     assert plan_groups("digit-cnn", 1.0, jobs, 2) == [jobs]
     results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=2))
     for job in jobs:
         _assert_same_training(results[job.index], train_model("digit-cnn", 1.0, job.config, job.data,
                                                               "cpu", EVAL), job.config, EVAL)
-    # A model tapping elsewhere, or with no regularizer, is not stacked with them.
-    other = ModelJob(2, _config(2, **settings, **{"reg.layer": "conv1"}), colored)
+    # A model tapping elsewhere, or with no regularizer, is not stacked with them; LNTL, whose
+    # own hook reads the input images, trains alone.
+    other = ModelJob(2, _config(2, **{**settings, "reg.layer": "conv1"}), colored)
     plain = ModelJob(3, _config(3, optimizer="sgd", lr=0.05), colored)
-    assert plan_groups("digit-cnn", 1.0, [*jobs, other, plain], 4) == [jobs, [other], [plain]]
+    lntl = ModelJob(4, _config(4, optimizer="sgd", lr=0.05, regularizer="lntl"), colored)
+    lntl_too = ModelJob(5, _config(5, optimizer="sgd", lr=0.05, regularizer="lntl"), colored)
+    assert plan_groups("digit-cnn", 1.0, [*jobs, other, plain, lntl, lntl_too], 6) == [
+        jobs, [other], [plain], [lntl], [lntl_too]]
+    trained = train_model("digit-cnn", 1.0, lntl.config, lntl.data, "cpu", EVAL)
+    assert trained.metrics["reg_loss"] > 0
 
 
 def test_dataset_level_balancing_is_prepared_alike_in_a_bank(colored: TrainingData) -> None:
