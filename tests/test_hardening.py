@@ -154,7 +154,8 @@ def test_a_live_lease_refuses_a_second_driver_and_an_expired_one_is_taken_over(t
 @pytest.mark.parametrize(("fixed", "message"), [
     ({"epochs": 100_001}, "fixed.epochs: value 100001 must be in \\[1, 100,000\\]"),
     ({"regularizer": "grad", "reg.hidden": -1}, "fixed.reg.hidden: regularizer grad refuses -1"),
-    ({"regularizer": "binary_bernoulli", "reg.tau": "six"}, "fixed.reg.tau: regularizer binary_bernoulli"),
+    ({"regularizer": "binary_bernoulli", "gamma": 0.5, "reg.tau": "six"},
+     "fixed.reg.tau: regularizer binary_bernoulli"),
     ({"regularizer": "grad", "gamma": 1e300}, "fixed.gamma: regularizer grad refuses 1e\\+300"),
 ])
 def test_settings_that_would_fail_in_every_task_fail_when_the_spec_is_read(fixed: dict, message: str) -> None:
