@@ -238,7 +238,8 @@ def test_score_command_prints_json_and_refuses_bad_checkpoints(signal, tmp_path:
     nan_state["fc1.bias"][0] = float("nan")
     torch.save(nan_state, tmp_path / "nan.pt")
     torch.save({"w": torch.zeros(3)}, tmp_path / "other.pt")
-    for name, message in [("bomb.pt", "never unpickled"), ("short.pt", "not a readable"), ("nan.pt", "NaN or Inf"),
+    for name, message in [("bomb.pt", "never unpickled"), ("short.pt", "not a readable"),
+                          ("nan.pt", "NaN or Inf"),
                           ("other.pt", "tensors the architectures lack: w")]:
         assert main(["score", str(tmp_path / name), "--detector", str(folder)]) == 2
         assert message in capsys.readouterr().err
