@@ -27,28 +27,24 @@ from typing import Any
 
 from torch import nn
 
+from fairtrain.adversaries import GRAD, LNTL, SensitiveNets
 from fairtrain.base import (  # re-exported: the regularizer API in one place
-    ACTIVATIONS,
-    FeatureTap,
     GradientReversal,
-    Regularizer,
     RegularizerError,
-    Tap,
     balanced_weights,
     ndr_penalty,
     reverse_gradient,
 )
+from fairtrain.interface import Regularizer
 from fairtrain.methods import (
-    GRAD,
-    LNTL,
     NDR,
     BinaryBernoulli,
     BinaryMI,
     EnD,
     GroupBalanced,
-    SensitiveNets,
     UnsupervisedGroups,
 )
+from fairtrain.taps import ACTIVATIONS, FeatureTap, Tap
 
 __all__ = [
     "ACTIVATIONS",
