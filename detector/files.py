@@ -16,6 +16,10 @@ Part of the detector stage. A detector is a folder::
                             applicability check and the evidence of a verdict
                             (:mod:`detector.applicability`)
 
+``detector.json`` ends with an integrity record: the sha256 of every other file and of its own
+content. Loading checks it first, so a folder changed after it was saved (classes swapped, a
+held-out accuracy edited, a file damaged or replaced) is refused instead of trusted.
+
 Nothing switches on a detector's name. Each step is saved by its class, and only a class on
 an allow-list is ever loaded:
 
@@ -32,8 +36,11 @@ a skops file holding a type outside the allow-list) is refused with :class:`Dete
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
+import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,7 +58,8 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
     from detector.applicability import Reference
 
 FORMAT = "weightbias-detector"
-FORMAT_VERSION = 2  # 2: a pipeline of steps saved by class (1: one detector object by name)
+# 3: an integrity record (3: digests; 2: a pipeline of steps saved by class; 1: one object by name)
+FORMAT_VERSION = 3
 ARRAYS = "arrays.safetensors"
 PREDICTOR = "predictor.safetensors"
 # Our own step classes, by qualified name; each implements _save_state / _load_state.
@@ -84,16 +92,60 @@ def _qualified(obj: Any) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
+def check_detector_folder(path: str | Path) -> Path:
+    """Refuse, before any work, a ``--out`` a detector may not be written to: a file, a folder
+    holding other things, or a place inside a zoo store."""
+    path = Path(path)
+    for folder in (path.absolute(), *path.absolute().parents):
+        if (folder / "zarr.json").is_file():
+            raise DetectorFileError(f"{path} lies inside the Zarr store {folder}; write the detector "
+                                    "elsewhere (a store holds only its zoo)")
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        raise DetectorFileError(f"{path} is a file, not a folder; give a new folder for the detector")
+    if path.is_dir() and any(path.iterdir()) and not (path / "detector.json").is_file():
+        raise DetectorFileError(f"{path} holds other files; give a new or empty folder (or a detector "
+                                "folder to replace)")
+    return path
+
+
 def save_detector(detector: Pipeline, path: str | Path, info: dict[str, Any] | None = None,
                   reference: Reference | None = None) -> Path:
     """Write a fitted detector pipeline (and ``info``: target, zoo, held-out scores, calibration...)
-    to folder ``path``; with ``reference``, the training zoo's features for applicability checks."""
-    import skops.io as sio
+    to folder ``path``; with ``reference``, the training zoo's features for applicability checks.
+
+    The folder is written whole under a temporary name beside it, with a digest of every file,
+    and then renamed into place: an interrupted or failed save (a full disk) leaves nothing
+    behind, and a detector already at ``path`` is replaced only by a complete one."""
     from sklearn.utils.validation import check_is_fitted
 
     check_is_fitted(detector)
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    path = check_detector_folder(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        _write_detector(detector, staging, info, reference)
+        if path.exists():
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(path)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DetectorFileError(f"{path}: cannot write the detector ({err.strerror or err}); nothing was "
+                                "written there") from err
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_detector(detector: Pipeline, path: Path, info: dict[str, Any] | None,
+                    reference: Reference | None) -> None:
+    import skops.io as sio
+
     steps, arrays = [], {}
     for name, step in detector.steps:
         kind = _qualified(step)
@@ -119,8 +171,38 @@ def save_detector(detector: Pipeline, path: str | Path, info: dict[str, Any] | N
         meta["predictor"] = {"kind": "trees", "file": PREDICTOR, "state": state}
     if reference is not None:
         meta["reference"] = reference.save(path)
+    meta["integrity"] = {"files": {f.name: _file_digest(f) for f in sorted(path.iterdir())}}
+    meta["integrity"]["json"] = _json_digest(meta)
     (path / "detector.json").write_text(json.dumps(meta, indent=2))
-    return path
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _json_digest(meta: dict[str, Any]) -> str:
+    """sha256 of ``meta`` as canonical JSON, its own digest left out."""
+    body = dict(meta, integrity={k: v for k, v in meta.get("integrity", {}).items() if k != "json"})
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def check_integrity(path: Path, meta: dict[str, Any]) -> None:
+    """Every file of the folder as it was saved: ``detector.json`` unchanged since (its digest),
+    every other file present with its recorded digest. A tampered or damaged folder is refused."""
+    integrity = meta.get("integrity")
+    if not isinstance(integrity, dict) or not isinstance(integrity.get("files"), dict) \
+            or not isinstance(integrity.get("json"), str):
+        raise DetectorFileError(f"{path}: detector.json has no integrity record; retrain the detector")
+    if _json_digest(meta) != integrity["json"]:
+        raise DetectorFileError(f"{path}: detector.json was changed after the detector was saved (its "
+                                "digest does not match); restore the folder or retrain the detector")
+    for name, digest in integrity["files"].items():
+        file = path / str(name)
+        if Path(str(name)).name != name or not file.is_file():
+            raise DetectorFileError(f"{path}: {name} is missing; restore the folder or retrain the detector")
+        if _file_digest(file) != digest:
+            raise DetectorFileError(f"{path}: {name} was changed or damaged after the detector was saved "
+                                    "(its digest does not match); restore the folder or retrain the detector")
 
 
 def _export_predictor(detector: Pipeline) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
@@ -152,6 +234,7 @@ def read_detector_info(path: str | Path) -> dict[str, Any]:
     if meta.get("feature_version") != FEATURE_VERSION:
         raise DetectorFileError(f"{path}: trained on weight features v{meta.get('feature_version')}; this "
                                 f"weightbias computes v{FEATURE_VERSION}: retrain the detector")
+    check_integrity(path, meta)
     steps = meta.get("steps")
     if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) for s in steps):
         raise DetectorFileError(f"{path}: detector.json lists no pipeline steps")

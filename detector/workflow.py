@@ -23,7 +23,7 @@ from sklearn.pipeline import Pipeline
 from detector.applicability import REFERENCE_KIND, Reference
 from detector.calibration import calibrate
 from detector.evaluate import as_zoo, breakdown, labels, rows_at_levels, scores, split_rows, zoo_features
-from detector.files import load_detector, save_detector
+from detector.files import check_detector_folder, load_detector, save_detector
 from detector.models import detector_name, for_layout, make_detector
 from detector.transform import WeightFeatures
 from modelzoo.zoo import Zoo
@@ -94,6 +94,8 @@ def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting",
         The saved folder also holds the training models' features
         (:class:`detector.applicability.Reference`) for the applicability of later verdicts.
     """
+    if out is not None:
+        check_detector_folder(out)  # a bad --out fails now, not after training
     zoo = as_zoo(zoo_or_path)
     train_rows, test_rows = split_rows(zoo, split, train_pool)
     train_rows = zoo.checked_rows(rows_at_levels(zoo, train_rows, levels))

@@ -15,6 +15,7 @@ import torch
 from sklearn.preprocessing import FunctionTransformer
 from torch import nn
 
+from detector import files
 from detector.cli import main
 from detector.evaluate import labels, rows_at_levels, score_detector, split_rows
 from detector.files import DetectorFileError, load_detector, save_detector
@@ -130,27 +131,41 @@ def test_detector_files_refuse_other_versions_damage_and_untrusted_code(signal, 
     meta = json.loads((folder / "detector.json").read_text())
     good_skops = (folder / "classifier.skops").read_bytes()
 
-    def refused(change: dict, message: str) -> None:
-        (folder / "detector.json").write_text(json.dumps(meta | change))
+    def refused(change: dict, message: str, sign: bool = True) -> None:
+        changed = meta | change
+        if sign:  # as a crafted folder would: digest recomputed, so the deeper checks must hold
+            changed["integrity"] = dict(meta["integrity"], json=files._json_digest(changed))
+        (folder / "detector.json").write_text(json.dumps(changed))
         with pytest.raises(DetectorFileError, match=message):
             load_detector(folder)
         (folder / "detector.json").write_text(json.dumps(meta))
 
     refused({"feature_version": 0}, r"weight features v0.*retrain")
-    refused({"format_version": 1}, r"v1; this weightbias reads weightbias-detector v2: retrain")
+    refused({"format_version": 2}, r"v2; this weightbias reads weightbias-detector v3: retrain")
+    # Edited by hand, the digest gives it away: swapped classes, an impossible accuracy.
+    refused({"classes": meta["classes"][::-1]}, "detector.json was changed after", sign=False)
+    refused({"heldout": {"accuracy": 1.5}}, "detector.json was changed after", sign=False)
     steps = meta["steps"]
     refused({"steps": [steps[0], steps[1] | {"class": "builtins.eval"}]}, r"'builtins.eval'.*allow-list")
     refused({"steps": [steps[0], steps[1] | {"file": "../../etc/passwd"}]}, "names no file of its own")
     refused({"steps": [steps[0] | {"state": steps[0]["state"] | {"version": 9}}, steps[1]]}, "state v9")
+    def crafted_skops(data: bytes) -> None:  # replaced, with the digests recomputed to match
+        (folder / "classifier.skops").write_bytes(data)
+        crafted = json.loads(json.dumps(meta))
+        crafted["integrity"]["files"]["classifier.skops"] = files._file_digest(folder / "classifier.skops")
+        crafted["integrity"]["json"] = files._json_digest(crafted)
+        (folder / "detector.json").write_text(json.dumps(crafted))
+
     # A skops file that would call an arbitrary function is refused before anything is built.
-    (folder / "classifier.skops").write_bytes(sio.dumps(FunctionTransformer(os.system)))
+    crafted_skops(sio.dumps(FunctionTransformer(os.system)))
     with pytest.raises(DetectorFileError, match="outside the allow-list"):
         load_detector(folder)
-    (folder / "classifier.skops").write_bytes(sio.dumps(FunctionTransformer()))  # trusted, wrong class
+    crafted_skops(sio.dumps(FunctionTransformer()))  # trusted, wrong class
     with pytest.raises(DetectorFileError, match=r"declares a sklearn\.ensemble"):
         load_detector(folder)
+    (folder / "detector.json").write_text(json.dumps(meta))
     (folder / "classifier.skops").write_bytes(good_skops[: len(good_skops) // 2])
-    with pytest.raises(DetectorFileError, match="damaged detector file"):
+    with pytest.raises(DetectorFileError, match=r"classifier\.skops was changed or damaged"):
         load_detector(folder)
     with pytest.raises(DetectorFileError, match="not a detector folder"):
         load_detector(tmp_path)

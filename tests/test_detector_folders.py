@@ -1,0 +1,101 @@
+"""Detector folders are written whole or not at all, only where they belong, and are refused
+once changed: real files, a real full tmpfs, the real CLI in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from detector.cli import main
+from detector.files import DetectorFileError, load_detector, save_detector
+from detector.models import make_detector
+from tests.test_detector import colour_signal_weights, write_weight_zoo
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    train, y_train, slots = colour_signal_weights(60, seed=1)
+    return make_detector("boosting", slots, max_iter=10).fit(train, y_train), train, y_train
+
+
+def _run(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def test_a_bad_out_is_refused_before_training(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    zoo = write_weight_zoo(tmp_path / "zoo.zarr")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "a.csv").write_text("1,2")
+    for out, reason in [(tmp_path / "notes.txt", "is a file, not a folder"),
+                        (tmp_path / "mine", "holds other files"),
+                        (zoo, "lies inside the Zarr store"),
+                        (zoo / "det", "lies inside the Zarr store")]:
+        code, err = _run(capsys, "detector", "train", str(zoo), "--out", str(out), "--detector", "boosting")
+        assert code == 2 and reason in err and "Traceback" not in err, err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path / "mine") == ["a.csv"]
+    assert not (zoo / "det").exists() and not (zoo / "detector.json").exists()
+
+
+def test_a_changed_folder_is_refused_by_score_and_evaluate(tmp_path: Path, fitted,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    detector, train, y_train = fitted
+    folder = save_detector(detector, tmp_path / "det")
+    assert load_detector(folder)[0].score(train, y_train) == 1.0
+    meta = json.loads((folder / "detector.json").read_text())
+    changes = {"classes": meta["classes"][::-1], "heldout": {"accuracy": 1.5}, "target": "regularizer",
+               "extra": 1}
+    for key, value in changes.items():
+        (folder / "detector.json").write_text(json.dumps(meta | {key: value}))
+        with pytest.raises(DetectorFileError, match=r"detector\.json was changed after"):
+            load_detector(folder)
+    (folder / "detector.json").write_text(json.dumps(meta))
+    for name in sorted(meta["integrity"]["files"]):
+        original = (folder / name).read_bytes()
+        (folder / name).write_bytes(os.urandom(len(original)))
+        with pytest.raises(DetectorFileError, match=re.escape(f"{name} was changed or damaged")):
+            load_detector(folder)
+        (folder / name).unlink()
+        with pytest.raises(DetectorFileError, match=re.escape(f"{name} is missing")):
+            load_detector(folder)
+        (folder / name).write_bytes(original)
+    assert load_detector(folder)[0].score(train, y_train) == 1.0
+
+
+def _sh(*command: str) -> subprocess.CompletedProcess:
+    if shutil.which(command[0]) is None:
+        return subprocess.CompletedProcess(command, 127, "", f"{command[0]} is not installed")
+    return subprocess.run(command, capture_output=True, text=True)
+
+
+def test_a_full_disk_leaves_no_partial_detector_and_keeps_the_old_one(tmp_path: Path, fitted) -> None:
+    detector, train, y_train = fitted
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    mounted = _sh("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount))
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up here: {mounted.stderr.strip()}")
+    try:
+        folder = save_detector(detector, mount / "det")
+        kept = {f.name: f.read_bytes() for f in folder.iterdir()}
+        filler = mount / "filler"
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        with open(filler, "wb") as fh:  # room for a little, not for a whole detector
+            os.posix_fallocate(fh.fileno(), 0, free - 8192)
+        with pytest.raises(DetectorFileError, match=r"cannot write the detector \(No space left on device"):
+            save_detector(detector, mount / "det")
+        with pytest.raises(DetectorFileError, match="No space left on device"):
+            save_detector(detector, mount / "new")
+        assert sorted(p.name for p in mount.iterdir()) == ["det", "filler"]  # no partial folder
+        assert {f.name: f.read_bytes() for f in folder.iterdir()} == kept
+        np.testing.assert_array_equal(load_detector(folder)[0].predict(train), y_train)
+    finally:
+        _sh("umount", "-l", str(mount))
