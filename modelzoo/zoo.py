@@ -132,9 +132,11 @@ class Zoo:
     def metric_fields(self) -> list[str]:
         return sorted(self.group["metrics"].array_keys())
 
-    def column(self, name: str) -> np.ndarray:
+    def column(self, name: str, checked: bool = True) -> np.ndarray:
         """One per-model array by path: ``done``, ``checksum``, ``config/<axis>`` or
-        ``metrics/<name>``. Strings come back as a plain fixed-width ``str`` array."""
+        ``metrics/<name>``. Strings come back as a plain fixed-width ``str`` array. A config
+        column is ``checked`` against the checksum recorded when the store was made: a damaged
+        or deleted chunk (which reads back as the fill value) raises instead of passing for data."""
         try:
             array = self.group[name]
         except KeyError as err:
@@ -148,7 +150,14 @@ class Zoo:
             raise StoreError(f"{self.path}: {name!r} has an unreadable chunk ({err}); run `weightbias zoo "
                              "verify`, then re-run `zoo generate` with the same spec to repair it") from err
         # zarr hands out numpy's variable-width StringDType, which many libraries reject.
-        return np.array(values.tolist(), dtype=str) if values.dtype.kind == "T" else values
+        values = np.array(values.tolist(), dtype=str) if values.dtype.kind == "T" else values
+        recorded = self.attrs.get("config_checksums", {}).get(name.removeprefix("config/"))
+        if checked and name.startswith("config/") and recorded is not None \
+                and column_checksum(values) != recorded:
+            raise StoreError(f"{self.path}: {name!r} no longer holds what the store recorded when it was "
+                             "made (a damaged or deleted chunk); re-run `zoo generate` with the same spec "
+                             "to repair it (`weightbias zoo verify` names the models)")
+        return values
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every per-model column, ``{"config/sigma2": ..., "metrics/unbiased_acc": ...}``,

@@ -12,7 +12,7 @@ import ray
 from modelzoo.sources import CACHE_ENV, DATA_ENV, load_mnist
 from modelzoo.spec import ZooSpec, parse_spec
 from modelzoo.store import ZooStore
-from modelzoo.verify import SCALAR_METRICS
+from modelzoo.verify import SCALAR_METRICS, group_metric_widths
 from modelzoo.zoo import weights_checksum
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,6 +82,8 @@ def random_zoo(path: Path, spec: ZooSpec, n_done: int | None = None, seed: int =
         g["checksum"][start:stop] = [weights_checksum(row) for row in weights]
         for name in SCALAR_METRICS:
             g[f"metrics/{name}"][start:stop] = rng.uniform(0.1, 1, stop - start).astype(np.float32)
+        for name, width in group_metric_widths(spec).items():
+            g[f"metrics/{name}"][start:stop] = rng.uniform(0.1, 1, (stop - start, width)).astype(np.float32)
         g["done"][start:stop] = True
     return store
 

@@ -104,7 +104,9 @@ def test_a_deleted_config_chunk_is_found_by_verify_and_repaired_by_a_resume(tmp_
     assert store.verify().ok
     (path / "config" / "sigma2" / "c" / "0").unlink()
     zoo = modelzoo.open_zoo(path)
-    assert zoo.column("config/sigma2").tolist() == [0.0] * 4  # what a reader would have believed
+    assert zoo.column("config/sigma2", checked=False).tolist() == [0.0] * 4  # what a reader once believed
+    with pytest.raises(modelzoo.StoreError, match="'config/sigma2' no longer holds what the store recorded"):
+        zoo.column("config/sigma2")  # info, detectors and the report read it checked: refused
     report = zoo.verify()
     assert not report.ok and any(p.startswith("config/sigma2: 4 model(s) disagree") for p in report.problems)
     ZooStore.create(path, zoo.spec)  # what `zoo generate` does on a resume
@@ -112,6 +114,17 @@ def test_a_deleted_config_chunk_is_found_by_verify_and_repaired_by_a_resume(tmp_
     assert repaired.verify().ok
     assert repaired.column("config/sigma2").tolist() == [0.02, 0.05, 0.02, 0.05]
     assert repaired.done.all()  # repairing configs retrains nothing
+
+
+def test_verify_checks_the_per_class_and_per_group_accuracies_too(tmp_path: Path) -> None:
+    path = tmp_path / "zoo.zarr"
+    _fake_zoo(path)  # 4 models in 2 blocks
+    (path / "metrics" / "per_group_acc" / "c" / "0" / "0").unlink()  # models 0-1: read back as NaN
+    chunk = path / "metrics" / "per_class_acc" / "c" / "1" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:5])  # models 2-3: truncated
+    problems = modelzoo.open_zoo(path).verify().problems
+    assert "model 0: marked done but metrics missing: ['per_group_acc']" in problems
+    assert any(p.startswith("models 2..3: unreadable chunk") for p in problems), problems
 
 
 @pytest.mark.slow  # each `zoo export` imports torch: seconds a call
