@@ -60,6 +60,10 @@ class CheckpointWeights:
     renamed: dict[str, str]  # the file's name -> ours
 
 
+# Trained classifiers keep |w| in the tens at most; far beyond, a file holds something else.
+MAX_WEIGHT = 1e6
+
+
 def checkpoint_weights(state_dict: dict[str, torch.Tensor], arch: str | None = None,
                        ordered: bool = True) -> CheckpointWeights:
     """One checkpoint as a one-row weight array in layout order, recognised by structure
@@ -72,6 +76,10 @@ def checkpoint_weights(state_dict: dict[str, torch.Tensor], arch: str | None = N
     if bad:
         raise DetectorError(f"the checkpoint has NaN or Inf weights in {', '.join(bad)}; not scored")
     flat = torch.cat([recognized.state_dict[slot.name].detach().reshape(-1).float() for slot in slots])
+    largest = float(flat.abs().max())
+    if largest > MAX_WEIGHT:  # the features' squares and products would overflow float32
+        raise DetectorError(f"the checkpoint's weights reach |w| = {largest:.3g}, far beyond any trained "
+                            f"network's (at most {MAX_WEIGHT:g} is read); not scored")
     return CheckpointWeights(flat.numpy()[None], slots, recognized.arch, recognized.width,
                              recognized.state_dict, recognized.renamed)
 
@@ -349,9 +357,14 @@ def checkpoint_insidebias(checkpoint: str | Path, *, dataset: str = "utkface_cro
     from detector.activations import insidebias, probe_images
     from modelzoo.architectures import build_model
     from modelzoo.faces import GROUPS, find_face_folder, load_face_data
+    from modelzoo.tasks import get_task
 
     path = Path(checkpoint)
     weights = checkpoint_weights(load_checkpoint(path), ordered=path.suffix.lower() in TORCH_SUFFIXES)
+    face_archs = get_task("face_gender").archs
+    if weights.arch not in face_archs:
+        raise DetectorError(f"{path}: a {weights.arch}, which no face task trains; InsideBias's face probes "
+                            f"measure face models ({', '.join(face_archs)}) only")
     model = build_model(weights.arch, weights.width)
     model.load_state_dict({k: v.float() for k, v in weights.state_dict.items()})
     faces = load_face_data(find_face_folder(dataset, data_dir), image_size=model.input_shape[-1])

@@ -24,7 +24,7 @@ from detector.applicability import REFERENCE_KIND, Reference
 from detector.calibration import calibrate
 from detector.evaluate import as_zoo, breakdown, labels, rows_at_levels, scores, split_rows, zoo_features
 from detector.files import check_detector_folder, load_detector, save_detector
-from detector.models import detector_name, for_layout, make_detector
+from detector.models import DetectorError, detector_name, for_layout, make_detector
 from detector.transform import WeightFeatures
 from modelzoo.zoo import Zoo
 
@@ -161,8 +161,14 @@ def evaluate_detector(detector_dir_or_pipeline: str | Path | Pipeline, zoo_or_pa
     levels = levels or meta.get("levels")
     rows = np.flatnonzero(zoo.done)
     if pool is not None:
-        rows = rows[zoo.column("config/pool")[rows] == pool]
+        pools = zoo.column("config/pool")[rows]
+        if pool not in pools:
+            raise DetectorError(f"{zoo.path}: no finished model of pool {pool!r}; it has pools "
+                                f"{sorted(set(pools.tolist()))}")
+        rows = rows[pools == pool]
     rows = rows_at_levels(zoo, rows, levels)
+    if not len(rows):
+        raise DetectorError(f"{zoo.path}: no finished model to evaluate at levels {levels}")
     y = labels(zoo, target)[rows]
     proba = zoo_proba(pipeline, zoo, rows, memory_budget=memory_budget, progress=progress)
     result = {"detector": source, "name": meta.get("detector"), "store": str(zoo.path), "target": target,

@@ -210,7 +210,8 @@ class Zoo:
     def weight_chunks(self, rows: np.ndarray, chunk_models: int = CHUNK_MODELS,
                       ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rows, weights) for the done models ``rows``, ``chunk_models`` at a time, in order;
-        each chunk is read only when the one before is consumed, so memory stays bounded."""
+        each chunk is read only when the one before is consumed, so memory stays bounded. A
+        model whose weights hold NaN or Inf (damage ``zoo verify`` names) is refused by number."""
         if chunk_models < 1:
             raise StoreError(f"chunk_models must be at least 1, got {chunk_models}")
         rows = self.checked_rows(rows)
@@ -222,7 +223,12 @@ class Zoo:
             except Exception as err:  # a damaged chunk surfaces as a codec or shape error
                 raise StoreError(f"{self.path}: the weights of models {chunk[0]}..{chunk[-1]} are "
                                  f"unreadable ({err}); run `weightbias zoo verify`") from err
-            yield chunk, np.asarray(values, dtype=np.float32)
+            values = np.asarray(values, dtype=np.float32)
+            bad = chunk[~np.isfinite(values).all(axis=1)]
+            if bad.size:
+                raise StoreError(f"{self.path}: models {bad[:10].tolist()} have NaN or Inf weights; run "
+                                 "`weightbias zoo verify`, then re-run `zoo generate` to retrain them")
+            yield chunk, values
 
     def checked_rows(self, rows: np.ndarray) -> np.ndarray:
         """``rows`` as int64 model indices, refused by name if outside the zoo or not done."""

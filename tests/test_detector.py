@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import skops.io as sio
 import torch
+import zarr
 from sklearn.preprocessing import FunctionTransformer
 from torch import nn
 
@@ -28,7 +29,7 @@ from modelzoo.recognition import RecognitionError, recognize
 from modelzoo.spec import parse_spec
 from modelzoo.store import ZooStore
 from modelzoo.training import ModelResult
-from modelzoo.zoo import open_zoo
+from modelzoo.zoo import StoreError, open_zoo
 from tests.conftest import tiny_spec_dict
 
 FAST = {"layer_conv": {"epochs": 60}, "deepsets": {"epochs": 150}, "dense": {"max_iter": 200}}
@@ -253,8 +254,9 @@ def test_score_command_prints_json_and_refuses_bad_checkpoints(signal, tmp_path:
     nan_state["fc1.bias"][0] = float("nan")
     torch.save(nan_state, tmp_path / "nan.pt")
     torch.save({"w": torch.zeros(3)}, tmp_path / "other.pt")
+    torch.save({k: torch.full_like(v, 1e37) for k, v in user.state_dict().items()}, tmp_path / "huge.pt")
     for name, message in [("bomb.pt", "never unpickled"), ("short.pt", "not a readable"),
-                          ("nan.pt", "NaN or Inf"),
+                          ("nan.pt", "NaN or Inf"), ("huge.pt", "reach |w| = 1e+37, far beyond any trained"),
                           ("other.pt", "tensors the architectures lack: w")]:
         assert main(["score", str(tmp_path / name), "--detector", str(folder)]) == 2
         assert message in capsys.readouterr().err
@@ -365,3 +367,21 @@ def test_detector_from_a_real_zoo_judges_held_out_models_and_plain_pytorch_ones(
         result = json.loads(capsys.readouterr().out)
         assert (result["arch"], result["width"]) == ("digit-cnn", 0.5)
         assert result["verdict"] == verdict, (sigma2, result)
+
+
+def test_damaged_models_are_named_by_their_numbers_in_the_zoo(tmp_path: Path) -> None:
+    path = write_weight_zoo(tmp_path / "zoo.zarr", n_models=14)
+    weights = zarr.open_group(path, mode="r+")["weights"]
+    for model in (5, 9):  # both in pool A, the training pool
+        row = weights[model]
+        row[0] = np.nan
+        weights[model] = row
+    with pytest.raises(StoreError, match=r"models \[5, 9\] have NaN or Inf weights"):
+        train_detector(path, detector="boosting")
+
+
+def test_evaluating_a_pool_the_zoo_lacks_is_one_clear_error(tmp_path: Path) -> None:
+    path = write_weight_zoo(tmp_path / "zoo.zarr")
+    pipeline, _ = train_detector(path, detector="boosting", params={"max_iter": 5})
+    with pytest.raises(DetectorError, match=r"no finished model of pool 'C'; it has pools \['A', 'B'\]"):
+        evaluate_detector(pipeline, path, pool="C")

@@ -314,3 +314,14 @@ def test_read_probe_folder_errors(tmp_path: Path) -> None:
     (tmp_path / "empty_group" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(InsideBiasError, match="cannot read probe image"):
         read_probe_folder(tmp_path, 48)
+
+
+def test_the_insidebias_command_refuses_a_model_no_face_task_trains(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    from detector.cli import main
+    from modelzoo.architectures import build_model
+
+    torch.save(build_model("digit-cnn").state_dict(), tmp_path / "digits.pt")
+    assert main(["insidebias", str(tmp_path / "digits.pt"), "--dataset", "utkface_crop_part1"]) == 2
+    err = capsys.readouterr().err
+    assert "a digit-cnn, which no face task trains" in err and "Traceback" not in err
