@@ -98,6 +98,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     suffix = path.suffix.lower()
     try:
         if suffix in TORCH_SUFFIXES:
+            _check_torch_header(path)
             loaded = torch.load(path, map_location="cpu", weights_only=True)
         elif suffix == ".safetensors":
             loaded = load_file(str(path))
@@ -122,6 +123,23 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: holds no state_dict (expected a mapping of names to tensors, "
                               f"possibly under one of the keys {list(STATE_DICT_KEYS)})")
     return loaded
+
+
+def _check_torch_header(path: Path) -> None:
+    """Name what a ``.pt`` file really is when it is no ``torch.save`` output (a zip archive, or
+    a pickle stream in the legacy format), before a parser reports it in its own terms."""
+    with open(path, "rb") as fh:
+        head = fh.read(16)
+    if not head:
+        raise CheckpointError(f"{path}: is empty (0 bytes); not a checkpoint")
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        raise CheckpointError(f"{path}: is an HDF5 file, not a torch.save one; name it .h5")
+    if len(head) > 8 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size:
+        raise CheckpointError(f"{path}: is a safetensors file, not a torch.save one; name it .safetensors")
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint (torch.save writes a zip archive or a "
+                          "pickle stream; this file starts with neither)")
 
 
 def _inner_state_dict(loaded: object) -> object:

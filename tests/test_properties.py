@@ -606,10 +606,14 @@ def test_a_scalar_where_the_first_tensor_belongs_is_refused() -> None:
 @pytest.mark.parametrize("data", [b"R.", b"\x86.", b"U", b"r"])
 def test_a_damaged_pickle_stream_is_refused(scratch: Path, data: bytes) -> None:
     """Regression: torch's weights-only unpickler raises IndexError or struct.error on these
-    opcode streams (what a truncated or bit-flipped .pt often becomes)."""
+    opcode streams (what a truncated or bit-flipped .pt often becomes). Behind a protocol-2
+    header they reach the unpickler; bare, no torch.save output starts so."""
     path = scratch / "damaged.pt"
-    path.write_bytes(data)
+    path.write_bytes(b"\x80\x02" + data)
     with pytest.raises(CheckpointError, match=r"damaged\.pt: not a readable \.pt checkpoint"):
+        load_checkpoint(path)
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"damaged\.pt: not a PyTorch checkpoint"):
         load_checkpoint(path)
 
 

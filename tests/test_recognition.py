@@ -134,3 +134,23 @@ def test_every_public_name_is_what_it_says_even_after_its_modules_are_imported(p
     for name in package.__all__:
         value = getattr(package, name)
         assert not isinstance(value, ModuleType), f"{package.__name__}.{name} is shadowed by a module"
+
+
+def test_a_pt_file_that_is_no_torch_save_output_is_named_for_what_it_is(tmp_path: Path) -> None:
+    import os
+
+    tensors = {"a": torch.zeros(3)}
+    save_file(tensors, str(tmp_path / "st.pt"))
+    with h5py.File(tmp_path / "h5.pt", "w") as h5:
+        h5["a"] = [1.0, 2.0]
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "random.pt").write_bytes(b"\x07" + os.urandom(3999))
+    for name, message in [("st.pt", "is a safetensors file, not a torch.save one; name it .safetensors"),
+                          ("h5.pt", "is an HDF5 file, not a torch.save one; name it .h5"),
+                          ("empty.pt", "is empty (0 bytes)"),
+                          ("random.pt", "not a PyTorch checkpoint (torch.save writes a zip archive")]:
+        with pytest.raises(modelzoo.WeightbiasError) as caught:
+            load_checkpoint(tmp_path / name)
+        assert message in str(caught.value)
+    torch.save(tensors, tmp_path / "fine.pt")
+    assert torch.equal(load_checkpoint(tmp_path / "fine.pt")["a"], tensors["a"])
