@@ -11,6 +11,7 @@ attributes; or a Keras HDF5 file as IFBiD's model zoos ship, converted to PyTorc
 
 from __future__ import annotations
 
+import errno
 import json
 import pickle
 import struct
@@ -71,7 +72,7 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path,
         # Every format goes through a temporary file and a rename: a full disk or a kill never
         # leaves a truncated checkpoint that looks like a real one.
         if suffix in TORCH_SUFFIXES:
-            write_atomic(path, lambda handle: torch.save(tensors, handle))
+            write_atomic(path, lambda handle: _torch_save(tensors, handle))
         elif suffix == ".safetensors":
             write_bytes_atomic(path, save(tensors, metadata=metadata))
         elif suffix == ".h5":
@@ -88,6 +89,16 @@ def save_checkpoint(state_dict: dict[str, torch.Tensor], path: str | Path,
         raise CheckpointError(f"{path}: cannot write the checkpoint ({err.strerror or err}); nothing was "
                               "written there") from err
     return path
+
+
+def _torch_save(tensors: dict[str, torch.Tensor], handle) -> None:
+    """torch.save, whose zip writer reports a short write (a full disk) as a RuntimeError."""
+    try:
+        torch.save(tensors, handle)
+    except RuntimeError as err:
+        raise OSError(errno.ENOSPC if "unexpected pos" in str(err) else errno.EIO,
+                      "No space left on device" if "unexpected pos" in str(err)
+                      else f"torch.save failed: {str(err).splitlines()[0]}") from err
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

@@ -99,3 +99,25 @@ def test_a_full_disk_leaves_no_partial_detector_and_keeps_the_old_one(tmp_path: 
         np.testing.assert_array_equal(load_detector(folder)[0].predict(train), y_train)
     finally:
         _sh("umount", "-l", str(mount))
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".h5"])
+def test_a_checkpoint_written_to_a_full_disk_is_one_clear_error_and_leaves_nothing(
+        tmp_path: Path, suffix: str) -> None:
+    from modelzoo.architectures import build_model
+    from modelzoo.checkpoints import CheckpointError, save_checkpoint
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    mounted = _sh("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount))
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up here: {mounted.stderr.strip()}")
+    try:
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        with open(mount / "filler", "wb") as fh:  # room for the start of a checkpoint, not all of it
+            os.posix_fallocate(fh.fileno(), 0, free - 20 * 1024)
+        with pytest.raises(CheckpointError, match=r"cannot write the checkpoint \(No space left on device\)"):
+            save_checkpoint(build_model("digit-cnn").state_dict(), mount / f"m{suffix}")
+        assert sorted(p.name for p in mount.iterdir()) == ["filler"]
+    finally:
+        _sh("umount", "-l", str(mount))
