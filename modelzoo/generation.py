@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from modelzoo.store import StaleRunError, StoreError, ZooStore
 from modelzoo.tasks import DataKey
 from modelzoo.training import TrainingData
 from modelzoo.vectorized import ModelJob, train_models
-from modelzoo.zoo import local_path
+from modelzoo.zoo import local_path, open_zoo
 
 TASK_RETRIES = 3
 CONNECT_TIMEOUT_S = 5
@@ -166,10 +167,15 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
     lease = Lease(local_path(out))
     if (lease.path.parent / "zarr.json").is_file():
         lease.acquire()  # a store another live driver is generating is refused before it is touched
+    created_here = not lease.path.parent.exists()
     try:
         summary = _run(spec, out, lease, data_dir=data_dir, address=address, num_cpus=num_cpus,
                        max_models=max_models, cpus_per_task=cpus_per_task, gpus_per_task=gpus_per_task,
                        overwrite=overwrite, progress=progress)
+    except BaseException:
+        if created_here:
+            _remove_if_empty(lease.path.parent)
+        raise
     finally:
         lease.release()
     if summary.superseded:
@@ -180,6 +186,17 @@ def generate(spec: ZooSpec | str | Path, out: str | Path, *, data_dir: str | Pat
         raise GenerateError(f"{len(summary.failures)} task(s) failed; "
                             "re-run the same command to retry them:\n" + "\n".join(summary.failures))
     return summary
+
+
+def _remove_if_empty(store: Path) -> None:
+    """Remove a store this run created when it fails before any model is done (a refusal, a full
+    disk at creation), so the corrected command starts afresh instead of finding a stranger."""
+    try:
+        done = open_zoo(store).done.any()
+    except WeightbiasError:
+        done = False  # half-created: not even readable as a zoo, so nothing in it is done
+    if not done:
+        shutil.rmtree(store, ignore_errors=True)
 
 
 def _run(spec: ZooSpec, out: str | Path, lease: Lease, *, data_dir, address, num_cpus, max_models,

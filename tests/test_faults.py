@@ -140,6 +140,7 @@ def test_disk_full_fails_clearly_and_a_rerun_after_freeing_space_completes(
         code, _, err = _run(capsys, "zoo", "generate", str(spec_path), "--out", str(fresh))
         assert code == 2
         _assert_one_line_error(err, fresh, "No space left on device")
+        assert not fresh.exists()  # nothing half-made stands in the way of the advised re-run
 
         # Room for about one more model: the disk fills up while workers write their models.
         chunk = (half_zoo / "weights" / "c" / "0" / "0").stat().st_size
