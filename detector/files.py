@@ -39,8 +39,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import os
-import shutil
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +49,7 @@ from safetensors.numpy import load_file, save_file
 
 from detector.features import FEATURE_VERSION
 from detector.models import DetectorError, detector_name
+from modelzoo.atomic import OutputFolderError, check_output_folder, staged_folder
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     from sklearn.pipeline import Pipeline
@@ -95,17 +94,10 @@ def _qualified(obj: Any) -> str:
 def check_detector_folder(path: str | Path) -> Path:
     """Refuse, before any work, a ``--out`` a detector may not be written to: a file, a folder
     holding other things, or a place inside a zoo store."""
-    path = Path(path)
-    for folder in (path.absolute(), *path.absolute().parents):
-        if (folder / "zarr.json").is_file():
-            raise DetectorFileError(f"{path} lies inside the Zarr store {folder}; write the detector "
-                                    "elsewhere (a store holds only its zoo)")
-    if path.is_file() or (path.exists() and not path.is_dir()):
-        raise DetectorFileError(f"{path} is a file, not a folder; give a new folder for the detector")
-    if path.is_dir() and any(path.iterdir()) and not (path / "detector.json").is_file():
-        raise DetectorFileError(f"{path} holds other files; give a new or empty folder (or a detector "
-                                "folder to replace)")
-    return path
+    try:
+        return check_output_folder(path, "detector.json")
+    except OutputFolderError as err:
+        raise DetectorFileError(str(err)) from None
 
 
 def save_detector(detector: Pipeline, path: str | Path, info: dict[str, Any] | None = None,
@@ -120,25 +112,12 @@ def save_detector(detector: Pipeline, path: str | Path, info: dict[str, Any] | N
 
     check_is_fitted(detector)
     path = check_detector_folder(path)
-    staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        _write_detector(detector, staging, info, reference)
-        if path.exists():
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
-            path.rename(old)
-            staging.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(path)
+        with staged_folder(path) as staging:
+            _write_detector(detector, staging, info, reference)
     except OSError as err:
-        shutil.rmtree(staging, ignore_errors=True)
         raise DetectorFileError(f"{path}: cannot write the detector ({err.strerror or err}); nothing was "
                                 "written there") from err
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+from modelzoo.errors import WeightbiasError
 
 
 def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -39,3 +43,45 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
 
 def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def check_output_folder(path: str | Path, marker: str) -> Path:
+    """Refuse, before any work, an output folder that may not be written: a place inside a Zarr
+    store, a file, or a folder holding other things (one holding ``marker`` is an earlier output
+    of the same kind, which a new one replaces). Raises :class:`OutputFolderError`."""
+    path = Path(path)
+    for folder in (path.absolute(), *path.absolute().parents):
+        if (folder / "zarr.json").is_file():
+            raise OutputFolderError(f"{path} lies inside the Zarr store {folder}; write it elsewhere "
+                                    "(a store holds only its zoo)")
+    if path.exists() and not path.is_dir():
+        raise OutputFolderError(f"{path} is a file, not a folder; give a new folder")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise OutputFolderError(f"{path} holds other files; give a new or empty folder (or an earlier "
+                                "output of this kind to replace)")
+    return path
+
+
+@contextmanager
+def staged_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to write into; when the block ends without an error it
+    replaces ``path`` whole (an earlier one is removed only then), and otherwise it is removed:
+    a failure or a kill half-way leaves ``path`` as it was, and no partial folder."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+    try:
+        staging.mkdir(parents=True)
+        yield staging
+        if path.exists():
+            old = staging.with_suffix(".old")
+            path.rename(old)
+            staging.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class OutputFolderError(WeightbiasError, ValueError):
+    """An output folder that is a file, inside a store, or holds other things."""

@@ -266,7 +266,9 @@ def test_cli_refuses_bad_input_with_one_line(reg_zoo: Path, tmp_path: Path, caps
     afile = tmp_path / "file.txt"
     afile.write_text("keep me")
     assert main(["compare", str(reg_zoo), "--out", str(afile)]) == 2
-    assert "exists and is not a folder" in capsys.readouterr().err and afile.read_text() == "keep me"
+    assert "is a file, not a folder" in capsys.readouterr().err and afile.read_text() == "keep me"
+    assert main(["compare", str(reg_zoo), "--out", str(reg_zoo / "report")]) == 2  # inside the store
+    assert "lies inside the Zarr store" in capsys.readouterr().err and not (reg_zoo / "report").exists()
 
 
 @pytest.mark.slow
@@ -314,3 +316,23 @@ def test_face_zoo_report_has_insidebias_and_skips_it_without_data(face_zoo: Path
     assert "face probes could not be loaded" in skipped["insidebias"]["skipped"]
     assert any(note.startswith("InsideBias skipped") for note in skipped["notes"])
     assert "insidebias" not in skipped["figures"]
+
+
+def test_a_full_disk_leaves_no_partial_report(reg_zoo: Path, tmp_path: Path) -> None:
+    import subprocess
+
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up here: {mounted.stderr.strip()}")
+    try:
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        with open(mount / "filler", "wb") as fh:  # room for a plot or two, not a whole report
+            os.posix_fallocate(fh.fileno(), 0, free - 60 * 1024)
+        with pytest.raises(CompareError, match=r"cannot write the report \(No space left on device\)"):
+            compare(reg_zoo, mount / "report", n_permutations=9, progress=False)
+        assert sorted(p.name for p in mount.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)

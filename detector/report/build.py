@@ -15,6 +15,7 @@ from detector.report.context import group_notes, make_context, read_features
 from detector.report.options import MNIST_TASKS, VANILLA, CompareError, check_options
 from detector.report.render import write_report_files
 from detector.report.stats import choose_baseline, jsonable, model_groups, standardise
+from modelzoo.atomic import OutputFolderError, check_output_folder, staged_folder
 from modelzoo.zoo import open_zoo
 
 
@@ -26,7 +27,21 @@ def write_report(store_path: str | Path, out: str | Path, detector: str | Path |
     loaded = load_detector(detector) if detector is not None else None
     zoo = open_zoo(store_path)
     groups = model_groups(zoo)
-    out = _output_folder(out)  # only once the zoo is known good: bad input leaves nothing behind
+    out = _output_folder(out)
+    try:  # written whole beside --out, then renamed: a full disk or Ctrl-C leaves no partial report
+        with staged_folder(out) as staging:
+            return _write_sections(zoo, groups, staging, detector, loaded, feature_kind=feature_kind,
+                                   n_permutations=n_permutations, seed=seed, min_models=min_models,
+                                   data_dir=data_dir, probes_per_group=probes_per_group, progress=progress)
+    except OSError as err:
+        raise CompareError(f"--out {out}: cannot write the report ({err.strerror or err}); nothing was "
+                           "written there") from err
+
+
+def _write_sections(zoo, groups, out: Path, detector, loaded, *, feature_kind: str, n_permutations: int,
+                    seed: int, min_models: int, data_dir, probes_per_group: int,
+                    progress: bool) -> dict[str, Any]:
+    """Every section, its plot and the report files, into the (staging) folder ``out``."""
     baseline, fallback_note = choose_baseline(groups, min_models)
     ctx = make_context(zoo, groups, baseline, min_models, progress)
     notes = [fallback_note] if fallback_note else []
@@ -72,11 +87,7 @@ def write_report(store_path: str | Path, out: str | Path, detector: str | Path |
 
 
 def _output_folder(out: str | Path) -> Path:
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise CompareError(f"--out {out} exists and is not a folder")
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise CompareError(f"--out {out}: cannot create the report folder ({err})") from err
-    return out
+        return check_output_folder(out, "summary.json")
+    except OutputFolderError as err:
+        raise CompareError(f"--out {err}") from None
