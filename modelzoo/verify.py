@@ -35,6 +35,8 @@ VERIFY_BLOCK = 512
 
 WIDE_METRICS = ("per_class_acc", "per_group_acc")
 
+DTYPES = {"weights": np.dtype("float32"), "checksum": np.dtype("uint32"), "done": np.dtype("bool")}
+
 
 def group_metric_widths(zoo_or_spec) -> dict[str, int]:
     """Columns of the per-class and per-group accuracy arrays."""
@@ -134,10 +136,20 @@ def verify(zoo: Zoo | str | Path, progress: bool = False) -> VerifyReport:
     shapes |= {f"metrics/{m}": (n,) for m in (*metrics, "worker_host")}
     shapes |= {f"config/{a}": (n,) for a in store.spec.axes}
     for name, shape in shapes.items():
-        if name not in g:
+        try:
+            array = g[name]
+        except KeyError:
             problems.append(f"{name}: missing array")
-        elif g[name].shape != shape:
-            problems.append(f"{name}: shape {g[name].shape}, expected {shape}")
+            continue
+        except Exception as err:  # damaged metadata (zarr.json) surfaces as many types
+            problems.append(f"{name}: unreadable metadata ({type(err).__name__}: {err})")
+            continue
+        if not isinstance(array, zarr.Array):
+            problems.append(f"{name}: a group where an array belongs")
+        elif array.shape != shape:
+            problems.append(f"{name}: shape {array.shape}, expected {shape}")
+        elif name in DTYPES and np.dtype(array.dtype) != DTYPES[name]:
+            problems.append(f"{name}: data type {array.dtype}, expected {DTYPES[name]}")
     if problems:
         return report
     problems += [f"{name}: {problem}" for name, problem in config_problems(store).items()]

@@ -70,9 +70,14 @@ class Zoo:
         self.group = group
         self.path = path
         self.attrs: dict[str, Any] = dict(group.attrs)
-        # The spec was validated when the store was created; re-reading it builds no regularizer.
-        self.spec: ZooSpec = parse_spec(self.attrs["spec"], build_regularizers=False)
-        self.layout: tuple[TensorSlot, ...] = slots_from_records(self.attrs["layout"])
+        try:
+            # The spec was validated when the store was created; re-reading it builds no regularizer.
+            self.spec: ZooSpec = parse_spec(self.attrs["spec"], build_regularizers=False)
+            self.layout: tuple[TensorSlot, ...] = slots_from_records(self.attrs["layout"])
+            int(self.attrs["n_params"])
+        except Exception as err:  # edited or damaged attributes surface as any of many types
+            raise StoreError(f"{path}: the store's attributes (zarr.json) are damaged ({type(err).__name__}: "
+                             f"{err}); restore the store, or regenerate it with --overwrite") from err
 
     @classmethod
     def open(cls, path: str | Path, mode: str = "r") -> Zoo:
@@ -132,18 +137,26 @@ class Zoo:
     def metric_fields(self) -> list[str]:
         return sorted(self.group["metrics"].array_keys())
 
-    def column(self, name: str, checked: bool = True) -> np.ndarray:
-        """One per-model array by path: ``done``, ``checksum``, ``config/<axis>`` or
-        ``metrics/<name>``. Strings come back as a plain fixed-width ``str`` array. A config
-        column is ``checked`` against the checksum recorded when the store was made: a damaged
-        or deleted chunk (which reads back as the fill value) raises instead of passing for data."""
+    def array(self, name: str) -> zarr.Array:
+        """The store's array ``name``, or a :class:`StoreError` naming it when it is missing or its
+        metadata (its zarr.json) is damaged."""
         try:
             array = self.group[name]
         except KeyError as err:
             raise StoreError(f"{self.path}: no array {name!r} in this zoo") from err
         except Exception as err:  # damaged metadata (zarr.json) of that array
-            raise StoreError(f"{self.path}: the metadata of {name!r} is unreadable ({err}); "
-                             "run `weightbias zoo verify`") from err
+            raise StoreError(f"{self.path}: the metadata of {name!r} is unreadable ({type(err).__name__}: "
+                             f"{err}); run `weightbias zoo verify`") from err
+        if not isinstance(array, zarr.Array):
+            raise StoreError(f"{self.path}: {name!r} is a group, not an array: its metadata is damaged")
+        return array
+
+    def column(self, name: str, checked: bool = True) -> np.ndarray:
+        """One per-model array by path: ``done``, ``checksum``, ``config/<axis>`` or
+        ``metrics/<name>``. Strings come back as a plain fixed-width ``str`` array. A config
+        column is ``checked`` against the checksum recorded when the store was made: a damaged
+        or deleted chunk (which reads back as the fill value) raises instead of passing for data."""
+        array = self.array(name)
         try:
             values = np.asarray(read_rows(array))
         except Exception as err:  # a truncated or garbled chunk surfaces as a codec error
@@ -215,7 +228,10 @@ class Zoo:
         if chunk_models < 1:
             raise StoreError(f"chunk_models must be at least 1, got {chunk_models}")
         rows = self.checked_rows(rows)
-        array = self.group["weights"]
+        array = self.array("weights")
+        if array.shape != (self.n_models, self.n_params):
+            raise StoreError(f"{self.path}: weights has shape {array.shape}; the zoo's layout needs "
+                             f"({self.n_models}, {self.n_params}): its metadata is damaged")
         for start in range(0, len(rows), chunk_models):
             chunk = rows[start : start + chunk_models]
             try:
