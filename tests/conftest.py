@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +99,36 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """``small_disk(size)`` mounts a real tmpfs of ``size`` (e.g. "1m") and returns its folder,
+    unmounted after the test; a machine that cannot mount one skips the test with the reason."""
+    mounts: list[Path] = []
+
+    def mount(size: str = "1m") -> Path:
+        folder = tmp_path / f"small_disk{len(mounts)}"
+        folder.mkdir()
+        if shutil.which("mount") is None:
+            pytest.skip("cannot mount a small tmpfs to fill up here: mount is not installed")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill up here: {done.stderr.strip()}")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounts:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill_disk(mount: Path, leave: int, filler: str = "filler") -> Path:
+    """Grow ``mount/filler`` until only ``leave`` bytes stay free on ``mount``."""
+    path = mount / filler
+    path.unlink(missing_ok=True)
+    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+    with open(path, "wb") as fh:
+        os.posix_fallocate(fh.fileno(), 0, max(free - leave, 1))
+    return path

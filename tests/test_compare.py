@@ -25,7 +25,7 @@ from modelzoo.atomic import write_atomic
 from modelzoo.generation import generate
 from modelzoo.spec import parse_spec
 from modelzoo.zoo import open_zoo
-from tests.conftest import tiny_spec_dict
+from tests.conftest import fill_disk, tiny_spec_dict
 
 MNIST_FIGURES = {"detector", "projection", "layer_shifts", "colour_sensitivity", "tradeoff", "distances"}
 
@@ -318,21 +318,9 @@ def test_face_zoo_report_has_insidebias_and_skips_it_without_data(face_zoo: Path
     assert "insidebias" not in skipped["figures"]
 
 
-def test_a_full_disk_leaves_no_partial_report(reg_zoo: Path, tmp_path: Path) -> None:
-    import subprocess
-
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up here: {mounted.stderr.strip()}")
-    try:
-        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-        with open(mount / "filler", "wb") as fh:  # room for a plot or two, not a whole report
-            os.posix_fallocate(fh.fileno(), 0, free - 60 * 1024)
-        with pytest.raises(CompareError, match=r"cannot write the report \(No space left on device\)"):
-            compare(reg_zoo, mount / "report", n_permutations=9, progress=False)
-        assert sorted(p.name for p in mount.iterdir()) == ["filler"]
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+def test_a_full_disk_leaves_no_partial_report(reg_zoo: Path, small_disk) -> None:
+    mount = small_disk("1m")
+    fill_disk(mount, leave=60 * 1024)  # room for a plot or two, not a whole report
+    with pytest.raises(CompareError, match=r"cannot write the report \(No space left on device\)"):
+        compare(reg_zoo, mount / "report", n_permutations=9, progress=False)
+    assert sorted(p.name for p in mount.iterdir()) == ["filler"]

@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pytest
 from detector.cli import main
 from detector.files import DetectorFileError, load_detector, save_detector
 from detector.models import make_detector
+from tests.conftest import fill_disk
 from tests.test_detector import colour_signal_weights, write_weight_zoo
 
 
@@ -70,54 +69,29 @@ def test_a_changed_folder_is_refused_by_score_and_evaluate(tmp_path: Path, fitte
     assert load_detector(folder)[0].score(train, y_train) == 1.0
 
 
-def _sh(*command: str) -> subprocess.CompletedProcess:
-    if shutil.which(command[0]) is None:
-        return subprocess.CompletedProcess(command, 127, "", f"{command[0]} is not installed")
-    return subprocess.run(command, capture_output=True, text=True)
-
-
-def test_a_full_disk_leaves_no_partial_detector_and_keeps_the_old_one(tmp_path: Path, fitted) -> None:
+def test_a_full_disk_leaves_no_partial_detector_and_keeps_the_old_one(small_disk, fitted) -> None:
     detector, train, y_train = fitted
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    mounted = _sh("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount))
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up here: {mounted.stderr.strip()}")
-    try:
-        folder = save_detector(detector, mount / "det")
-        kept = {f.name: f.read_bytes() for f in folder.iterdir()}
-        filler = mount / "filler"
-        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-        with open(filler, "wb") as fh:  # room for a little, not for a whole detector
-            os.posix_fallocate(fh.fileno(), 0, free - 8192)
-        with pytest.raises(DetectorFileError, match=r"cannot write the detector \(No space left on device"):
-            save_detector(detector, mount / "det")
-        with pytest.raises(DetectorFileError, match="No space left on device"):
-            save_detector(detector, mount / "new")
-        assert sorted(p.name for p in mount.iterdir()) == ["det", "filler"]  # no partial folder
-        assert {f.name: f.read_bytes() for f in folder.iterdir()} == kept
-        np.testing.assert_array_equal(load_detector(folder)[0].predict(train), y_train)
-    finally:
-        _sh("umount", "-l", str(mount))
+    mount = small_disk("1m")
+    folder = save_detector(detector, mount / "det")
+    kept = {f.name: f.read_bytes() for f in folder.iterdir()}
+    fill_disk(mount, leave=8192)  # room for a little, not for a whole detector
+    with pytest.raises(DetectorFileError, match=r"cannot write the detector \(No space left on device"):
+        save_detector(detector, mount / "det")
+    with pytest.raises(DetectorFileError, match="No space left on device"):
+        save_detector(detector, mount / "new")
+    assert sorted(p.name for p in mount.iterdir()) == ["det", "filler"]  # no partial folder
+    assert {f.name: f.read_bytes() for f in folder.iterdir()} == kept
+    np.testing.assert_array_equal(load_detector(folder)[0].predict(train), y_train)
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors", ".h5"])
 def test_a_checkpoint_written_to_a_full_disk_is_one_clear_error_and_leaves_nothing(
-        tmp_path: Path, suffix: str) -> None:
+        small_disk, suffix: str) -> None:
     from modelzoo.architectures import build_model
     from modelzoo.checkpoints import CheckpointError, save_checkpoint
 
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    mounted = _sh("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount))
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up here: {mounted.stderr.strip()}")
-    try:
-        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-        with open(mount / "filler", "wb") as fh:  # room for the start of a checkpoint, not all of it
-            os.posix_fallocate(fh.fileno(), 0, free - 20 * 1024)
-        with pytest.raises(CheckpointError, match=r"cannot write the checkpoint \(No space left on device\)"):
-            save_checkpoint(build_model("digit-cnn").state_dict(), mount / f"m{suffix}")
-        assert sorted(p.name for p in mount.iterdir()) == ["filler"]
-    finally:
-        _sh("umount", "-l", str(mount))
+    mount = small_disk("1m")
+    fill_disk(mount, leave=20 * 1024)  # room for the start of a checkpoint, not all of it
+    with pytest.raises(CheckpointError, match=r"cannot write the checkpoint \(No space left on device\)"):
+        save_checkpoint(build_model("digit-cnn").state_dict(), mount / f"m{suffix}")
+    assert sorted(p.name for p in mount.iterdir()) == ["filler"]

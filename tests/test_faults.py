@@ -11,7 +11,6 @@ cannot make (no mount, no ``chattr``) skips its test with the reason.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -24,7 +23,7 @@ from detector.cli import main
 from modelzoo.spec import load_spec
 from modelzoo.store import ZooStore
 from modelzoo.zoo import open_zoo
-from tests.conftest import random_zoo
+from tests.conftest import fill_disk, random_zoo
 
 N_MODELS = 4
 SPEC = f"""
@@ -105,64 +104,48 @@ def _sh(*command: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True)
 
 
-def _fill(filler: Path, mount: Path, leave: int) -> None:
-    """Grow ``filler`` until only ``leave`` bytes stay free on ``mount``."""
-    filler.unlink(missing_ok=True)
-    free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
-    with open(filler, "wb") as fh:
-        os.posix_fallocate(fh.fileno(), 0, max(free - leave, 1))
-
-
 @pytest.mark.slow  # trains models with Ray (half_zoo, then the re-run)
 def test_disk_full_fails_clearly_and_a_rerun_after_freeing_space_completes(
-        half_zoo: Path, spec_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    mount = tmp_path / "small_disk"
-    mount.mkdir()
-    mounted = _sh("mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount))
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up here: {mounted.stderr.strip()}")
-    try:
-        out = mount / "zoo.zarr"
-        shutil.copytree(half_zoo, out)
-        before = _done_weights(out)
-        generate = ("zoo", "generate", str(spec_path), "--out", str(out))
-        filler = mount / "filler"
+        half_zoo: Path, spec_path: Path, small_disk, capsys: pytest.CaptureFixture) -> None:
+    mount = small_disk("8m")
+    out = mount / "zoo.zarr"
+    shutil.copytree(half_zoo, out)
+    before = _done_weights(out)
+    generate = ("zoo", "generate", str(spec_path), "--out", str(out))
 
-        # No space at all: the driver's first write into the store fails before any training,
-        # and so does creating a new store.
-        _fill(filler, mount, leave=0)
-        code, _, err = _run(capsys, *generate)
-        assert code == 2
-        _assert_one_line_error(err, out, "No space left on device")
-        _assert_kept(out, before)
-        assert open_zoo(out).done.sum() == 2
-        fresh = mount / "fresh.zarr"
-        code, _, err = _run(capsys, "zoo", "generate", str(spec_path), "--out", str(fresh))
-        assert code == 2
-        _assert_one_line_error(err, fresh, "No space left on device")
-        assert not fresh.exists()  # nothing half-made stands in the way of the advised re-run
+    # No space at all: the driver's first write into the store fails before any training,
+    # and so does creating a new store.
+    filler = fill_disk(mount, leave=0)
+    code, _, err = _run(capsys, *generate)
+    assert code == 2
+    _assert_one_line_error(err, out, "No space left on device")
+    _assert_kept(out, before)
+    assert open_zoo(out).done.sum() == 2
+    fresh = mount / "fresh.zarr"
+    code, _, err = _run(capsys, "zoo", "generate", str(spec_path), "--out", str(fresh))
+    assert code == 2
+    _assert_one_line_error(err, fresh, "No space left on device")
+    assert not fresh.exists()  # nothing half-made stands in the way of the advised re-run
 
-        # Room for about one more model: the disk fills up while workers write their models.
-        chunk = (half_zoo / "weights" / "c" / "0" / "0").stat().st_size
-        _fill(filler, mount, leave=int(1.6 * chunk))
-        code, _, err = _run(capsys, *generate)
-        assert code == 2
-        assert "No space left on device" in err and str(out) in err
-        _assert_kept(out, before)
-        done_after_fault = int(open_zoo(out).done.sum())
-        assert done_after_fault < N_MODELS, "the disk must fill up before the zoo is complete"
-        with capsys.disabled():  # how far the run got is worth seeing in a -s run
-            print(f"\ndisk full: {done_after_fault}/{N_MODELS} done when the disk filled up; "
-                  f"error: {err.strip().splitlines()[-1][:300]}")
+    # Room for about one more model: the disk fills up while workers write their models.
+    chunk = (half_zoo / "weights" / "c" / "0" / "0").stat().st_size
+    fill_disk(mount, leave=int(1.6 * chunk))
+    code, _, err = _run(capsys, *generate)
+    assert code == 2
+    assert "No space left on device" in err and str(out) in err
+    _assert_kept(out, before)
+    done_after_fault = int(open_zoo(out).done.sum())
+    assert done_after_fault < N_MODELS, "the disk must fill up before the zoo is complete"
+    with capsys.disabled():  # how far the run got is worth seeing in a -s run
+        print(f"\ndisk full: {done_after_fault}/{N_MODELS} done when the disk filled up; "
+              f"error: {err.strip().splitlines()[-1][:300]}")
 
-        filler.unlink()
-        code, stdout, err = _run(capsys, *generate)
-        assert code == 0, err
-        assert _trained(stdout) == N_MODELS - done_after_fault, "every model trained exactly once"
-        assert open_zoo(out).done.all()
-        _assert_kept(out, before)
-    finally:
-        _sh("umount", "-l", str(mount))
+    filler.unlink()
+    code, stdout, err = _run(capsys, *generate)
+    assert code == 0, err
+    assert _trained(stdout) == N_MODELS - done_after_fault, "every model trained exactly once"
+    assert open_zoo(out).done.all()
+    _assert_kept(out, before)
 
 
 @pytest.mark.slow  # trains models with Ray (half_zoo, then the re-run)
