@@ -59,6 +59,11 @@ def check_output_folder(path: str | Path, marker: str) -> Path:
     if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
         raise OutputFolderError(f"{path} holds other files; give a new or empty folder (or an earlier "
                                 "output of this kind to replace)")
+    parents = (path.absolute().parent, *path.absolute().parents)
+    existing = next(folder for folder in parents if folder.exists())
+    if not os.access(existing, os.W_OK):  # a read-only file system or folder: say so before any work
+        raise OutputFolderError(f"{path}: cannot write in {existing} (read-only); give a folder you can "
+                                "write to")
     return path
 
 

@@ -44,6 +44,17 @@ def test_a_bad_out_is_refused_before_training(tmp_path: Path, capsys: pytest.Cap
     assert not (zoo / "det").exists() and not (zoo / "detector.json").exists()
 
 
+def test_a_read_only_place_is_refused_before_training(tmp_path: Path, small_disk,
+                                                     capsys: pytest.CaptureFixture) -> None:
+    import subprocess
+
+    zoo = write_weight_zoo(tmp_path / "zoo.zarr")
+    mount = small_disk("1m")
+    subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+    code, err = _run(capsys, "detector", "train", str(zoo), "--out", str(mount / "det"))
+    assert code == 2 and "cannot write in" in err and "(read-only)" in err and "Traceback" not in err, err
+
+
 def test_a_changed_folder_is_refused_by_score_and_evaluate(tmp_path: Path, fitted,
                                                            capsys: pytest.CaptureFixture) -> None:
     detector, train, y_train = fitted
