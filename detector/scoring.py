@@ -171,6 +171,7 @@ class Scorer:
             from detector.activations import insidebias, read_probe_folder
             from modelzoo.architectures import build_model
 
+            require_face_model(weights, checkpoint)
             model = build_model(weights.arch, weights.width)
             model.load_state_dict(weights.state_dict)
             images = read_probe_folder(probes, model.input_shape[-1])
@@ -349,6 +350,16 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
     return [*lines, f"{len(results) - refused} scored, {refused} refused"]
 
 
+def require_face_model(weights: CheckpointWeights, path: str | Path) -> None:
+    """InsideBias probes are faces (decoded as the face datasets are): refuse any other model."""
+    from modelzoo.tasks import get_task
+
+    face_archs = get_task("face_gender").archs
+    if weights.arch not in face_archs:
+        raise DetectorError(f"{path}: a {weights.arch}, which no face task trains; InsideBias's face probes "
+                            f"measure face models ({', '.join(face_archs)}) only")
+
+
 def checkpoint_insidebias(checkpoint: str | Path, *, dataset: str = "utkface_crop_part1",
                           data_dir: str | Path | None = None, per_group: int = 5,
                           seed: int = 0) -> dict[str, Any]:
@@ -357,14 +368,10 @@ def checkpoint_insidebias(checkpoint: str | Path, *, dataset: str = "utkface_cro
     from detector.activations import insidebias, probe_images
     from modelzoo.architectures import build_model
     from modelzoo.faces import GROUPS, find_face_folder, load_face_data
-    from modelzoo.tasks import get_task
 
     path = Path(checkpoint)
     weights = checkpoint_weights(load_checkpoint(path), ordered=path.suffix.lower() in TORCH_SUFFIXES)
-    face_archs = get_task("face_gender").archs
-    if weights.arch not in face_archs:
-        raise DetectorError(f"{path}: a {weights.arch}, which no face task trains; InsideBias's face probes "
-                            f"measure face models ({', '.join(face_archs)}) only")
+    require_face_model(weights, path)
     model = build_model(weights.arch, weights.width)
     model.load_state_dict({k: v.float() for k, v in weights.state_dict.items()})
     faces = load_face_data(find_face_folder(dataset, data_dir), image_size=model.input_shape[-1])

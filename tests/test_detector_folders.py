@@ -106,3 +106,22 @@ def test_a_checkpoint_written_to_a_full_disk_is_one_clear_error_and_leaves_nothi
     with pytest.raises(CheckpointError, match=r"cannot write the checkpoint \(No space left on device\)"):
         save_checkpoint(build_model("digit-cnn").state_dict(), mount / f"m{suffix}")
     assert sorted(p.name for p in mount.iterdir()) == ["filler"]
+
+
+def test_face_probes_are_refused_for_a_model_no_face_task_trains(tmp_path: Path) -> None:
+    import torch
+    from PIL import Image
+
+    from detector.models import DetectorError
+    from detector.scoring import score_checkpoint
+    from detector.workflow import train_detector
+    from modelzoo.architectures import build_model
+
+    zoo = write_weight_zoo(tmp_path / "zoo.zarr")
+    train_detector(zoo, detector="boosting", out=tmp_path / "det", params={"max_iter": 5})
+    torch.save(build_model("digit-cnn").state_dict(), tmp_path / "digits.pt")
+    for group in ("g1", "g2"):
+        (tmp_path / "probes" / group).mkdir(parents=True)
+        Image.new("RGB", (60, 60), (120, 90, 60)).save(tmp_path / "probes" / group / "face.png")
+    with pytest.raises(DetectorError, match="a digit-cnn, which no face task trains"):
+        score_checkpoint(tmp_path / "digits.pt", tmp_path / "det", probes=tmp_path / "probes")
