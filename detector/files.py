@@ -95,7 +95,7 @@ def check_detector_folder(path: str | Path) -> Path:
     """Refuse, before any work, a ``--out`` a detector may not be written to: a file, a folder
     holding other things, or a place inside a zoo store."""
     try:
-        return check_output_folder(path, "detector.json")
+        return check_output_folder(path, "detector.json", ("*.safetensors", "*.skops"))
     except OutputFolderError as err:
         raise DetectorFileError(str(err)) from None
 

@@ -7,6 +7,7 @@ cards, detector folders, reports), so a full disk, a kill or an error half-way l
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import secrets
 import shutil
@@ -45,10 +46,11 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def check_output_folder(path: str | Path, marker: str) -> Path:
+def check_output_folder(path: str | Path, marker: str, own: tuple[str, ...] = ()) -> Path:
     """Refuse, before any work, an output folder that may not be written: a place inside a Zarr
-    store, a file, or a folder holding other things (one holding ``marker`` is an earlier output
-    of the same kind, which a new one replaces). Raises :class:`OutputFolderError`."""
+    store, a file, or a folder holding other things. A folder holding ``marker`` and nothing but
+    files named like ``own`` (glob patterns) is an earlier output of the same kind, which a new
+    one replaces whole. Raises :class:`OutputFolderError`."""
     path = Path(path)
     for folder in (path.absolute(), *path.absolute().parents):
         if (folder / "zarr.json").is_file():
@@ -56,9 +58,13 @@ def check_output_folder(path: str | Path, marker: str) -> Path:
                                     "(a store holds only its zoo)")
     if path.exists() and not path.is_dir():
         raise OutputFolderError(f"{path} is a file, not a folder; give a new folder")
-    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
-        raise OutputFolderError(f"{path} holds other files; give a new or empty folder (or an earlier "
-                                "output of this kind to replace)")
+    if path.is_dir() and any(path.iterdir()):
+        others = sorted(entry.name for entry in path.iterdir() if not entry.is_file()
+                        or not any(fnmatch.fnmatch(entry.name, pattern) for pattern in (marker, *own)))
+        if not (path / marker).is_file() or others:
+            raise OutputFolderError(f"{path} holds other files ({', '.join(others[:3]) or 'no ' + marker}); "
+                                    "give a new or empty folder (an earlier output of this kind, and "
+                                    "nothing else, is replaced)")
     parents = (path.absolute().parent, *path.absolute().parents)
     existing = next(folder for folder in parents if folder.exists())
     if not os.access(existing, os.W_OK):  # a read-only file system or folder: say so before any work

@@ -34,13 +34,18 @@ def test_a_bad_out_is_refused_before_training(tmp_path: Path, capsys: pytest.Cap
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "a.csv").write_text("1,2")
+    (tmp_path / "mixed").mkdir()  # looks like a detector, holds the user's notes too
+    (tmp_path / "mixed" / "detector.json").write_text('{"my": "own config"}')
+    (tmp_path / "mixed" / "notes.txt").write_text("precious")
     for out, reason in [(tmp_path / "notes.txt", "is a file, not a folder"),
                         (tmp_path / "mine", "holds other files"),
+                        (tmp_path / "mixed", "holds other files (notes.txt)"),
                         (zoo, "lies inside the Zarr store"),
                         (zoo / "det", "lies inside the Zarr store")]:
         code, err = _run(capsys, "detector", "train", str(zoo), "--out", str(out), "--detector", "boosting")
         assert code == 2 and reason in err and "Traceback" not in err, err
     assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path / "mine") == ["a.csv"]
+    assert (tmp_path / "mixed" / "notes.txt").read_text() == "precious"
     assert not (zoo / "det").exists() and not (zoo / "detector.json").exists()
 
 

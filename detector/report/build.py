@@ -88,6 +88,6 @@ def _write_sections(zoo, groups, out: Path, detector, loaded, *, feature_kind: s
 
 def _output_folder(out: str | Path) -> Path:
     try:
-        return check_output_folder(out, "summary.json")
+        return check_output_folder(out, "summary.json", ("index.html", "index.md", "*.png"))
     except OutputFolderError as err:
         raise CompareError(f"--out {err}") from None
