@@ -202,7 +202,14 @@ class Zoo:
     def model_weights(self, index: int) -> np.ndarray:
         """The flat weight row of model ``index``, checked against its stored checksum
         (refused unless it is done, finite and intact: an export must never hold garbage)."""
-        row = self.weights(np.array([index]))[0]
+        index = int(self.checked_rows(np.array([index]))[0])
+        try:  # the row as stored, NaN included: judged below, with the checksum
+            row = np.asarray(self.array("weights")[index], dtype=np.float32)
+        except StoreError:
+            raise
+        except Exception as err:  # a damaged chunk surfaces as a codec or shape error
+            raise StoreError(f"{self.path}: the weights of model {index} are unreadable ({err}); run "
+                             "`weightbias zoo verify`") from err
         checksum = self.column("checksum")[index]
         if not np.isfinite(row).all() or weights_checksum(row) != checksum:
             raise StoreError(f"{self.path}: the stored weights of model {index} are damaged (NaN/Inf or "

@@ -324,3 +324,14 @@ def test_a_full_disk_leaves_no_partial_report(reg_zoo: Path, small_disk) -> None
     with pytest.raises(CompareError, match=r"cannot write the report \(No space left on device\)"):
         compare(reg_zoo, mount / "report", n_permutations=9, progress=False)
     assert sorted(p.name for p in mount.iterdir()) == ["filler"]
+
+
+def test_a_lost_per_group_chunk_is_refused_not_averaged_over(reg_zoo: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "zoo.zarr"
+    shutil.copytree(reg_zoo, copy)
+    (copy / "metrics" / "per_group_acc" / "c" / "0" / "0").unlink()  # models 0..3 read back as NaN
+    with pytest.raises(CompareError, match=r"models \[0, 1, 2, 3\] have no per-group accuracy"):
+        compare(copy, tmp_path / "report", n_permutations=9, progress=False)
+    assert not (tmp_path / "report").exists()

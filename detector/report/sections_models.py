@@ -30,6 +30,11 @@ def metrics(ctx: Context) -> dict[str, np.ndarray]:
     ``metrics/per_group_acc``; NaN with fewer than two groups measured) and leakage."""
     zoo, rows = ctx.zoo, ctx.rows
     per_group = zoo.column("metrics/per_group_acc")[rows].astype(np.float64)
+    missing = rows[np.isnan(per_group).all(axis=1)]
+    if missing.size:  # a model measured on any test set has some group's accuracy: a lost chunk
+        raise CompareError(f"{zoo.path}: models {missing[:10].tolist()} have no per-group accuracy (a "
+                           "damaged or deleted chunk); run `weightbias zoo verify`, then re-run `zoo "
+                           "generate` to retrain them")
     with np.errstate(all="ignore"):
         finite = np.isfinite(per_group).sum(axis=1) >= 2
         gap = np.full(len(rows), np.nan)
