@@ -150,8 +150,12 @@ def start_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
         return False
     # "local" forces a fresh embedded instance: a bare ray.init() would silently join any
     # cluster started on this machine with `ray start`, even a dead one.
-    ray.init(address=address or "local", num_cpus=None if address else num_cpus,
-             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        ray.init(address=address or "local", num_cpus=None if address else num_cpus,
+                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    except ConnectionError as err:  # a head that accepted the connection, then never answered
+        raise GenerateError(f"--address {address}: could not join a Ray cluster there ({err}); check "
+                            "that `ray start --head` runs at that address") from err
     return True
 
 
