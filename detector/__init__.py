@@ -65,6 +65,7 @@ _EXPORTS = {
     "InsideBiasError": "detector.activations", "probe_images": "detector.activations",
     "read_probe_folder": "detector.activations",
     "compare": "detector.report",
+    "behaviour_ceiling": "detector.ceiling",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -385,3 +385,22 @@ def test_evaluating_a_pool_the_zoo_lacks_is_one_clear_error(tmp_path: Path) -> N
     pipeline, _ = train_detector(path, detector="boosting", params={"max_iter": 5})
     with pytest.raises(DetectorError, match=r"no finished model of pool 'C'; it has pools \['A', 'B'\]"):
         evaluate_detector(pipeline, path, pool="C")
+
+
+def test_the_behaviour_ceiling_reads_stored_metrics_across_pools(tmp_path: Path) -> None:
+    from detector.ceiling import behaviour_ceiling
+    from tests.conftest import random_zoo
+
+    zoo = random_zoo(tmp_path / "zoo.zarr", parse_spec(tiny_spec_dict(n_models=40, models_per_task=4)))
+    # Behaviour that follows the bias level (σ² 0.02: colour-led, low unbiased accuracy), with noise.
+    level = np.array([zoo.config(i).bias_level for i in range(40)])
+    rng = np.random.default_rng(0)
+    shapes = (("unbiased_acc", 0.3, 0.7), ("biased_acc", 0.95, 0.6), ("leakage", 0.9, 0.4))
+    for metric, strong, weak in shapes:
+        zoo.group[f"metrics/{metric}"][:] = np.where(level == 0.02, strong, weak) + rng.normal(0, 0.05, 40)
+    ceiling = behaviour_ceiling(open_zoo(zoo.path))
+    for direction in ("A→B", "B→A"):
+        assert ceiling[direction]["accuracy"] >= 0.9 and ceiling[direction]["n_models"] == 20
+    for metric in ("unbiased_acc", "biased_acc", "leakage"):  # no signal left: about chance
+        zoo.group[f"metrics/{metric}"][:] = rng.uniform(0.1, 1, 40)
+    assert behaviour_ceiling(open_zoo(zoo.path))["A→B"]["accuracy"] < 0.8
