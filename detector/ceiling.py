@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from detector.evaluate import as_zoo, labels, scores
+from detector.evaluate import as_zoo, labels, rows_at_levels, scores
 from detector.models import DetectorError
 from modelzoo.zoo import Zoo
 
@@ -45,19 +45,16 @@ def behaviour_ceiling(zoo_or_path: Zoo | str | Path, target: str = "bias_level",
     from sklearn.preprocessing import StandardScaler
 
     zoo = as_zoo(zoo_or_path)
-    done = np.flatnonzero(zoo.done)
-    y = labels(zoo, target)
-    if levels:
-        done = done[np.isin(labels(zoo, "bias_level")[done], levels)]
+    done = rows_at_levels(zoo, np.flatnonzero(zoo.done), levels)
+    y, behaviour = labels(zoo, target)[done], behaviour_matrix(zoo, done)
     pools = zoo.column("config/pool")[done]
     if len(set(pools.tolist())) < 2:
         raise DetectorError(f"{zoo.path}: a behaviour ceiling needs models of two pools; it has "
                             f"{sorted(set(pools.tolist()))}")
     result: dict[str, Any] = {"target": target, "levels": levels, "features": list(BEHAVIOUR)}
     for train_pool, test_pool in (("A", "B"), ("B", "A")):
-        fit_rows, test_rows = done[pools == train_pool], done[pools == test_pool]
-        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-        model.fit(behaviour_matrix(zoo, fit_rows), y[fit_rows])
-        proba = model.predict_proba(behaviour_matrix(zoo, test_rows))
-        result[f"{train_pool}→{test_pool}"] = scores(y[test_rows], proba, model.classes_).to_dict()
+        fit, test = pools == train_pool, pools == test_pool
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(behaviour[fit], y[fit])
+        result[f"{train_pool}→{test_pool}"] = scores(y[test], model.predict_proba(behaviour[test]),
+                                                     model.classes_).to_dict()
     return result

@@ -96,9 +96,9 @@ def _torch_save(tensors: dict[str, torch.Tensor], handle) -> None:
     try:
         torch.save(tensors, handle)
     except RuntimeError as err:
-        raise OSError(errno.ENOSPC if "unexpected pos" in str(err) else errno.EIO,
-                      "No space left on device" if "unexpected pos" in str(err)
-                      else f"torch.save failed: {str(err).splitlines()[0]}") from err
+        if "unexpected pos" in str(err):
+            raise OSError(errno.ENOSPC, "No space left on device") from err
+        raise OSError(errno.EIO, f"torch.save failed: {str(err).splitlines()[0]}") from err
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:

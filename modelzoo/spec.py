@@ -48,6 +48,7 @@ import numpy as np
 from modelzoo.config import REG_PREFIX, ModelConfig
 from modelzoo.spec_rules import (
     AXES,
+    COMMON_AXES,
     EXECUTION_KEYS,
     RECIPE_AXES,
     ZOO_KEYS,
@@ -110,8 +111,8 @@ class ZooSpec:
 
     def axis_type(self, axis: str) -> type:
         """Python type of an axis's values (a reg.* option takes the type of the values given)."""
-        if axis in AXES or axis in RECIPE_AXES:
-            return {**AXES, **RECIPE_AXES}[axis][0]
+        if axis in COMMON_AXES:
+            return COMMON_AXES[axis][0]
         own = {a.name: a for a in self.task_info.axes}
         if axis in own:
             return own[axis].kind
@@ -149,7 +150,7 @@ class ZooSpec:
         """What every model's config starts from: the axes' defaults, then ``fixed``. Cached, as
         a store builds 20,000 configs at once."""
         defaults = {**{a.name: a.default for a in self.task_info.axes},
-                    **{k: v[1] for k, v in {**AXES, **RECIPE_AXES}.items()}}
+                    **{k: v[1] for k, v in COMMON_AXES.items()}}
         return {**{name: defaults[name] for name in self.axes if name in defaults}, **self.fixed}
 
     def config(self, index: int) -> ModelConfig:

@@ -44,6 +44,7 @@ ZOO_KEYS: dict[str, tuple[type, Any]] = {
 # column only where a spec gives them, so specs and stores made before them are unchanged.
 RECIPE_AXES: dict[str, tuple[type, Any]] = {name: (type(value), value)
                                             for name, value in RECIPE_DEFAULTS.items()}
+COMMON_AXES = {**AXES, **RECIPE_AXES}  # every axis that is not a task's own: (type, default)
 # How models are trained, not which: left out of the digest, so a zoo resumes under another value.
 EXECUTION_KEYS = ("vectorize",)
 SAMPLERS = ("choice", "uniform", "log_uniform", "int_uniform")
@@ -190,7 +191,7 @@ def checked_value(where: str, axis: str, value: Any, task: Task, regularizers: b
         if problem:
             raise SpecError(f"{where}: value {value!r} must be {problem}")
         return value
-    value = typed(where, value, {**AXES, **RECIPE_AXES}[axis][0])
+    value = typed(where, value, COMMON_AXES[axis][0])
     ok, expected = True, ""
     if axis == "pool":
         ok, expected = value in MNIST_POOLS, f"one of {list(MNIST_POOLS)}"
@@ -240,8 +241,7 @@ def checked_sampler(where: str, axis: str, sampler: Any, task: Task, regularizer
     if len(args) != 2:
         raise SpecError(f"{where}.{how}: needs exactly [low, high]")
     own = {a.name: a.kind for a in task.axes}
-    common = {**AXES, **RECIPE_AXES}
-    kind = (common[axis][0] if axis in common else own[axis] if axis in own
+    kind = (COMMON_AXES[axis][0] if axis in COMMON_AXES else own[axis] if axis in own
             else type(same_type(f"{where}.{how}", args)[0]))
     if kind is not int and kind is not float:
         raise SpecError(f"{where}.{how}: axis {axis} is not numeric; use choice = [...]")

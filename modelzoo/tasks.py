@@ -113,15 +113,14 @@ class Task:
     def training_subset(self, train: ImageSet, config: ModelConfig) -> np.ndarray:
         """Indices of the pool a model trains on: all of it, or a seeded random subset; never
         a row of its validation split."""
-        n_pool = len(train)
-        if not config.val_size:  # (drawn exactly as before validation splits existed)
-            self._check_size(config, n_pool, "")
-            if config.train_size in (0, n_pool):
-                return np.arange(n_pool)
-            rng = np.random.default_rng([config.seed, 2])
-            return np.sort(rng.choice(n_pool, config.train_size, replace=False))
-        available = np.setdiff1d(np.arange(n_pool), self.validation_subset(train, config))
-        self._check_size(config, len(available), f" left beside its {config.val_size} validation images")
+        # (choice over arange(n) draws exactly what choice over n does, so zoos without a
+        # validation split train on the subsets they always did)
+        available = np.setdiff1d(np.arange(len(train)), self.validation_subset(train, config))
+        if config.train_size > len(available):
+            beside = f" left beside its {config.val_size} validation images" if config.val_size else ""
+            raise TaskError(f"model {config.index}: train_size {config.train_size} is larger than pool "
+                            f"{config.pool}'s {len(available)} images{beside}; lower train_size (0 means "
+                            "the whole pool)")
         if config.train_size in (0, len(available)):
             return available
         rng = np.random.default_rng([config.seed, 2])
@@ -137,13 +136,6 @@ class Task:
                             f"{config.pool}'s {len(train)} images to train on")
         rng = np.random.default_rng([config.seed, 4])
         return np.sort(rng.permutation(len(train))[: config.val_size])
-
-    @staticmethod
-    def _check_size(config: ModelConfig, available: int, beside: str) -> None:
-        if config.train_size > available:
-            raise TaskError(f"model {config.index}: train_size {config.train_size} is larger than pool "
-                            f"{config.pool}'s {available} images{beside}; lower train_size (0 means "
-                            "the whole pool)")
 
     def biased(self, levels: np.ndarray) -> np.ndarray:
         """True for models whose bias level is in the stronger half of the levels present."""

@@ -99,19 +99,22 @@ def bottleneck_tap(model: nn.Module) -> FeatureTap:
     return FeatureTap(model, model.bottleneck, activation=torch.relu)
 
 
-def build_regularizer(model: nn.Module, config: ModelConfig, device: torch.device,
-                      input_shape: tuple[int, ...], num_groups: int = N_COLORS) -> Regularizer | None:
-    """The config's regularizer, sized at its own tap of ``model``, or None for ``"none"``.
+def build_regularizer(model: nn.Module, config: ModelConfig, device: torch.device, train: ImageSet,
+                      subset: np.ndarray, num_groups: int = N_COLORS) -> Regularizer | None:
+    """The config's regularizer, sized at its own tap of ``model`` and prepared on the
+    labels of the ``subset`` of ``train`` the model trains on, or None for ``"none"``.
 
     Building a head draws its initial weights from the global RNG, so callers that must
     reproduce :func:`train_model` call this right after initialising the model, as it does.
     """
     if config.regularizer == "none":
         return None
-    return regularizer_for_network(
-        config.regularizer, config.gamma, model, input_shape, num_groups=num_groups,
+    regularizer = regularizer_for_network(
+        config.regularizer, config.gamma, model, tuple(train.images.shape[1:]), num_groups=num_groups,
         num_classes=model.num_classes, options=dict(config.reg_options),
     ).to(device)
+    regularizer.prepare(torch.from_numpy(train.labels[subset]), torch.from_numpy(train.bias[subset]))
+    return regularizer
 
 
 def shuffled_batches(n: int, batch_size: int, shuffler: torch.Generator) -> list[torch.Tensor]:
@@ -139,9 +142,7 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
     images = torch.from_numpy(np.ascontiguousarray(train.images[subset]))
     labels = torch.from_numpy(np.ascontiguousarray(train.labels[subset]))
     sensitive = torch.from_numpy(np.ascontiguousarray(train.bias[subset]))
-    regularizer = build_regularizer(model, config, device, tuple(images.shape[1:]), num_groups)
-    if regularizer is not None:
-        regularizer.prepare(labels, sensitive)
+    regularizer = build_regularizer(model, config, device, train, subset, num_groups)
     model.to(memory_format=MEMORY_FORMAT)
     tap = regularizer.attach(model) if regularizer is not None else None
     params = list(model.parameters())
@@ -173,7 +174,7 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
             step += 1
         result = FitResult(float(ce_total) / len(labels), float(reg_total) / len(labels))
         if validation is not None:
-            validation.score(model, epoch, device)
+            validation.score(model, device)
             model.train()
     if tap is not None and not regularizer.alters_forward:
         tap.remove()  # (a tap that alters the forward pass is part of the trained network)
@@ -194,7 +195,7 @@ class Validation:
         self.history: list[float] = []
         self.best_state: dict[str, torch.Tensor] | None = None
 
-    def score(self, model: nn.Module, epoch: int, device: torch.device) -> None:
+    def score(self, model: nn.Module, device: torch.device) -> None:
         predicted, _ = predict(model, self.images, device)
         accuracy = float((predicted == self.labels).mean())
         if self.select_best and (not self.history or accuracy > max(self.history)):

@@ -250,11 +250,7 @@ def _member(arch: str, width: float, job: ModelJob, device: torch.device) -> _Me
     # The order of global-RNG draws is train_model's: the model's init, then its regularizer's heads.
     model = seeded_model(arch, width, job.config, device)
     subset = training_subset(job.data.train, job.config)
-    regularizer = build_regularizer(model, job.config, device, job.data.train.images.shape[1:],
-                                    job.data.num_groups)
-    if regularizer is not None:
-        regularizer.prepare(torch.from_numpy(job.data.train.labels[subset]),
-                            torch.from_numpy(job.data.train.bias[subset]))
+    regularizer = build_regularizer(model, job.config, device, job.data.train, subset, job.data.num_groups)
     heads = list(regularizer.parameters()) if regularizer is not None else []
     head_optimizer = make_optimizer(job.config.optimizer, heads, job.config.lr) if heads else None
     shuffler = torch.Generator().manual_seed(job.config.seed)

@@ -43,7 +43,7 @@ def group_metric_widths(zoo_or_spec) -> dict[str, int]:
     from modelzoo.layouts import ARCH_INFO
 
     spec = getattr(zoo_or_spec, "spec", zoo_or_spec)
-    return {"per_class_acc": ARCH_INFO[spec.arch].num_classes, "per_group_acc": spec.num_groups}
+    return dict(zip(WIDE_METRICS, (ARCH_INFO[spec.arch].num_classes, spec.num_groups), strict=True))
 
 
 def size_on_disk(path: Path) -> int:

@@ -40,12 +40,12 @@ FORMAT = "weightbias-zoo"
 FORMAT_VERSION = 1
 SCALAR_METRICS = ("unbiased_acc", "biased_acc", "leakage", "train_loss", "reg_loss", "wall_seconds")
 VALIDATION_METRICS = ("val_acc", "best_epoch")  # in zoos whose spec gives val_size
+CHUNK_MODELS = 512  # weight rows read at a time: ~100 MB of digit-cnns
 
 
 def scalar_metrics(spec: ZooSpec) -> tuple[str, ...]:
     """The one-number-per-model metrics a zoo of ``spec`` records."""
     return SCALAR_METRICS + (VALIDATION_METRICS if "val_size" in spec.axes else ())
-CHUNK_MODELS = 512  # weight rows read at a time: ~100 MB of digit-cnns
 
 
 class StoreError(WeightbiasError, RuntimeError):
@@ -203,10 +203,9 @@ class Zoo:
         """The flat weight row of model ``index``, checked against its stored checksum
         (refused unless it is done, finite and intact: an export must never hold garbage)."""
         index = int(self.checked_rows(np.array([index]))[0])
+        array = self.array("weights")
         try:  # the row as stored, NaN included: judged below, with the checksum
-            row = np.asarray(self.array("weights")[index], dtype=np.float32)
-        except StoreError:
-            raise
+            row = np.asarray(array[index], dtype=np.float32)
         except Exception as err:  # a damaged chunk surfaces as a codec or shape error
             raise StoreError(f"{self.path}: the weights of model {index} are unreadable ({err}); run "
                              "`weightbias zoo verify`") from err
