@@ -66,6 +66,8 @@ _EXPORTS = {
     "read_probe_folder": "detector.activations",
     "compare": "detector.report",
     "behaviour_ceiling": "detector.ceiling",
+    "ProbeFeatures": "detector.probing", "ProbeClassifier": "detector.ordinal", "Battery": "detector.battery",
+    "battery_for_task": "detector.battery",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -41,6 +41,8 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
                        help="pool: train on one training pool's models, test on the other's (default)")
     train.add_argument("--train-pool", default="A")
     train.add_argument("--levels", nargs="+", help="keep only models at these bias levels (e.g. 0.02 0.05)")
+    train.add_argument("--data-dir", type=Path,
+                       help="data root for the probe detector's battery (else $WEIGHTBIAS_DATA, the cache)")
     _add_memory_budget(train)
     train.add_argument("--json", action="store_true", help="print one JSON object")
     train.set_defaults(handler=_train)
@@ -144,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
 
     _, info = train_detector(args.store, detector=args.detector, target=args.target, split=args.split,
                              train_pool=args.train_pool, levels=args.levels, out=args.out,
-                             memory_budget=_memory_budget(args), progress=True)
+                             memory_budget=_memory_budget(args), progress=True, data_dir=args.data_dir)
     zoo, heldout, calibration = info["zoo"], info["heldout"], info["calibration"]
     lines = [f"{args.detector} detector for {args.target} ({args.split} split: "
              f"{zoo['n_train']} train, {zoo['n_heldout']} held-out models) -> {args.out}"]

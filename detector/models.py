@@ -10,7 +10,7 @@ per model (σ² or ρ, the favoured face group, biased vs not, the regularizer):
               ("classifier", head)])                         # learns from feature arrays
 
 so ``clone``, ``cross_val_score``, ``GridSearchCV`` (``classifier__max_iter``...) and
-``NotFittedError`` behave as for any scikit-learn model. Four detectors (:data:`DETECTORS`):
+``NotFittedError`` behave as for any scikit-learn model. Five detectors (:data:`DETECTORS`):
 
 * ``dense`` — IFBiD's first baseline: an MLP on the raw, standardised flat weights. Tied to
   one exact layout; breaks under a permutation of hidden units.
@@ -23,6 +23,11 @@ so ``clone``, ``cross_val_score``, ``GridSearchCV`` (``classifier__max_iter``...
 * ``deepsets`` — each hidden unit described by its incoming and outgoing weights, a shared
   per-layer encoder, mean+max pooling over units, a head
   (:class:`~detector.heads.DeepSetsClassifier`): permutation invariant, any width.
+* ``probe`` — no weight statistics: each network is rebuilt and shown the detector's probe
+  battery (:mod:`detector.battery`); its answers and layer responses, indexed by probe and
+  class (:class:`~detector.probing.ProbeFeatures`), go to a regularised logistic head that is
+  ordinal for bias levels (:class:`~detector.ordinal.ProbeClassifier`). Invariant to unit
+  permutations and ReLU rescaling, any width.
 
 Heads that need the layer structure get it as constructor parameters derived here from the
 layout (``layer_sizes``, ``set_sizes``), never as hidden state. :func:`for_layout` makes a
@@ -45,6 +50,9 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
     from sklearn.pipeline import Pipeline
 
     from detector.transform import WeightFeatures
+
+
+PROBE_KIND = "probe"  # features from a network's answers on a battery (detector.probing), not its weights
 
 
 class DetectorError(WeightbiasError, ValueError):
@@ -86,6 +94,12 @@ def _layer_conv_steps(features: WeightFeatures) -> list[tuple[str, Any]]:
     return [("classifier", LayerConvClassifier(layer_sizes=layer_sizes(features.slots())))]
 
 
+def _probe_steps(features: Any) -> list[tuple[str, Any]]:
+    from detector.ordinal import ProbeClassifier
+
+    return [("classifier", ProbeClassifier())]
+
+
 def _deepsets_steps(features: WeightFeatures) -> list[tuple[str, Any]]:
     from detector.features import UNIT_DESCRIPTORS, feature_names
     from detector.heads import DeepSetsClassifier
@@ -100,6 +114,7 @@ DETECTORS: dict[str, DetectorKind] = {kind.name: kind for kind in (
     DetectorKind("deepsets", "first_layer+units", "DeepSetsClassifier", True, _deepsets_steps),
     DetectorKind("dense", "raw", "MLPClassifier", False, _dense_steps),
     DetectorKind("layer_conv", "raw", "LayerConvClassifier", False, _layer_conv_steps),
+    DetectorKind("probe", PROBE_KIND, "ProbeClassifier", True, _probe_steps),
 )}
 
 
@@ -117,11 +132,14 @@ def layer_sizes(slots: Sequence[TensorSlot]) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def make_detector(name: str, layout: Sequence[TensorSlot], **params: Any) -> Pipeline:
+def make_detector(name: str, layout: Sequence[TensorSlot], *, arch: str | None = None, battery: Any = None,
+                  **params: Any) -> Pipeline:
     """The unfitted detector ``name`` for weight rows of ``layout`` (``zoo.layout``).
 
     ``params`` set the final classifier's hyper-parameters, e.g.
-    ``make_detector("deepsets", zoo.layout, epochs=150)``.
+    ``make_detector("deepsets", zoo.layout, epochs=150)``. The ``probe`` detector also needs
+    the architecture the rows are weights of (``arch``) and its probe images (``battery``,
+    :func:`detector.battery.battery_for_task`).
     """
     from sklearn.pipeline import Pipeline
 
@@ -130,7 +148,15 @@ def make_detector(name: str, layout: Sequence[TensorSlot], **params: Any) -> Pip
     if name not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
     kind = DETECTORS[name]
-    features = WeightFeatures(kind.features, tuple(layout))
+    if kind.features == PROBE_KIND:
+        from detector.probing import ProbeFeatures
+
+        if arch is None or battery is None:
+            raise DetectorError(f"the {name} detector needs the architecture (arch=) and a probe battery "
+                                "(battery=detector.battery.battery_for_task(task))")
+        features = ProbeFeatures(tuple(layout), arch, battery)
+    else:
+        features = WeightFeatures(kind.features, tuple(layout))
     pipeline = Pipeline([("features", features), *kind.steps(features)])
     final = pipeline[-1]
     unknown = sorted(set(params) - set(final.get_params(deep=False)))

@@ -44,7 +44,7 @@ from modelzoo.recognition import recognize
 
 UNBIASED_CLASSES = ("unbiased", "balanced")
 FEW_PER_CLASS = 20  # below this many training models per class, a verdict line warns
-_FEATURES_STEP = "detector.transform.WeightFeatures"
+_FEATURES_STEPS = ("detector.transform.WeightFeatures", "detector.probing.ProbeFeatures")
 SETHEAD_CLASS = "detector.heads.DeepSetsClassifier"
 
 
@@ -100,9 +100,9 @@ class Scorer:
         self.meta = meta = read_detector_info(self.path)
         self.classes = [str(c) for c in meta["classes"]]
         first = meta["steps"][0]
-        if first.get("class") != _FEATURES_STEP:
-            raise DetectorFileError(f"{self.path}: its first step is a {first.get('class')}, not weight "
-                                    "features")
+        if first.get("class") not in _FEATURES_STEPS:
+            raise DetectorFileError(f"{self.path}: its first step is a {first.get('class')}, not weight or "
+                                    "probe features")
         self.kind = first["state"]["kind"]
         self.layout = slots_from_records(first["state"]["layout"])
         self.zoo = meta.get("zoo") or {}

@@ -78,14 +78,7 @@ class WeightFeatures(TransformerMixin, BaseEstimator):
 
     def slots(self) -> tuple[TensorSlot, ...]:
         """``layout`` as TensorSlots (records converted)."""
-        if self.layout is None or not len(self.layout):
-            raise DetectorError(f"{type(self).__name__} needs the layout of the weight rows "
-                                "(layout=zoo.layout or modelzoo.layouts.arch_layout(arch, width))")
-        if all(isinstance(slot, TensorSlot) for slot in self.layout):
-            return tuple(self.layout)
-        if all(isinstance(slot, Mapping) for slot in self.layout):
-            return slots_from_records(list(self.layout))
-        raise DetectorError("layout must hold TensorSlots or records with name, shape, offset and size")
+        return layout_slots(self.layout, type(self).__name__)
 
     @property
     def n_params(self) -> int:
@@ -121,24 +114,7 @@ class WeightFeatures(TransformerMixin, BaseEstimator):
         return np.hstack([weight_features(X, slots, kind) for kind in kinds]).astype(np.float32, copy=False)
 
     def _check_rows(self, X: Any) -> np.ndarray:
-        """X as float32 (models, P) for this layout; a row with NaN/Inf is refused by number,
-        because a zoo reader wants to know which model is damaged, not that one is."""
-        if hasattr(X, "tocsr") or hasattr(X, "toarray"):
-            raise TypeError(f"{type(self).__name__} reads dense weight rows; sparse input is not supported")
-        values = np.asarray(X)
-        if values.ndim != 2 or values.shape[1] != self.n_params:
-            raise DetectorError(f"weight rows must have shape (models, {self.n_params}) for this layout "
-                                f"({self.slots()[0].name} {self.slots()[0].shape}, ...), got {values.shape}; "
-                                "a model of another architecture or width needs its own layout")
-        if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
-            raise DetectorError(f"weight rows must be real numbers, got dtype {values.dtype}")
-        values = values.astype(np.float32, copy=False)
-        bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
-        if bad.size:
-            listed = bad[:_MAX_ROWS_NAMED].tolist()
-            raise DetectorError(f"models {listed}{' ...' if bad.size > _MAX_ROWS_NAMED else ''} have NaN or "
-                                "Inf weights; they cannot be scored")
-        return values
+        return checked_rows(X, self.slots(), type(self).__name__)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -163,3 +139,38 @@ class WeightFeatures(TransformerMixin, BaseEstimator):
         if "n_features_in_" in state:
             features.n_features_in_ = int(state["n_features_in_"])
         return features
+
+
+def layout_slots(layout: Sequence[TensorSlot] | Sequence[Mapping] | None,
+                 owner: str) -> tuple[TensorSlot, ...]:
+    """A transformer's ``layout`` parameter as TensorSlots (records converted)."""
+    if layout is None or not len(layout):
+        raise DetectorError(f"{owner} needs the layout of the weight rows "
+                            "(layout=zoo.layout or modelzoo.layouts.arch_layout(arch, width))")
+    if all(isinstance(slot, TensorSlot) for slot in layout):
+        return tuple(layout)
+    if all(isinstance(slot, Mapping) for slot in layout):
+        return slots_from_records(list(layout))
+    raise DetectorError("layout must hold TensorSlots or records with name, shape, offset and size")
+
+
+def checked_rows(X: Any, slots: Sequence[TensorSlot], owner: str) -> np.ndarray:
+    """Weight rows X as float32 (models, P) for ``slots``; a row with NaN/Inf is refused by number,
+    because a zoo reader wants to know which model is damaged, not that one is."""
+    n_params = slots[-1].offset + slots[-1].size
+    if hasattr(X, "tocsr") or hasattr(X, "toarray"):
+        raise TypeError(f"{owner} reads dense weight rows; sparse input is not supported")
+    values = np.asarray(X)
+    if values.ndim != 2 or values.shape[1] != n_params:
+        raise DetectorError(f"weight rows must have shape (models, {n_params}) for this layout "
+                            f"({slots[0].name} {slots[0].shape}, ...), got {values.shape}; "
+                            "a model of another architecture or width needs its own layout")
+    if not np.issubdtype(values.dtype, np.number) or np.iscomplexobj(values):
+        raise DetectorError(f"weight rows must be real numbers, got dtype {values.dtype}")
+    values = values.astype(np.float32, copy=False)
+    bad = np.flatnonzero(~np.isfinite(values).all(axis=1))
+    if bad.size:
+        listed = bad[:_MAX_ROWS_NAMED].tolist()
+        raise DetectorError(f"models {listed}{' ...' if bad.size > _MAX_ROWS_NAMED else ''} have NaN or "
+                            "Inf weights; they cannot be scored")
+    return values

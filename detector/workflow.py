@@ -55,10 +55,23 @@ def zoo_proba(detector: Pipeline, zoo: Zoo, rows: np.ndarray, *, memory_budget: 
     return detector[1:].predict_proba(features)
 
 
+def probe_context(detector: str, zoo: Zoo, data_dir: str | Path | None) -> dict[str, Any]:
+    """What :func:`make_detector` needs beyond the layout: for the ``probe`` detector, the
+    zoo's architecture and the probe battery of its task."""
+    from detector.models import DETECTORS, PROBE_KIND
+
+    if detector not in DETECTORS or DETECTORS[detector].features != PROBE_KIND:
+        return {}
+    from detector.battery import battery_for_task
+
+    return {"arch": zoo.arch, "battery": battery_for_task(zoo.task.name, data_dir)}
+
+
 def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting", target: str = "bias_level",
                    split: str = "pool", train_pool: str = "A", levels: list[str] | None = None,
                    out: str | Path | None = None, memory_budget: float | None = None, progress: bool = False,
-                   params: Mapping[str, Any] | None = None) -> tuple[Pipeline, dict[str, Any]]:
+                   params: Mapping[str, Any] | None = None,
+                   data_dir: str | Path | None = None) -> tuple[Pipeline, dict[str, Any]]:
     """Fit detector ``detector`` on the zoo's training split and score it on the held-out split.
 
     Parameters
@@ -82,6 +95,9 @@ def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting",
         Show progress bars.
     params : mapping, optional
         Hyper-parameters of the detector's classifier (e.g. ``{"epochs": 150}``).
+    data_dir : path, optional
+        Where the ``probe`` detector finds MNIST to render its battery (else
+        ``$WEIGHTBIAS_DATA``, the user cache, a download).
 
     Returns
     -------
@@ -101,7 +117,8 @@ def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting",
     train_rows = zoo.checked_rows(rows_at_levels(zoo, train_rows, levels))
     test_rows = rows_at_levels(zoo, test_rows, levels)
     y = labels(zoo, target)
-    pipeline = make_detector(detector, zoo.layout, **dict(params or {}))
+    pipeline = make_detector(detector, zoo.layout, **probe_context(detector, zoo, data_dir),
+                             **dict(params or {}))
     features = zoo_features(zoo, train_rows, pipeline[0], progress, memory_budget=memory_budget)
     fit_on_zoo(pipeline, zoo, train_rows, y[train_rows], features=features)
     proba = zoo_proba(pipeline, zoo, test_rows, memory_budget=memory_budget, progress=progress)

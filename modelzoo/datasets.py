@@ -107,9 +107,21 @@ def render_colored_mnist(gray: np.ndarray, labels: np.ndarray, sigma2: float, un
         raise DatasetError(f"sigma2 must lie in (0, 1), got {sigma2}")
     drawn_for = rng.integers(0, 10, len(labels)) if unbiased else labels.copy()
     colors = jittered_colors(KIM_COLORS[drawn_for], sigma2, rng)
-    images = gray[:, None].astype(np.float32) * colors[:, :, None, None].astype(np.float32)
-    return ImageSet(np.rint(images).astype(np.uint8), labels.astype(np.int64), nearest_color(colors),
-                    colors.astype(np.float32))
+    return ImageSet(paint("colored_mnist", gray, colors), labels.astype(np.int64),
+                    nearest_color(colors), colors.astype(np.float32))
+
+
+def paint(task: str, gray: np.ndarray, colors: np.ndarray) -> np.ndarray:
+    """Grey digits (N, 28, 28) in RGB colours (N, 3) in [0, 1], as ``task`` paints them:
+    ColoredMNIST multiplies the strokes by the colour (black background); Biased-MNIST makes
+    the strokes white on a background of the colour. uint8 (N, 3, 28, 28)."""
+    if task == "colored_mnist":
+        scaled = gray[:, None].astype(np.float32) * np.asarray(colors).astype(np.float32)[:, :, None, None]
+        return np.rint(scaled).astype(np.uint8)
+    if task == "biased_mnist":
+        background = np.rint(np.asarray(colors, np.float64) * 255.0).astype(np.uint8)[:, :, None, None]
+        return np.where((gray > 0)[:, None], np.uint8(255), background).astype(np.uint8)
+    raise DatasetError(f"task must be one of {TASKS}, got {task!r}")
 
 
 def nearest_color(colors: np.ndarray) -> np.ndarray:
@@ -139,10 +151,8 @@ def render_biased_mnist(gray: np.ndarray, labels: np.ndarray, rho: float,
     # Another colour than the class's, uniformly among the nine others.
     other = (labels + rng.integers(1, 10, len(labels))) % 10
     bias = np.where(keep, labels, other)
-    digit = (gray > 0)[:, None]
-    background = BAHNG_COLORS[bias].astype(np.uint8)[:, :, None, None]
-    images = np.where(digit, np.uint8(255), background)
-    return ImageSet(images.astype(np.uint8), labels.astype(np.int64), bias.astype(np.int64))
+    return ImageSet(paint("biased_mnist", gray, BAHNG_COLORS[bias] / 255.0), labels.astype(np.int64),
+                    bias.astype(np.int64))
 
 
 def _render(mnist: MNIST, task: str, split: str, level: float, pool: str, seed: int) -> ImageSet:

@@ -352,10 +352,11 @@ def train_plainly(mnist, sigma2: float, seed: int) -> PlainDigitNet:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["deepsets", "probe"])
 def test_detector_from_a_real_zoo_judges_held_out_models_and_plain_pytorch_ones(
-        real_zoo: Path, mnist, tmp_path: Path, capsys) -> None:
+        name: str, real_zoo: Path, mnist, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "det"
-    assert main(["detector", "train", str(real_zoo), "--out", str(folder), "--detector", "deepsets",
+    assert main(["detector", "train", str(real_zoo), "--out", str(folder), "--detector", name,
                  "--target", "biased", "--json"]) == 0
     heldout = json.loads(capsys.readouterr().out)["heldout"]  # trained on pool A, tested on pool B
     assert heldout["n_models"] == 12 and heldout["accuracy"] >= 0.75, heldout  # chance: 0.5

@@ -26,10 +26,12 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import detector
 from detector import names
+from detector.battery import digit_battery
 from detector.evaluate import zoo_features
 from detector.files import load_detector, save_detector
 from detector.heads import DeepSetsClassifier, LayerConvClassifier
 from detector.models import DETECTORS, DetectorError, make_detector
+from detector.ordinal import ProbeClassifier
 from detector.transform import WeightFeatures
 from detector.workflow import fit_on_zoo
 from modelzoo.architectures import build_model, flatten, layout
@@ -38,7 +40,7 @@ from tests.test_detector import write_weight_zoo
 
 WIDTH = 0.25
 FAST = {"layer_conv": {"epochs": 40}, "deepsets": {"epochs": 60}, "dense": {"max_iter": 50},
-        "boosting": {"max_iter": 40}}
+        "boosting": {"max_iter": 40}, "probe": {"C": 1.0}}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -61,6 +63,17 @@ def weight_rows(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple]:
 @pytest.fixture(scope="module")
 def rows() -> tuple[np.ndarray, np.ndarray, tuple]:
     return weight_rows(48)
+
+
+@pytest.fixture(scope="module")
+def build(mnist):
+    """``make_detector`` with what the probe detector needs besides the layout (a small battery)."""
+    battery = digit_battery("colored_mnist", mnist.test_images, mnist.test_labels, per_class=2, steps=3)
+
+    def make(name: str, slots, **params):
+        context = {"arch": "digit-cnn", "battery": battery} if name == "probe" else {}
+        return make_detector(name, slots, **context, **params)
+    return make
 
 
 def test_names_for_the_command_line_match_the_registries() -> None:
@@ -96,12 +109,12 @@ def test_cross_val_score_and_grid_search_run_on_weight_rows(rows) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(DETECTORS))
-def test_predicting_before_fit_raises_not_fitted_error(name: str, rows) -> None:
+def test_predicting_before_fit_raises_not_fitted_error(name: str, rows, build) -> None:
     X, _, slots = rows
     with pytest.raises(NotFittedError):
-        make_detector(name, slots).predict(X)
+        build(name, slots).predict(X)
     with pytest.raises(NotFittedError):
-        make_detector(name, slots).predict_proba(X)
+        build(name, slots).predict_proba(X)
 
 
 @pytest.mark.parametrize(("estimator", "message"), [
@@ -157,16 +170,17 @@ def _expected_failures(estimator) -> dict[str, str]:
     return EXPECTED_FAILED_CHECKS.get(type(estimator).__name__, {})
 
 
-@parametrize_with_checks([LayerConvClassifier(epochs=60), DeepSetsClassifier(epochs=100)],
+@parametrize_with_checks([LayerConvClassifier(epochs=60), DeepSetsClassifier(epochs=100), ProbeClassifier()],
                          expected_failed_checks=_expected_failures)
 def test_heads_pass_scikit_learns_estimator_checks(estimator, check) -> None:
     check(estimator)
 
 
 @pytest.mark.parametrize("name", sorted(DETECTORS))
-def test_a_saved_detector_loads_back_with_identical_probabilities(name: str, rows, tmp_path: Path) -> None:
+def test_a_saved_detector_loads_back_with_identical_probabilities(name: str, rows, build,
+                                                                  tmp_path: Path) -> None:
     X, y, slots = rows
-    fitted = make_detector(name, slots, **FAST[name]).fit(X[:32], y[:32])
+    fitted = build(name, slots, **FAST[name]).fit(X[:32], y[:32])
     save_detector(fitted, tmp_path / "det", {"target": "biased"})
     loaded, meta = load_detector(tmp_path / "det")
     assert (meta["detector"], meta["target"], meta["classes"]) == (name, "biased", ["biased", "unbiased"])

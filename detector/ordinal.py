@@ -1,0 +1,179 @@
+"""``ProbeClassifier``: the probe detector's head, a regularised linear model with an ordinal mode.
+
+Part of the detector stage (store → **detector** → report). Bias levels (σ², ρ) are ordered:
+a model at σ² 0.03 is between 0.02 and 0.05, and a head that knows it needs fewer models per
+level and errs to a neighbour rather than across the scale. With numeric classes (three or
+more) the head is ordinal after Frank & Hall (2001): one logistic regression per cut point
+*k* for P(level > k), the class probabilities their successive differences. Other targets
+(biased vs unbiased, a face group, a regularizer) get a multinomial logistic regression.
+
+Features are standardised with the training rows' mean and spread. The regularisation ``C``
+is chosen by stratified, seeded cross-validation on the training rows alone (out-of-fold log
+loss over a fixed grid): nothing about the held-out models enters. The fitted state is a few
+arrays, so detector files hold it without pickle and score without scikit-learn's estimator.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, _fit_context
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from detector.models import DetectorError
+
+_STATE_VERSION = 1
+C_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
+
+
+def numeric_order(classes: np.ndarray) -> np.ndarray | None:
+    """Indices that sort ``classes`` by numeric value, or None when any is not a number."""
+    try:
+        values = np.array([float(c) for c in classes])
+    except (TypeError, ValueError):
+        return None
+    return np.argsort(values, kind="stable")
+
+
+def _logistic_fit(Z: np.ndarray, y: np.ndarray, C: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(Z, y)
+    return model.coef_, model.intercept_
+
+
+def _softmax(scores: np.ndarray) -> np.ndarray:
+    shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+class ProbeClassifier(ClassifierMixin, BaseEstimator):
+    """Standardised logistic regression, ordinal for numeric levels (see module docstring).
+
+    Parameters
+    ----------
+    C : float or "auto", default="auto"
+        Inverse regularisation strength; ``"auto"`` picks one of :data:`C_GRID` by
+        cross-validation on the training rows.
+    ordinal : bool or "auto", default="auto"
+        Ordinal cut points; ``"auto"``: when there are three or more classes, all numbers.
+    cv : int, default=5
+        Folds of the choice of ``C`` (fewer when a class has fewer rows).
+    random_state : int, default=0
+        Seeds the folds and the solver.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+        Class labels, in the column order of :meth:`predict_proba`.
+    ordinal_ : bool
+    C_ : float
+        The regularisation used.
+    """
+
+    _parameter_constraints: ClassVar[dict] = {"C": [float, int, str], "ordinal": [bool, str], "cv": [int],
+                                              "random_state": [int]}
+
+    def __init__(self, C: float | str = "auto", ordinal: bool | str = "auto", cv: int = 5,
+                 random_state: int = 0) -> None:
+        self.C = C
+        self.ordinal = ordinal
+        self.cv = cv
+        self.random_state = random_state
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X: Any, y: Any) -> ProbeClassifier:
+        X, y = validate_data(self, X, y, reset=True, dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        if len(self.classes_) < 2:
+            raise DetectorError(f"a detector needs two classes; got one class {self.classes_.tolist()}")
+        order = numeric_order(self.classes_)
+        self.ordinal_ = bool(order is not None and len(self.classes_) >= 3) if self.ordinal == "auto" \
+            else bool(self.ordinal)
+        if self.ordinal_ and order is None:
+            raise DetectorError(f"an ordinal head needs numeric classes, got {self.classes_.tolist()}")
+        self.rank_ = np.argsort(order) if self.ordinal_ else np.arange(len(self.classes_))
+        self.mean_ = X.mean(axis=0)
+        spread = X.std(axis=0)
+        self.scale_ = np.where(spread > 1e-12, spread, 1.0)
+        Z = (X - self.mean_) / self.scale_
+        ranks = self.rank_[codes]
+        self.C_ = self._choose_C(Z, ranks) if self.C == "auto" else float(self.C)
+        self.coef_, self.intercept_ = self._fit_linear(Z, ranks, self.C_)
+        return self
+
+    def _fit_linear(self, Z: np.ndarray, ranks: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
+        if not self.ordinal_:
+            return _logistic_fit(Z, ranks, C, self.random_state)
+        cuts = [_logistic_fit(Z, (ranks > k).astype(int), C, self.random_state)
+                for k in range(len(self.classes_) - 1)]
+        return np.vstack([coef for coef, _ in cuts]), np.concatenate([b for _, b in cuts])
+
+    def _choose_C(self, Z: np.ndarray, ranks: np.ndarray) -> float:
+        from sklearn.model_selection import StratifiedKFold
+
+        folds = min(self.cv, int(np.bincount(ranks).min()))
+        if folds < 2:
+            return 1.0
+        splitter = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
+        losses = []
+        for C in C_GRID:
+            loss = 0.0
+            for train, test in splitter.split(Z, ranks):
+                if len(np.unique(ranks[train])) < len(self.classes_):
+                    continue
+                coef, intercept = self._fit_linear(Z[train], ranks[train], C)
+                proba = self._rank_proba(Z[test], coef, intercept)
+                loss -= np.log(np.clip(proba[np.arange(len(test)), ranks[test]], 1e-12, None)).sum()
+            losses.append(loss)
+        return float(C_GRID[int(np.argmin(losses))])
+
+    def _rank_proba(self, Z: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
+        """Probabilities over classes in rank order (numeric order when ordinal)."""
+        scores = Z @ coef.T + intercept
+        if not self.ordinal_:
+            if scores.shape[1] == 1:  # scikit-learn's binary form: one score for the second class
+                scores = np.hstack([np.zeros_like(scores), scores])
+            return _softmax(scores)
+        above = 1.0 / (1.0 + np.exp(-np.clip(scores, -50, 50)))  # P(rank > k), k = 0..K-2
+        above = np.minimum.accumulate(above, axis=1)  # cut points may cross; keep them ordered
+        cumulative = np.hstack([np.ones((len(Z), 1)), above, np.zeros((len(Z), 1))])
+        proba = np.clip(cumulative[:, :-1] - cumulative[:, 1:], 1e-9, None)
+        return proba / proba.sum(axis=1, keepdims=True)
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """Class probabilities (n, len(classes_)), columns in ``classes_`` order."""
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return self._rank_proba((X - self.mean_) / self.scale_, self.coef_, self.intercept_)[:, self.rank_]
+
+    def predict(self, X: Any) -> np.ndarray:
+        best = self.predict_proba(X).argmax(axis=1)
+        return self.classes_[best]
+
+    # -- detector files (detector.files) -------------------------------------------------------
+    def _save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        check_is_fitted(self)
+        state = {"version": _STATE_VERSION, "params": self.get_params(), "classes": self.classes_.tolist(),
+                 "ordinal": self.ordinal_, "C": self.C_, "n_features_in_": int(self.n_features_in_)}
+        arrays = {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "intercept": self.intercept_,
+                  "rank": self.rank_}
+        return state, arrays
+
+    @classmethod
+    def _load_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> ProbeClassifier:
+        if state.get("version") != _STATE_VERSION:
+            raise DetectorError(f"{cls.__name__} state v{state.get('version')}; this weightbias reads "
+                                f"v{_STATE_VERSION}")
+        head = cls(**state["params"])
+        head.classes_ = np.asarray(state["classes"])
+        head.ordinal_, head.C_ = bool(state["ordinal"]), float(state["C"])
+        head.n_features_in_ = int(state["n_features_in_"])
+        head.mean_, head.scale_ = np.asarray(arrays["mean"]), np.asarray(arrays["scale"])
+        head.coef_, head.intercept_ = np.asarray(arrays["coef"]), np.asarray(arrays["intercept"])
+        head.rank_ = np.asarray(arrays["rank"]).astype(np.int64)
+        return head
+
