@@ -144,6 +144,33 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
         proba = np.clip(cumulative[:, :-1] - cumulative[:, 1:], 1e-9, None)
         return proba / proba.sum(axis=1, keepdims=True)
 
+    def refit_cut_points(self, X: Any, y: Any) -> ProbeClassifier:
+        """A copy whose intercepts (the cut points) are refitted on labelled models ``X``, ``y``
+        while the directions (``coef_``) and the standardisation stay: how a detector is moved
+        to another width or architecture from a few reference models, where the ranking
+        carries over but the thresholds do not."""
+        from scipy.optimize import minimize
+        from sklearn.base import clone
+
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        y = np.asarray(y)
+        unknown = sorted(set(y.tolist()) - set(self.classes_.tolist()))
+        if unknown:
+            raise DetectorError(f"reference labels {unknown} are not among the detector's classes "
+                                f"{self.classes_.tolist()}")
+        ranks, Z = self.rank_[np.searchsorted(self.classes_, y)], (X - self.mean_) / self.scale_
+
+        def loss(intercept: np.ndarray) -> float:
+            proba = self._rank_proba(Z, self.coef_, intercept)
+            return -float(np.log(proba[np.arange(len(ranks)), ranks]).sum())
+
+        moved = clone(self)
+        for name in ("classes_", "ordinal_", "C_", "n_features_in_", "mean_", "scale_", "coef_", "rank_"):
+            setattr(moved, name, getattr(self, name))
+        moved.intercept_ = minimize(loss, self.intercept_.astype(np.float64), method="L-BFGS-B").x
+        return moved
+
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities (n, len(classes_)), columns in ``classes_`` order."""
         check_is_fitted(self)
