@@ -67,7 +67,7 @@ _EXPORTS = {
     "compare": "detector.report",
     "behaviour_ceiling": "detector.ceiling",
     "ProbeFeatures": "detector.probing", "ProbeClassifier": "detector.ordinal", "Battery": "detector.battery",
-    "battery_for_task": "detector.battery",
+    "battery_for_task": "detector.battery", "recalibrate_detector": "detector.recalibrate",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -47,6 +47,25 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("--json", action="store_true", help="print one JSON object")
     train.set_defaults(handler=_train)
 
+    recal = commands.add_parser(
+        "recalibrate", help="move a probe detector to another width (refit its cut points only)",
+        description="Refit only the cut points of a probe detector's head on labelled reference models of "
+        "another width, taken from --zoo or trained here with the detector's own zoo recipe, and write "
+        "the detector for that width to --out.")
+    recal.add_argument("detector", type=Path, help="detector folder (a probe detector)")
+    recal.add_argument("--width", type=float, required=True, help="the width of the checkpoints to score")
+    recal.add_argument("--out", type=Path, required=True, help="detector folder to write")
+    recal.add_argument("--zoo", type=Path, help="a store of labelled models at that width (else: train them)")
+    recal.add_argument("--pool", help="take reference models of this pool only")
+    recal.add_argument("--per-class", type=int, default=8, help="reference models per class (default: 8)")
+    recal.add_argument("--reference-store", type=Path, help="where trained reference models go "
+                       "(default: OUT.reference.zarr beside --out)")
+    recal.add_argument("--data-dir", type=Path, help="data root (else $WEIGHTBIAS_DATA, the cache)")
+    recal.add_argument("--address", help="Ray cluster address for training reference models")
+    recal.add_argument("--num-cpus", type=int, help="CPUs for the local Ray instance")
+    recal.add_argument("--json", action="store_true", help="print one JSON object")
+    recal.set_defaults(handler=_recalibrate)
+
     evaluate = commands.add_parser("evaluate", help="score a saved detector on a zoo's models",
                                    description="Accuracy, balanced accuracy, AUC and confusion matrix of "
                                    "a detector on (a pool of) a zoo, with a per-regularizer breakdown.")
@@ -109,6 +128,20 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
     compare.add_argument("--per-group", type=int, default=5, help="InsideBias probe images per face group")
     compare.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     compare.set_defaults(handler=_compare)
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    from detector.recalibrate import recalibrate_detector
+
+    entry = recalibrate_detector(args.detector, args.width, args.out, zoo=args.zoo, pool=args.pool,
+                                 per_class=args.per_class, reference_store=args.reference_store,
+                                 data_dir=args.data_dir, address=args.address, num_cpus=args.num_cpus,
+                                 progress=True)
+    _print(entry, args.json, [f"{args.detector} recalibrated for width {args.width:g} -> {args.out}",
+                              f"  {entry['n_reference']} reference models from {entry['reference_store']}; "
+                              f"cut points {entry['cut_points_before']} -> {entry['cut_points_after']}; "
+                              f"reference accuracy {entry['reference_accuracy']:.1%}"])
+    return 0
 
 
 def _add_memory_budget(parser: argparse.ArgumentParser) -> None:

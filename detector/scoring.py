@@ -209,7 +209,7 @@ class Scorer:
         per_class = self.zoo.get("n_train_per_class") or {}
         return {"path": str(self.path), "name": self.meta.get("detector"), "target": self.meta.get("target"),
                 "heldout": self.meta.get("heldout"), "trained_on": self.meta.get("zoo"),
-                "calibration": self.meta.get("calibration"),
+                "calibration": self.meta.get("calibration"), "recalibration": self.meta.get("recalibration"),
                 "min_train_per_class": min(per_class.values()) if per_class else None}
 
     def _applicability(self, weights: CheckpointWeights, features: np.ndarray | None,
@@ -307,6 +307,10 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
     few = detector.get("min_train_per_class")
     if few is not None and few < FEW_PER_CLASS:
         parts.append(f"trained on only {few} models per class")
+    moved = detector.get("recalibration")
+    if moved:
+        parts.append(f"cut points refitted for width {moved['width']:g} on {moved['n_reference']} reference "
+                     f"models (trained at width {moved['from_width']:g})")
     parts.append(f"arch {result['arch']} width {result['width']:g}")
     lines = ["; ".join(parts)]
     if result.get("evidence"):

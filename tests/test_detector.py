@@ -21,6 +21,7 @@ from detector.cli import main
 from detector.evaluate import labels, rows_at_levels, score_detector, split_rows
 from detector.files import DetectorFileError, load_detector, save_detector
 from detector.models import DETECTORS, DetectorError, for_layout, make_detector
+from detector.recalibrate import recalibrate_detector
 from detector.scoring import score_checkpoint
 from detector.workflow import evaluate_detector, train_detector
 from modelzoo.architectures import build_model, flatten, layout
@@ -331,7 +332,7 @@ def real_zoo(ray_local, tmp_path_factory) -> Path:
     return out
 
 
-def train_plainly(mnist, sigma2: float, seed: int) -> PlainDigitNet:
+def train_plainly(mnist, sigma2: float, seed: int, channels: int = 12) -> PlainDigitNet:
     """A user's training script: their own model and loop, nothing of weightbias but the data."""
     from modelzoo.datasets import load_imageset
 
@@ -341,7 +342,7 @@ def train_plainly(mnist, sigma2: float, seed: int) -> PlainDigitNet:
     images = torch.as_tensor(data.images[rows.numpy()]).float() / 255
     targets = torch.as_tensor(data.labels[rows.numpy()]).long()
     torch.manual_seed(seed)
-    model = PlainDigitNet(12)
+    model = PlainDigitNet(channels)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     for _ in range(2):
         for batch in torch.randperm(len(targets), generator=generator).split(64):
@@ -368,6 +369,38 @@ def test_detector_from_a_real_zoo_judges_held_out_models_and_plain_pytorch_ones(
         result = json.loads(capsys.readouterr().out)
         assert (result["arch"], result["width"]) == ("digit-cnn", 0.5)
         assert result["verdict"] == verdict, (sigma2, result)
+
+
+@pytest.mark.slow
+def test_a_probe_detector_recalibrated_for_another_width_trains_its_own_reference_models(
+        real_zoo: Path, mnist, tmp_path: Path, capsys) -> None:
+    det, quarter = tmp_path / "det", tmp_path / "det_quarter"
+    assert main(["detector", "train", str(real_zoo), "--out", str(det), "--detector", "probe",
+                 "--target", "biased"]) == 0
+    assert main(["detector", "recalibrate", str(det), "--width", "0.25", "--out", str(quarter),
+                 "--per-class", "2", "--num-cpus", "2", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert entry["width"] == 0.25 and entry["from_width"] == 0.5 and entry["n_reference"] == 4
+    assert entry["cut_points_after"] != entry["cut_points_before"]
+    reference = open_zoo(entry["reference_store"])  # trained here, with the detector's zoo recipe
+    assert reference.width == 0.25 and reference.done.all()
+    assert reference.spec.fixed["epochs"] == 2 and reference.spec.fixed["train_size"] == 1024
+
+    path = tmp_path / "quarter.pt"
+    torch.save(train_plainly(mnist, STRONG, seed=5, channels=6).state_dict(), path)
+    assert main(["score", str(path), "--detector", str(det), "--json"]) == 0
+    original = json.loads(capsys.readouterr().out)
+    assert original["ood"]["in_distribution"] is False
+    assert any("width 0.25" in reason for reason in original["ood"]["reasons"])
+    assert main(["score", str(path), "--detector", str(quarter)]) == 0
+    line = capsys.readouterr().out
+    assert "cut points refitted for width 0.25 on 4 reference models" in line
+    assert not any("width 0.25; the detector" in part for part in line.split(";"))
+
+    boosting = tmp_path / "boosting"
+    assert main(["detector", "train", str(real_zoo), "--out", str(boosting), "--target", "biased"]) == 0
+    with pytest.raises(DetectorError, match="no cut points to refit"):
+        recalibrate_detector(boosting, 0.25, tmp_path / "never")
 
 
 def test_damaged_models_are_named_by_their_numbers_in_the_zoo(tmp_path: Path) -> None:
