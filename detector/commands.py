@@ -90,6 +90,10 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
     score.add_argument("--detector", type=Path, required=True, help="detector folder")
     score.add_argument("--probes", type=Path, help="folder with one sub-folder of images per group")
     score.add_argument("--arch", help="architecture name, if it is not to be recognised among all known ones")
+    score.add_argument("--model-def", metavar="MODULE:CLASS",
+                       help="your network's class (built with no arguments) for state_dict files of another "
+                       "architecture; a probe detector then judges what it does (TorchScript and .pt2 "
+                       "programs need no class)")
     score.add_argument("--json", action="store_true", help="print one JSON object per checkpoint, one a line")
     score.set_defaults(handler=_score)
 
@@ -217,7 +221,7 @@ def _score(args: argparse.Namespace) -> int:
 
     results = []
     for result in score_checkpoints(args.checkpoints, args.detector, arch=args.arch, probes=args.probes,
-                                    progress=True):
+                                    model_def=args.model_def, progress=True):
         results.append(result)
         print(json.dumps(result) if args.json else "\n".join(verdict_lines(result)), flush=True)
         if "refused" in result:  # through the bar, so the line is not glued onto it

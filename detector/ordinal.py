@@ -103,6 +103,8 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
         ranks = self.rank_[codes]
         self.C_ = self._choose_C(Z, ranks) if self.C == "auto" else float(self.C)
         self.coef_, self.intercept_ = self._fit_linear(Z, ranks, self.C_)
+        # Where the training models fall: percentiles for networks no probability speaks for.
+        self.train_proba_ = self._rank_proba(Z, self.coef_, self.intercept_)[:, self.rank_]
         return self
 
     def _fit_linear(self, Z: np.ndarray, ranks: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
@@ -166,7 +168,8 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
             return -float(np.log(proba[np.arange(len(ranks)), ranks]).sum())
 
         moved = clone(self)
-        for name in ("classes_", "ordinal_", "C_", "n_features_in_", "mean_", "scale_", "coef_", "rank_"):
+        for name in ("classes_", "ordinal_", "C_", "n_features_in_", "mean_", "scale_", "coef_", "rank_",
+                     "train_proba_"):
             setattr(moved, name, getattr(self, name))
         moved.intercept_ = minimize(loss, self.intercept_.astype(np.float64), method="L-BFGS-B").x
         return moved
@@ -187,7 +190,7 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
         state = {"version": _STATE_VERSION, "params": self.get_params(), "classes": self.classes_.tolist(),
                  "ordinal": self.ordinal_, "C": self.C_, "n_features_in_": int(self.n_features_in_)}
         arrays = {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "intercept": self.intercept_,
-                  "rank": self.rank_}
+                  "rank": self.rank_, "train_proba": self.train_proba_}
         return state, arrays
 
     @classmethod
@@ -202,5 +205,6 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
         head.mean_, head.scale_ = np.asarray(arrays["mean"]), np.asarray(arrays["scale"])
         head.coef_, head.intercept_ = np.asarray(arrays["coef"]), np.asarray(arrays["intercept"])
         head.rank_ = np.asarray(arrays["rank"]).astype(np.int64)
+        head.train_proba_ = np.asarray(arrays["train_proba"])
         return head
 

@@ -24,6 +24,7 @@ invariant too.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -122,9 +123,8 @@ def _layer_features(responses: np.ndarray, shape: np.ndarray) -> list[float]:
 def battery_features(logits: np.ndarray, hidden: Sequence[np.ndarray], battery: Battery) -> np.ndarray:
     """The probe feature row (F,) float32 of one network from its ``logits`` (N, K) on the
     battery and its ``hidden`` layers' responses (N, units each, spatially averaged), in
-    forward order; names in :func:`probe_feature_names`."""
-    if not hidden:
-        raise DetectorError("a probe detector needs at least one hidden layer to read")
+    forward order; names in :func:`probe_feature_names`. Without hidden layers (a compiled
+    program) the layer columns are NaN."""
     grid = battery.conflict
     n_digits = len(grid) // N_CLASSES
     shape = battery.shape[grid].reshape(n_digits, N_CLASSES)[:, 0]
@@ -133,10 +133,14 @@ def battery_features(logits: np.ndarray, hidden: Sequence[np.ndarray], battery: 
     n_pairs = len(np.unique(battery.pair[sweep], axis=0))
     values += _sweep_features(logits[sweep].reshape(n_pairs, -1, logits.shape[-1]),
                               battery.pair[sweep].reshape(n_pairs, -1, 2)[:, 0])
+    values = list(np.nan_to_num(np.asarray(values, dtype=np.float64)))
     for depth in range(len(DEPTHS)):
+        if not hidden:  # a compiled program hides its layers: those columns are unknown, not zero
+            values += [np.nan] * (len(_LAYER_NAMES) + N_CLASSES)
+            continue
         layer = hidden[round(depth * (len(hidden) - 1) / (len(DEPTHS) - 1))]
-        values += _layer_features(layer[grid].reshape(n_digits, N_CLASSES, -1), shape)
-    return np.nan_to_num(np.asarray(values, dtype=np.float64)).astype(np.float32)
+        values += list(np.nan_to_num(_layer_features(layer[grid].reshape(n_digits, N_CLASSES, -1), shape)))
+    return np.asarray(values, dtype=np.float32)
 
 
 def network_responses(network: Any, images: np.ndarray,
@@ -163,7 +167,9 @@ def network_responses(network: Any, images: np.ndarray,
     handles = [layer.register_forward_hook(record) for layer in layers]
     logits = []
     try:
-        network.eval()
+        # A torch.export program refuses eval(): it is fixed in the mode it was exported in.
+        with contextlib.suppress(NotImplementedError):
+            network.eval()
         with torch.inference_mode():
             for start in range(0, len(images), batch):
                 chunk = as_batch(torch.from_numpy(np.ascontiguousarray(images[start:start + batch])),

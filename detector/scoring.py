@@ -46,6 +46,7 @@ UNBIASED_CLASSES = ("unbiased", "balanced")
 FEW_PER_CLASS = 20  # below this many training models per class, a verdict line warns
 _FEATURES_STEPS = ("detector.transform.WeightFeatures", "detector.probing.ProbeFeatures")
 SETHEAD_CLASS = "detector.heads.DeepSetsClassifier"
+SCORED_SUFFIXES = (*SUFFIXES, ".pt2")  # .pt2: a torch.export program (detector.networks)
 
 
 @dataclass(frozen=True)
@@ -147,22 +148,27 @@ class Scorer:
 
     # -- one checkpoint --------------------------------------------------------------------------
     def score(self, checkpoint: str | Path, arch: str | None = None,
-              probes: str | Path | None = None) -> dict[str, Any]:
-        """The verdict on one checkpoint (see the module docstring for what it holds)."""
+              probes: str | Path | None = None, model_def: str | None = None) -> dict[str, Any]:
+        """The verdict on one checkpoint (see the module docstring for what it holds), or on a
+        runnable network (a program, or ``model_def``'s class: :mod:`detector.networks`)."""
+        from detector.networks import is_program, score_network
+
         path = Path(checkpoint)
+        if model_def is not None or is_program(path):
+            return score_network(self, path, model_def)
         ordered = path.suffix.lower() in TORCH_SUFFIXES  # safetensors and HDF5 list names sorted
         weights = checkpoint_weights(load_checkpoint(path), arch, ordered)
         self._check_architecture(weights)
         raw, features = self._raw_proba(weights)
         proba = apply_temperature(raw[None], self.temperature)[0]
         predicted = self.classes[int(proba.argmax())]
-        verdict, probability = self._verdict(proba, predicted)
+        verdict, probability = self.verdict_for(proba, predicted)
         result = {"checkpoint": str(checkpoint), "arch": weights.arch, "width": weights.width,
                   "renamed": {theirs: ours for theirs, ours in weights.renamed.items() if theirs != ours},
-                  "detector": self._summary(), "verdict": verdict, "predicted": predicted,
+                  "detector": self.summary(), "verdict": verdict, "predicted": predicted,
                   "probability": round(probability, 4),
                   "probabilities": dict(zip(self.classes, np.round(proba, 4).tolist(), strict=True)),
-                  "uncalibrated": {"probability": round(self._verdict(raw, predicted)[1], 4),
+                  "uncalibrated": {"probability": round(self.verdict_for(raw, predicted)[1], 4),
                                    "probabilities": dict(zip(self.classes, np.round(raw, 4).tolist(),
                                                              strict=True))},
                   "calibrated": self.temperature != 1.0}
@@ -198,19 +204,23 @@ class Scorer:
 
         return for_layout(self.pipeline, weights.layout).predict_proba(weights.weights)[0], None
 
-    def _verdict(self, proba: np.ndarray, predicted: str) -> tuple[str, float]:
+    def verdict_for(self, proba: np.ndarray, predicted: str) -> tuple[str, float]:
         unbiased = [c for c in self.classes if c in UNBIASED_CLASSES]
         if unbiased:  # a biased-vs-not detector, or a face detector that knows "balanced"
             p_biased = 1 - sum(float(proba[self.classes.index(c)]) for c in unbiased)
             return ("unbiased" if predicted in unbiased else "biased"), p_biased
         return f"{self.meta.get('target', 'class')} {predicted}", float(proba.max())  # e.g. σ² levels
 
-    def _summary(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """The detector's part of a verdict: what it is, how it did, what it learned from."""
         per_class = self.zoo.get("n_train_per_class") or {}
-        return {"path": str(self.path), "name": self.meta.get("detector"), "target": self.meta.get("target"),
-                "heldout": self.meta.get("heldout"), "trained_on": self.meta.get("zoo"),
-                "calibration": self.meta.get("calibration"), "recalibration": self.meta.get("recalibration"),
-                "min_train_per_class": min(per_class.values()) if per_class else None}
+        summary = {"path": str(self.path), "name": self.meta.get("detector"),
+                   "target": self.meta.get("target"), "heldout": self.meta.get("heldout"), "trained_on": self.meta.get("zoo"),
+                   "calibration": self.meta.get("calibration"),
+                   "min_train_per_class": min(per_class.values()) if per_class else None}
+        if "recalibration" in self.meta:
+            summary["recalibration"] = self.meta["recalibration"]
+        return summary
 
     def _applicability(self, weights: CheckpointWeights, features: np.ndarray | None,
                        predicted: str) -> dict[str, Any]:
@@ -237,9 +247,9 @@ class Scorer:
 
 
 def score_checkpoint(checkpoint: str | Path, detector_dir: str | Path, probes: str | Path | None = None,
-                     arch: str | None = None) -> dict[str, Any]:
+                     arch: str | None = None, model_def: str | None = None) -> dict[str, Any]:
     """The verdict on one checkpoint (raises a :class:`~modelzoo.errors.WeightbiasError` if refused)."""
-    return Scorer(detector_dir).score(checkpoint, arch, probes)
+    return Scorer(detector_dir).score(checkpoint, arch, probes, model_def)
 
 
 def checkpoint_files(paths: Iterable[str | Path]) -> list[tuple[Path, str | None]]:
@@ -248,8 +258,8 @@ def checkpoint_files(paths: Iterable[str | Path]) -> list[tuple[Path, str | None
     found: list[tuple[Path, str | None]] = []
     for path in map(Path, paths):
         if path.is_dir():
-            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
-            empty = f"a folder with no checkpoint files ({', '.join(SUFFIXES)})"
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SCORED_SUFFIXES)
+            empty = f"a folder with no checkpoint files ({', '.join(SCORED_SUFFIXES)})"
             found += [(p, None) for p in inside] or [(path, empty)]
         else:
             found.append((path, None))
@@ -257,7 +267,8 @@ def checkpoint_files(paths: Iterable[str | Path]) -> list[tuple[Path, str | None
 
 
 def score_checkpoints(paths: Iterable[str | Path], detector_dir: str | Path, *, arch: str | None = None,
-                      probes: str | Path | None = None, progress: bool = False) -> Iterator[dict[str, Any]]:
+                      probes: str | Path | None = None, model_def: str | None = None,
+                      progress: bool = False) -> Iterator[dict[str, Any]]:
     """Verdicts on many checkpoints (files or folders of them), the detector loaded once.
 
     Yields one result per checkpoint file, in order: :meth:`Scorer.score`'s dict, or
@@ -273,7 +284,7 @@ def score_checkpoints(paths: Iterable[str | Path], detector_dir: str | Path, *, 
     for path, problem in files:
         if problem is None:
             try:
-                yield scorer.score(path, arch, probes)
+                yield scorer.score(path, arch, probes, model_def)
                 continue
             except WeightbiasError as err:
                 problem = str(err).removeprefix(f"{path}: ")
@@ -290,6 +301,9 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
         head = (f"{name}: outside the detector's experience ({'; '.join(ood['reasons'])}); it would say "
                 f"{result['verdict']}, but its uncalibrated p = {result['uncalibrated']['probability']:.2f} "
                 "is no probability here")
+        if result.get("percentiles"):
+            head += ("; percentile among the training models' p(class): "
+                     + ", ".join(f"{c} {p:.0f}" for c, p in result["percentiles"].items()))
     else:
         kind = "calibrated" if result["calibrated"] else "uncalibrated"
         probabilities = ", ".join(f"{c} {p:.2f}" for c, p in result["probabilities"].items())
@@ -309,9 +323,10 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
         parts.append(f"trained on only {few} models per class")
     moved = detector.get("recalibration")
     if moved:
-        parts.append(f"cut points refitted for width {moved['width']:g} on {moved['n_reference']} reference "
-                     f"models (trained at width {moved['from_width']:g})")
-    parts.append(f"arch {result['arch']} width {result['width']:g}")
+        parts.append(f"cut points refitted for width {moved['width']:g} on {moved['n_reference']} "
+                     f"reference models (trained at width {moved['from_width']:g})")
+    width = "" if result["width"] is None else f" width {result['width']:g}"
+    parts.append(f"arch {result['arch']}{width}")
     lines = ["; ".join(parts)]
     if result.get("evidence"):
         lines.append(evidence_line(result["evidence"]))
@@ -347,7 +362,8 @@ def summary_lines(results: list[dict[str, Any]]) -> list[str]:
         applicable = {True: f"yes (pct {ood['distance_percentile']:.0f})", None: "unknown"}.get(
             ood["in_distribution"], "NO")
         p = f"{r['probability']:.2f}" if ood["in_distribution"] is not False else "-"
-        rows.append((r["checkpoint"], r["verdict"], p, applicable, f"{r['arch']} {r['width']:g}"))
+        width = "" if r["width"] is None else f" {r['width']:g}"
+        rows.append((r["checkpoint"], r["verdict"], p, applicable, f"{r['arch']}{width}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     refused = sum("refused" in r for r in results)
