@@ -215,7 +215,8 @@ class Scorer:
         """The detector's part of a verdict: what it is, how it did, what it learned from."""
         per_class = self.zoo.get("n_train_per_class") or {}
         summary = {"path": str(self.path), "name": self.meta.get("detector"),
-                   "target": self.meta.get("target"), "heldout": self.meta.get("heldout"), "trained_on": self.meta.get("zoo"),
+                   "target": self.meta.get("target"), "heldout": self.meta.get("heldout"),
+                   "trained_on": self.meta.get("zoo"),
                    "calibration": self.meta.get("calibration"),
                    "min_train_per_class": min(per_class.values()) if per_class else None}
         if "recalibration" in self.meta:
