@@ -10,7 +10,7 @@ per model (σ² or ρ, the favoured face group, biased vs not, the regularizer):
               ("classifier", head)])                         # learns from feature arrays
 
 so ``clone``, ``cross_val_score``, ``GridSearchCV`` (``classifier__max_iter``...) and
-``NotFittedError`` behave as for any scikit-learn model. Five detectors (:data:`DETECTORS`):
+``NotFittedError`` behave as for any scikit-learn model. Six detectors (:data:`DETECTORS`):
 
 * ``dense`` — IFBiD's first baseline: an MLP on the raw, standardised flat weights. Tied to
   one exact layout; breaks under a permutation of hidden units.
@@ -28,6 +28,8 @@ so ``clone``, ``cross_val_score``, ``GridSearchCV`` (``classifier__max_iter``...
   class (:class:`~detector.probing.ProbeFeatures`), go to a regularised logistic head that is
   ordinal for bias levels (:class:`~detector.ordinal.ProbeClassifier`). Invariant to unit
   permutations and ReLU rescaling, any width.
+* ``hybrid`` — the probe features stacked with boosting's weight statistics, into the same
+  head: what a network does beside what it holds (its weight statistics shift with the width).
 
 Heads that need the layer structure get it as constructor parameters derived here from the
 layout (``layer_sizes``, ``set_sizes``), never as hidden state. :func:`for_layout` makes a
@@ -115,6 +117,7 @@ DETECTORS: dict[str, DetectorKind] = {kind.name: kind for kind in (
     DetectorKind("dense", "raw", "MLPClassifier", False, _dense_steps),
     DetectorKind("layer_conv", "raw", "LayerConvClassifier", False, _layer_conv_steps),
     DetectorKind("probe", PROBE_KIND, "ProbeClassifier", True, _probe_steps),
+    DetectorKind("hybrid", f"{PROBE_KIND}+stats+first_layer", "ProbeClassifier", True, _probe_steps),
 )}
 
 
@@ -148,13 +151,13 @@ def make_detector(name: str, layout: Sequence[TensorSlot], *, arch: str | None =
     if name not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
     kind = DETECTORS[name]
-    if kind.features == PROBE_KIND:
+    if kind.features.split("+")[0] == PROBE_KIND:
         from detector.probing import ProbeFeatures
 
         if arch is None or battery is None:
             raise DetectorError(f"the {name} detector needs the architecture (arch=) and a probe battery "
                                 "(battery=detector.battery.battery_for_task(task))")
-        features = ProbeFeatures(tuple(layout), arch, battery)
+        features = ProbeFeatures(tuple(layout), arch, battery, kind.features.partition("+")[2] or None)
     else:
         features = WeightFeatures(kind.features, tuple(layout))
     pipeline = Pipeline([("features", features), *kind.steps(features)])

@@ -205,20 +205,33 @@ class ProbeFeatures(TransformerMixin, BaseEstimator):
         The registered architecture the rows are weights of (``zoo.arch``).
     battery : Battery
         The probe images (:func:`detector.battery.battery_for_task`).
+    weights : str, optional
+        Weight features to append (a :class:`~detector.transform.WeightFeatures` kind, e.g.
+        ``"stats+first_layer"``): the stacked hybrid of what a network does and what it holds.
 
     Like :class:`~detector.transform.WeightFeatures` it learns nothing: ``fit`` checks and
     records ``n_features_in_``, and row i of the output depends on model i alone.
     """
 
-    kind = "probe"
     _parameter_constraints: ClassVar[dict] = {"layout": [tuple, list, None], "arch": [str],
-                                              "battery": [Battery, None]}
+                                              "battery": [Battery, None], "weights": [str, None]}
 
     def __init__(self, layout: Sequence[TensorSlot] | None = None, arch: str = "digit-cnn",
-                 battery: Battery | None = None) -> None:
+                 battery: Battery | None = None, weights: str | None = None) -> None:
         self.layout = layout
         self.arch = arch
         self.battery = battery
+        self.weights = weights
+
+    @property
+    def kind(self) -> str:
+        """``probe``, or ``probe+<weight kind>`` for the hybrid (how detectors are named)."""
+        return "probe" if not self.weights else f"probe+{self.weights}"
+
+    def _weight_step(self):
+        from detector.transform import WeightFeatures
+
+        return WeightFeatures(self.weights, self.slots()) if self.weights else None
 
     def slots(self) -> tuple[TensorSlot, ...]:
         return layout_slots(self.layout, type(self).__name__)
@@ -229,10 +242,12 @@ class ProbeFeatures(TransformerMixin, BaseEstimator):
         return last.offset + last.size
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
-        return np.array(probe_feature_names(), dtype=object)
+        step = self._weight_step()
+        extra = [] if step is None else list(step.get_feature_names_out())
+        return np.array(probe_feature_names() + extra, dtype=object)
 
     def n_features_out(self) -> int:
-        return len(probe_feature_names())
+        return len(self.get_feature_names_out())
 
     def _battery(self) -> Battery:
         if self.battery is None:
@@ -252,12 +267,13 @@ class ProbeFeatures(TransformerMixin, BaseEstimator):
         battery, slots = self._battery(), list(self.slots())
         rows = checked_rows(X, slots, type(self).__name__)
         network = build_model(self.arch, arch_width(self.arch, slots))
-        out = np.empty((len(rows), self.n_features_out()), dtype=np.float32)
+        out = np.empty((len(rows), len(probe_feature_names())), dtype=np.float32)
         for i, row in enumerate(rows):
             network.load_state_dict(unflatten(row, slots))
             logits, hidden = network_responses(network, battery.images)
             out[i] = battery_features(logits, hidden, battery)
-        return out
+        step = self._weight_step()
+        return out if step is None else np.hstack([out, step.transform(rows)])
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
@@ -267,7 +283,7 @@ class ProbeFeatures(TransformerMixin, BaseEstimator):
     # -- detector files (detector.files) -------------------------------------------------------
     def _save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         battery = self._battery()
-        state = {"version": _STATE_VERSION, "kind": self.kind, "arch": self.arch,
+        state = {"version": _STATE_VERSION, "kind": self.kind, "arch": self.arch, "weights": self.weights,
                  "layout": layout_records(list(self.slots())), "battery": battery.describe()}
         if hasattr(self, "n_features_in_"):
             state["n_features_in_"] = int(self.n_features_in_)
@@ -279,7 +295,7 @@ class ProbeFeatures(TransformerMixin, BaseEstimator):
             raise DetectorError(f"{cls.__name__} state v{state.get('version')}; this weightbias reads "
                                 f"v{_STATE_VERSION}")
         features = cls(slots_from_records(state["layout"]), state["arch"],
-                       Battery.from_arrays(state["battery"], arrays))
+                       Battery.from_arrays(state["battery"], arrays), state.get("weights"))
         if "n_features_in_" in state:
             features.n_features_in_ = int(state["n_features_in_"])
         return features

@@ -60,7 +60,7 @@ def probe_context(detector: str, zoo: Zoo, data_dir: str | Path | None) -> dict[
     zoo's architecture and the probe battery of its task."""
     from detector.models import DETECTORS, PROBE_KIND
 
-    if detector not in DETECTORS or DETECTORS[detector].features != PROBE_KIND:
+    if detector not in DETECTORS or DETECTORS[detector].features.split("+")[0] != PROBE_KIND:
         return {}
     from detector.battery import battery_for_task
 

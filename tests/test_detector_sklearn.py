@@ -40,7 +40,7 @@ from tests.test_detector import write_weight_zoo
 
 WIDTH = 0.25
 FAST = {"layer_conv": {"epochs": 40}, "deepsets": {"epochs": 60}, "dense": {"max_iter": 50},
-        "boosting": {"max_iter": 40}, "probe": {"C": 1.0}}
+        "boosting": {"max_iter": 40}, "probe": {"C": 1.0}, "hybrid": {"C": 1.0}}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -71,7 +71,7 @@ def build(mnist):
     battery = digit_battery("colored_mnist", mnist.test_images, mnist.test_labels, per_class=2, steps=3)
 
     def make(name: str, slots, **params):
-        context = {"arch": "digit-cnn", "battery": battery} if name == "probe" else {}
+        context = {"arch": "digit-cnn", "battery": battery} if name in ("probe", "hybrid") else {}
         return make_detector(name, slots, **context, **params)
     return make
 
