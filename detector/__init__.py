@@ -66,7 +66,7 @@ _EXPORTS = {
     "read_probe_folder": "detector.activations",
     "compare": "detector.report",
     "behaviour_ceiling": "detector.ceiling",
-    "ProbeFeatures": "detector.probing", "ProbeClassifier": "detector.ordinal", "Battery": "detector.battery",
+    "ProbeFeatures": "detector.probing", "LogisticHead": "detector.ordinal", "Battery": "detector.battery",
     "battery_for_task": "detector.battery", "recalibrate_detector": "detector.recalibrate",
 }
 __all__ = sorted(_EXPORTS)

@@ -2,7 +2,7 @@
 
 Last stage of the flow (source → dataset → trainer → store → **detector**). A detector in the
 IFBiD family (Serna et al. 2022) judges a model from its flat weight vector alone; this module
-turns the zoo store's ``weights`` rows (N, P) into feature rows (N, F). Five kinds:
+turns the zoo store's ``weights`` rows (N, P) into feature rows (N, F). Six kinds:
 
 ``raw``
     The flat weights as they are: IFBiD's dense-MLP input. Sensitive to neuron order, so a
@@ -27,6 +27,10 @@ turns the zoo store's ``weights`` rows (N, P) into feature rows (N, F). Five kin
     are permuted together with the next layer's inputs, a symmetry a trained network's
     function does not see but raw weights do; it also survives a change of architecture width
     better than raw weights, whose length changes.
+``rescaled``
+    Per-unit quantities no ReLU rescaling or width change moves (importance relative to the
+    layer, bias over incoming norm, first-layer colour and last-layer class directions), pooled
+    over units without counting them: :mod:`detector.rescaled`.
 ``units``
     The per-unit descriptors of every hidden layer (see :func:`neuron_sets`), unit by unit,
     layer by layer: the sets a DeepSets detector pools over. Their number grows with width,
@@ -50,10 +54,11 @@ from itertools import combinations, pairwise
 
 import numpy as np
 
+from detector.rescaled import canonical, rescaled_features, rescaled_names
 from modelzoo.layouts import TensorSlot
 
 FEATURE_VERSION = 1
-FEATURE_KINDS = ("raw", "stats", "first_layer", "invariant", "units")
+FEATURE_KINDS = ("raw", "stats", "first_layer", "invariant", "units", "rescaled")
 
 # Per-tensor statistics ("stats"): the order of names is the order of columns.
 TENSOR_QUANTILES = (0.0, 0.05, 0.25, 0.5, 0.75, 0.95, 1.0)
@@ -155,6 +160,9 @@ def feature_names(slots: list[TensorSlot], kind: str) -> list[str]:
     if kind == "units":
         return [f"{layer.name}/unit[{u}]:{d}" for layer in find_layers(slots)[:-1] for u in range(layer.n_out)
                 for d in UNIT_DESCRIPTORS]
+    if kind == "rescaled":
+        layers = find_layers(slots)
+        return rescaled_names([layer.name for layer in layers[:-1]], layers[0].n_in, layers[-1].n_out)
     names = [f"{slot.name}:{stat}" for slot in slots for stat in TENSOR_STATS]
     if kind == "invariant":
         names += _invariant_names(find_layers(slots))
@@ -233,6 +241,14 @@ def _compute(weights: np.ndarray, slots: list[TensorSlot], kind: str) -> np.ndar
         units = [_unit_descriptors(weights, layer, following).reshape(len(weights), layer.n_out * width)
                  for layer, following in pairwise(layers)]
         return np.concatenate(units, axis=1).astype(np.float32)
+    if kind == "rescaled":
+        layers = find_layers(slots)
+        rows = canonical(weights, [(layer.weight, layer.bias) for layer in layers])
+        hidden = list(pairwise(layers))
+        return rescaled_features([_incoming(rows, layer) for layer, _ in hidden],
+                                 [_tensor(rows, layer.bias) for layer, _ in hidden],
+                                 [_outgoing(rows, layer, after) for layer, after in hidden],
+                                 layers[0].n_in, layers[-1].n_out)
     parts = [_tensor_stats(_tensor(weights, slot).reshape(len(weights), slot.size)) for slot in slots]
     if kind == "invariant":
         parts += _invariant_parts(weights, find_layers(slots))

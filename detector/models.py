@@ -10,7 +10,7 @@ per model (σ² or ρ, the favoured face group, biased vs not, the regularizer):
               ("classifier", head)])                         # learns from feature arrays
 
 so ``clone``, ``cross_val_score``, ``GridSearchCV`` (``classifier__max_iter``...) and
-``NotFittedError`` behave as for any scikit-learn model. Six detectors (:data:`DETECTORS`):
+``NotFittedError`` behave as for any scikit-learn model. Seven detectors (:data:`DETECTORS`):
 
 * ``dense`` — IFBiD's first baseline: an MLP on the raw, standardised flat weights. Tied to
   one exact layout; breaks under a permutation of hidden units.
@@ -26,8 +26,11 @@ so ``clone``, ``cross_val_score``, ``GridSearchCV`` (``classifier__max_iter``...
 * ``probe`` — no weight statistics: each network is rebuilt and shown the detector's probe
   battery (:mod:`detector.battery`); its answers and layer responses, indexed by probe and
   class (:class:`~detector.probing.ProbeFeatures`), go to a regularised logistic head that is
-  ordinal for bias levels (:class:`~detector.ordinal.ProbeClassifier`). Invariant to unit
+  ordinal for bias levels (:class:`~detector.ordinal.LogisticHead`). Invariant to unit
   permutations and ReLU rescaling, any width.
+* ``rescaled`` — weights only, read as a function reads them: per-unit importance, switch-on
+  threshold, colour and class directions that no unit permutation, ReLU rescaling or width
+  change moves (:mod:`detector.rescaled`), into the logistic head: the inference-free member.
 * ``hybrid`` — the probe features stacked with boosting's weight statistics, into the same
   head: what a network does beside what it holds (its weight statistics shift with the width).
 
@@ -96,10 +99,10 @@ def _layer_conv_steps(features: WeightFeatures) -> list[tuple[str, Any]]:
     return [("classifier", LayerConvClassifier(layer_sizes=layer_sizes(features.slots())))]
 
 
-def _probe_steps(features: Any) -> list[tuple[str, Any]]:
-    from detector.ordinal import ProbeClassifier
+def _logistic_steps(features: Any) -> list[tuple[str, Any]]:
+    from detector.ordinal import LogisticHead
 
-    return [("classifier", ProbeClassifier())]
+    return [("classifier", LogisticHead())]
 
 
 def _deepsets_steps(features: WeightFeatures) -> list[tuple[str, Any]]:
@@ -116,8 +119,9 @@ DETECTORS: dict[str, DetectorKind] = {kind.name: kind for kind in (
     DetectorKind("deepsets", "first_layer+units", "DeepSetsClassifier", True, _deepsets_steps),
     DetectorKind("dense", "raw", "MLPClassifier", False, _dense_steps),
     DetectorKind("layer_conv", "raw", "LayerConvClassifier", False, _layer_conv_steps),
-    DetectorKind("probe", PROBE_KIND, "ProbeClassifier", True, _probe_steps),
-    DetectorKind("hybrid", f"{PROBE_KIND}+stats+first_layer", "ProbeClassifier", True, _probe_steps),
+    DetectorKind("probe", PROBE_KIND, "LogisticHead", True, _logistic_steps),
+    DetectorKind("rescaled", "rescaled", "LogisticHead", True, _logistic_steps),
+    DetectorKind("hybrid", f"{PROBE_KIND}+stats+first_layer", "LogisticHead", True, _logistic_steps),
 )}
 
 

@@ -9,9 +9,9 @@ without loading scikit-learn or torch. The registries they name live in
 from __future__ import annotations
 
 #: Detectors by name, as :func:`detector.models.make_detector` builds them.
-DETECTOR_NAMES = ("boosting", "deepsets", "dense", "layer_conv", "probe", "hybrid")
+DETECTOR_NAMES = ("boosting", "deepsets", "dense", "layer_conv", "probe", "rescaled", "hybrid")
 #: Detectors whose features mean the same at every width of an architecture.
-WIDTH_INDEPENDENT = ("boosting", "deepsets", "probe", "hybrid")
+WIDTH_INDEPENDENT = ("boosting", "deepsets", "probe", "rescaled", "hybrid")
 #: What a detector can be trained to predict (:func:`detector.evaluate.labels`).
 TARGETS = ("bias_level", "biased", "regularizer")
 #: How a zoo's models are split into training and held-out models (:func:`detector.evaluate.split_rows`).

@@ -1,4 +1,4 @@
-"""``ProbeClassifier``: the probe detector's head, a regularised linear model with an ordinal mode.
+"""``LogisticHead``: the probe detector's head, a regularised linear model with an ordinal mode.
 
 Part of the detector stage (store → **detector** → report). Bias levels (σ², ρ) are ordered:
 a model at σ² 0.03 is between 0.02 and 0.05, and a head that knows it needs fewer models per
@@ -49,7 +49,7 @@ def _softmax(scores: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=1, keepdims=True)
 
 
-class ProbeClassifier(ClassifierMixin, BaseEstimator):
+class LogisticHead(ClassifierMixin, BaseEstimator):
     """Standardised logistic regression, ordinal for numeric levels (see module docstring).
 
     Parameters
@@ -84,7 +84,7 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X: Any, y: Any) -> ProbeClassifier:
+    def fit(self, X: Any, y: Any) -> LogisticHead:
         X, y = validate_data(self, X, y, reset=True, dtype=np.float64)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
@@ -146,7 +146,7 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
         proba = np.clip(cumulative[:, :-1] - cumulative[:, 1:], 1e-9, None)
         return proba / proba.sum(axis=1, keepdims=True)
 
-    def refit_cut_points(self, X: Any, y: Any) -> ProbeClassifier:
+    def refit_cut_points(self, X: Any, y: Any) -> LogisticHead:
         """A copy whose intercepts (the cut points) are refitted on labelled models ``X``, ``y``
         while the directions (``coef_``) and the standardisation stay: how a detector is moved
         to another width or architecture from a few reference models, where the ranking
@@ -194,7 +194,7 @@ class ProbeClassifier(ClassifierMixin, BaseEstimator):
         return state, arrays
 
     @classmethod
-    def _load_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> ProbeClassifier:
+    def _load_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> LogisticHead:
         if state.get("version") != _STATE_VERSION:
             raise DetectorError(f"{cls.__name__} state v{state.get('version')}; this weightbias reads "
                                 f"v{_STATE_VERSION}")

@@ -4,7 +4,7 @@ Part of the detector stage (store → **detector** → report); the work behind 
 detector recalibrate``. A probe detector's features mean the same at every width, and across
 widths its *ranking* of models carries over while its thresholds do not (half-width models
 answer less sharply). So a detector for width W keeps the directions it learned and refits
-only the intercepts of its head (:meth:`detector.ordinal.ProbeClassifier.refit_cut_points`)
+only the intercepts of its head (:meth:`detector.ordinal.LogisticHead.refit_cut_points`)
 on reference models of width W with known labels, either taken from a zoo the user has at
 that width or trained here with the detector's own zoo recipe (its spec, at width W, on a
 fresh seed, through :func:`modelzoo.generate`).

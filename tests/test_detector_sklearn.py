@@ -31,7 +31,7 @@ from detector.evaluate import zoo_features
 from detector.files import load_detector, save_detector
 from detector.heads import DeepSetsClassifier, LayerConvClassifier
 from detector.models import DETECTORS, DetectorError, make_detector
-from detector.ordinal import ProbeClassifier
+from detector.ordinal import LogisticHead
 from detector.transform import WeightFeatures
 from detector.workflow import fit_on_zoo
 from modelzoo.architectures import build_model, flatten, layout
@@ -40,7 +40,8 @@ from tests.test_detector import write_weight_zoo
 
 WIDTH = 0.25
 FAST = {"layer_conv": {"epochs": 40}, "deepsets": {"epochs": 60}, "dense": {"max_iter": 50},
-        "boosting": {"max_iter": 40}, "probe": {"C": 1.0}, "hybrid": {"C": 1.0}}
+        "boosting": {"max_iter": 40}, "probe": {"C": 1.0}, "rescaled": {"C": 1.0},
+        "hybrid": {"C": 1.0}}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -170,7 +171,7 @@ def _expected_failures(estimator) -> dict[str, str]:
     return EXPECTED_FAILED_CHECKS.get(type(estimator).__name__, {})
 
 
-@parametrize_with_checks([LayerConvClassifier(epochs=60), DeepSetsClassifier(epochs=100), ProbeClassifier()],
+@parametrize_with_checks([LayerConvClassifier(epochs=60), DeepSetsClassifier(epochs=100), LogisticHead()],
                          expected_failed_checks=_expected_failures)
 def test_heads_pass_scikit_learns_estimator_checks(estimator, check) -> None:
     check(estimator)

@@ -13,7 +13,7 @@ from torch import nn
 from detector.battery import Battery, battery_for_task, digit_battery, task_colours
 from detector.files import load_detector, save_detector
 from detector.models import DetectorError, for_layout, make_detector
-from detector.ordinal import ProbeClassifier
+from detector.ordinal import LogisticHead
 from detector.probing import ProbeFeatures, arch_width, network_responses, probe_feature_names
 from modelzoo.architectures import build_model, flatten
 from modelzoo.datasets import paint
@@ -102,7 +102,7 @@ def _levels(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
 def test_the_probe_head_is_ordinal_for_levels_and_multinomial_otherwise(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     X, y = _levels(rng, 200)
-    head = ProbeClassifier().fit(X, y)
+    head = LogisticHead().fit(X, y)
     assert head.ordinal_ and head.C_ > 0
     X_test, y_test = _levels(rng, 200)
     assert head.score(X_test, y_test) > 0.6  # chance 0.25
@@ -110,14 +110,14 @@ def test_the_probe_head_is_ordinal_for_levels_and_multinomial_otherwise(tmp_path
     assert proba.shape == (200, 4) and np.allclose(proba.sum(axis=1), 1)
     # "0.1" sorts last numerically though not as text: a high score means the largest level
     assert head.predict(np.array([[20.0, 0, 0, 0, 0, -6]]))[0] == "0.1"
-    named = ProbeClassifier().fit(X, np.where(y == "0.02", "biased", "unbiased"))
+    named = LogisticHead().fit(X, np.where(y == "0.02", "biased", "unbiased"))
     assert not named.ordinal_ and named.predict_proba(X_test).shape == (200, 2)
     state, arrays = head._save_state()
-    loaded = ProbeClassifier._load_state(state, arrays)
+    loaded = LogisticHead._load_state(state, arrays)
     assert np.array_equal(loaded.predict_proba(X_test), proba)
     assert clone(head).get_params() == head.get_params()
     with pytest.raises(DetectorError, match="two classes"):
-        ProbeClassifier().fit(X, np.full(len(X), "0.02"))
+        LogisticHead().fit(X, np.full(len(X), "0.02"))
 
 
 def test_a_probe_detector_saves_its_battery_and_loads_without_pickle(battery: Battery,
@@ -142,3 +142,24 @@ def test_a_probe_detector_saves_its_battery_and_loads_without_pickle(battery: Ba
     assert np.array_equal(loaded[0].battery.images, battery.images)
     wide = for_layout(loaded, arch_layout("digit-cnn", 1.0))
     assert wide.predict_proba(flatten(build_model("digit-cnn", 1.0))[None]).shape == (1, 2)
+
+
+def test_rescaled_weight_features_ignore_unit_order_and_relu_rescaling() -> None:
+    from detector.transform import WeightFeatures
+
+    torch.manual_seed(2)
+    model = build_model("digit-cnn", 0.5)
+    moved = _rescaled_and_permuted(model)
+    with torch.no_grad():  # and a first-layer unit rescaled too
+        moved.conv1.weight[2] *= 3
+        moved.conv1.bias[2] *= 3
+        moved.conv2.weight[:, 2] /= 3
+    features = WeightFeatures("rescaled", arch_layout("digit-cnn", 0.5))
+    rows = np.stack([flatten(model), flatten(moved)])
+    out = features.transform(rows)
+    assert np.allclose(out[0], out[1], atol=1e-5)
+    stats = WeightFeatures("stats", arch_layout("digit-cnn", 0.5)).transform(rows)
+    assert not np.allclose(stats[0], stats[1], atol=1e-3)  # what the per-tensor statistics cannot see past
+    wide = WeightFeatures("rescaled", arch_layout("digit-cnn", 1.0))
+    assert list(wide.get_feature_names_out()) == list(features.get_feature_names_out())
+    assert "fc1:class[9]_wmean" in features.get_feature_names_out()
