@@ -52,6 +52,7 @@ class Reference:
     names: tuple[str, ...]  # feature names, one per column
     arch: str
     width: float
+    kind: str = REFERENCE_KIND  # the feature space: weight statistics, or a probe detector's own
     mean: np.ndarray = field(init=False, repr=False)  # per column, over the training models
     scale: np.ndarray = field(init=False, repr=False)  # per column std (1 where constant)
     loo: np.ndarray = field(init=False, repr=False)  # each training model's nearest-neighbour distance
@@ -79,7 +80,7 @@ class Reference:
         codes = np.array([classes.index(label) for label in self.labels], dtype=np.int64)
         save_file({"features": np.ascontiguousarray(self.features, dtype=np.float32), "labels": codes,
                    "rows": np.asarray(self.rows, dtype=np.int64)}, str(Path(folder) / REFERENCE_FILE))
-        return {"version": REFERENCE_VERSION, "file": REFERENCE_FILE, "kind": REFERENCE_KIND,
+        return {"version": REFERENCE_VERSION, "file": REFERENCE_FILE, "kind": self.kind,
                 "classes": classes, "names": list(self.names), "arch": self.arch, "width": self.width,
                 "n_models": len(self.labels),
                 "loo_distance": {"median": round(float(np.median(self.loo)), 4),
@@ -96,7 +97,7 @@ class Reference:
         arrays = load_file(str(Path(folder) / REFERENCE_FILE))
         labels = np.array(entry["classes"])[arrays["labels"]]
         return cls(arrays["features"], labels, arrays["rows"], tuple(entry["names"]), entry["arch"],
-                   float(entry["width"]))
+                   float(entry["width"]), entry.get("kind", REFERENCE_KIND))
 
     # -- distances -----------------------------------------------------------------------------
     def standardize(self, features: np.ndarray) -> np.ndarray:
@@ -119,7 +120,7 @@ class Reference:
                 "distance": round(distance, 4), "distance_percentile": round(percentile, 1),
                 "training_distances": {"median": round(float(np.median(self.loo)), 4),
                                        "max": round(float(self.loo.max()), 4), "n_models": len(self.loo)},
-                "features": f"{REFERENCE_KIND} (standardised over the training zoo), RMS distance"}
+                "features": f"{self.kind} (standardised over the training zoo), RMS distance"}
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """RMS standardised distance from one feature row to every training model."""

@@ -26,7 +26,7 @@ import numpy as np
 from detector.applicability import REFERENCE_KIND, Reference
 from detector.evaluate import as_zoo, labels, rows_at_levels, zoo_features
 from detector.files import check_detector_folder, load_detector, save_detector
-from detector.models import DetectorError, for_layout
+from detector.models import PROBE_KIND, DetectorError, for_layout
 from detector.transform import WeightFeatures
 from modelzoo.zoo import Zoo
 
@@ -122,8 +122,11 @@ def recalibrate_detector(detector_dir: str | Path, width: float, out: str | Path
     info = {key: meta[key] for key in _META_KEYS if key in meta}
     info["zoo"] = {**info["zoo"], "width": width}
     info["recalibration"] = entry
-    reference_step = WeightFeatures(REFERENCE_KIND, zoo.layout)
-    reference = Reference(zoo_features(zoo, rows, reference_step), y.astype(str), rows,
-                          tuple(reference_step.get_feature_names_out()), zoo.arch, float(width))
+    step = moved[0]
+    if not step.kind.startswith(PROBE_KIND):  # a probe detector is judged in its own feature space
+        step = WeightFeatures(REFERENCE_KIND, zoo.layout)
+        features = zoo_features(zoo, rows, step)
+    reference = Reference(features, y.astype(str), rows, tuple(step.get_feature_names_out()), zoo.arch,
+                          float(width), step.kind)
     save_detector(moved, out, info, reference=reference)
     return entry

@@ -202,7 +202,9 @@ class Scorer:
             return self.sethead.predict_proba(features, sizes)[0], features
         from detector.models import for_layout
 
-        return for_layout(self.pipeline, weights.layout).predict_proba(weights.weights)[0], None
+        moved = for_layout(self.pipeline, weights.layout)
+        features = moved[0].transform(weights.weights)
+        return moved[1:].predict_proba(features)[0], features
 
     def verdict_for(self, proba: np.ndarray, predicted: str) -> tuple[str, float]:
         unbiased = [c for c in self.classes if c in UNBIASED_CLASSES]
@@ -234,12 +236,16 @@ class Scorer:
                             "reasons": reasons or ["unknown: the detector folder holds no training features; "
                                                    "retrain it with `weightbias detector train`"]},
                     "evidence": None}
-        own = self.trees is not None and self.kind == REFERENCE_KIND  # the classifier reads these features
+        # Distances in the detector's own feature space when the reference holds it (boosting's
+        # statistics, a probe detector's answers), else in the weight statistics.
+        own = features is not None and self.reference.kind == self.kind
         row = features[0] if own else features_of(REFERENCE_KIND, weights)[0]
         ood = self.reference.assess(row, weights.arch, weights.width)
         if own:
+            predict = self.trees.predict_proba if self.trees is not None else self.pipeline[1:].predict_proba
+
             def proba(rows: np.ndarray) -> np.ndarray:
-                return apply_temperature(self.trees.predict_proba(rows), self.temperature)
+                return apply_temperature(predict(rows), self.temperature)
 
             evidence = self.reference.evidence(row, predicted, proba, self.classes)
         else:

@@ -24,7 +24,7 @@ from detector.applicability import REFERENCE_KIND, Reference
 from detector.calibration import calibrate
 from detector.evaluate import as_zoo, breakdown, labels, rows_at_levels, scores, split_rows, zoo_features
 from detector.files import check_detector_folder, load_detector, save_detector
-from detector.models import DetectorError, detector_name, for_layout, make_detector
+from detector.models import PROBE_KIND, DetectorError, detector_name, for_layout, make_detector
 from detector.transform import WeightFeatures
 from modelzoo.zoo import Zoo
 
@@ -143,13 +143,14 @@ def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting",
 def _reference(zoo: Zoo, rows: np.ndarray, y: np.ndarray, pipeline: Pipeline, features: np.ndarray,
                memory_budget: float | None, progress: bool) -> Reference:
     """The training models' :data:`~detector.applicability.REFERENCE_KIND` features (the
-    detector's own, for boosting), kept beside the detector for applicability checks."""
+    detector's own for boosting and the probe detectors), kept for applicability checks."""
     step = pipeline[0]
-    if step.kind != REFERENCE_KIND:
+    if step.kind != REFERENCE_KIND and not step.kind.startswith(PROBE_KIND):  # probe: its own features
         step = WeightFeatures(REFERENCE_KIND, zoo.layout)
         features = zoo_features(zoo, rows, step, progress, memory_budget=memory_budget)
     names = tuple(step.get_feature_names_out())
-    return Reference(features, np.asarray(y).astype(str), np.asarray(rows), names, zoo.arch, float(zoo.width))
+    return Reference(features, np.asarray(y).astype(str), np.asarray(rows), names, zoo.arch, float(zoo.width),
+                     step.kind)
 
 
 def evaluate_detector(detector_dir_or_pipeline: str | Path | Pipeline, zoo_or_path: Zoo | str | Path, *,
