@@ -6,14 +6,16 @@ it needs, it returns the flat weight vector and the per-model metrics the store 
 fairtrain regularizer named in the config hooks its own tap onto the model and adds its term; the
 sensitive attribute is each image's colour (MNIST tasks) or ethnic group (faces). It knows
 nothing about Ray or Zarr, so a plain loop (tests, benchmarks, a user's notebook) can call it.
-Its steps (:func:`seeded_model`, :func:`fit`'s helpers, :func:`evaluate`) are shared with
-:mod:`modelzoo.vectorized`, which trains many models in one batched computation.
+:func:`fit` runs the one training loop (:func:`modelzoo.loop.train_loop`) on one network;
+:mod:`modelzoo.vectorized` runs it on a bank of many, and shares :func:`seeded_model`,
+:func:`member` and :func:`evaluate` from here.
 """
 
 from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +30,7 @@ from fairtrain.regularizers import FeatureTap, Regularizer, regularizer_for_netw
 from modelzoo.architectures import build_model, flatten
 from modelzoo.config import ModelConfig
 from modelzoo.datasets import N_COLORS, ImageSet
+from modelzoo.loop import FitResult, Member, train_loop
 
 EVAL_BATCH = 1000
 
@@ -82,18 +85,6 @@ def training_subset(train: ImageSet, config: ModelConfig) -> np.ndarray:
     return config.task_info.training_subset(train, config)
 
 
-@dataclass(frozen=True)
-class FitResult:
-    """Mean cross-entropy and mean regularizer term (γ·R) over the last epoch; with a
-    validation split, the validation accuracy of the epoch whose weights were kept and that
-    epoch (1-based)."""
-
-    train_loss: float
-    reg_loss: float
-    val_acc: float | None = None
-    best_epoch: int | None = None
-
-
 def bottleneck_tap(model: nn.Module) -> FeatureTap:
     """Post-ReLU activations of the model's named bottleneck layer."""
     return FeatureTap(model, model.bottleneck, activation=torch.relu)
@@ -117,18 +108,53 @@ def build_regularizer(model: nn.Module, config: ModelConfig, device: torch.devic
     return regularizer
 
 
-def shuffled_batches(n: int, batch_size: int, shuffler: torch.Generator) -> list[torch.Tensor]:
-    """One epoch's batches: a fresh permutation of ``range(n)`` from ``shuffler``, cut in order."""
-    order = torch.randperm(n, generator=shuffler)
-    return [order[start : start + batch_size] for start in range(0, n, batch_size)]
+def member(model: nn.Module, config: ModelConfig, device: torch.device, train: ImageSet,
+           num_groups: int = N_COLORS, val: ImageSet | None = None) -> Member:
+    """``model``'s part of a training run: its training subset, regularizer (built now, so its
+    heads' initial weights follow the model's in the global RNG), shuffler and validation."""
+    subset = training_subset(train, config)
+    regularizer = build_regularizer(model, config, device, train, subset, num_groups)
+    shuffler = torch.Generator().manual_seed(config.seed)
+    validation = Validation(val, config, train) if val is not None and config.val_size else None
+    return Member(config, model, train, subset, regularizer, shuffler, validation)
 
 
-def regularizer_term(regularizer: Regularizer, progress: float, features: torch.Tensor,
-                     logits: torch.Tensor, target: torch.Tensor, sensitive: torch.Tensor) -> torch.Tensor:
-    """γ·R for one batch at training progress ``progress`` (step / total steps)."""
-    if hasattr(regularizer, "progress"):  # GRAD/LNTL ramp their reversal weight
-        regularizer.progress = progress
-    return regularizer(features, logits, target, sensitive)
+class OneModel:
+    """The loop's :class:`~modelzoo.loop.Trainee` for one network: its own forward pass
+    (dropout draws from the global RNG) and one torch optimizer over the network and its
+    regularizer's heads."""
+
+    def __init__(self, one: Member, device: torch.device) -> None:
+        self.model, self.regularizer, self.device = one.model, one.regularizer, device
+        self.model.to(memory_format=MEMORY_FORMAT)
+        self.tap = self.regularizer.attach(self.model) if self.regularizer is not None else None
+        params = list(self.model.parameters())
+        if self.regularizer is not None:
+            params += list(self.regularizer.parameters())
+        config = one.config
+        self.optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
+        self.model.train()
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = self.model(as_batch(images[0], self.device, MEMORY_FORMAT))
+        return logits[None], (None if self.tap is None else self.tap.features[None])
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs[0]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def current(self, index: int) -> nn.Module:
+        return self.model
+
+    def finish(self) -> None:
+        if self.tap is not None and not self.regularizer.alters_forward:
+            self.tap.remove()  # (a tap that alters the forward pass is part of the trained network)
 
 
 def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.device,
@@ -137,51 +163,10 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
     (a regularizer that alters the forward pass, BinaryBernoulli's binary code, stays hooked
     on ``model``), its weight decay and learning-rate schedule; with ``val`` (the config has ``val_size``),
     score the validation split after every epoch and, for ``select = "best_val"``, end on the
-    weights of the best epoch (the first of equals)."""
-    subset = training_subset(train, config)
-    images = torch.from_numpy(np.ascontiguousarray(train.images[subset]))
-    labels = torch.from_numpy(np.ascontiguousarray(train.labels[subset]))
-    sensitive = torch.from_numpy(np.ascontiguousarray(train.bias[subset]))
-    regularizer = build_regularizer(model, config, device, train, subset, num_groups)
-    model.to(memory_format=MEMORY_FORMAT)
-    tap = regularizer.attach(model) if regularizer is not None else None
-    params = list(model.parameters())
-    if regularizer is not None:
-        params += list(regularizer.parameters())
-    optimizer = make_optimizer(config.optimizer, params, config.lr, config.weight_decay)
-    shuffler = torch.Generator().manual_seed(config.seed)
-    total_steps, step = config.epochs * -(-len(labels) // config.batch_size), 0
-    validation = Validation(val, config, train) if val is not None and config.val_size else None
-    model.train()
-    result = FitResult(float("nan"), 0.0)
-    for epoch in range(config.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * config.lr_factor(epoch)
-        ce_total, reg_total = torch.zeros((), device=device), torch.zeros((), device=device)
-        for batch in shuffled_batches(len(labels), config.batch_size, shuffler):
-            target = labels[batch].to(device, non_blocking=True)
-            logits = model(as_batch(images[batch], device, MEMORY_FORMAT))
-            loss = nn.functional.cross_entropy(logits, target)
-            ce_total += loss.detach() * len(batch)
-            if regularizer is not None:
-                term = regularizer_term(regularizer, step / total_steps, tap.features, logits, target,
-                                        sensitive[batch].to(device))
-                reg_total += term.detach() * len(batch)
-                loss = regularizer.task_weight * loss + term
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-        result = FitResult(float(ce_total) / len(labels), float(reg_total) / len(labels))
-        if validation is not None:
-            validation.score(model, device)
-            model.train()
-    if tap is not None and not regularizer.alters_forward:
-        tap.remove()  # (a tap that alters the forward pass is part of the trained network)
-    if validation is None:
-        return result
-    epoch, accuracy = validation.chosen(model)
-    return FitResult(result.train_loss, result.reg_loss, accuracy, epoch + 1)
+    weights of the best epoch (the first of equals). The loop is :func:`~modelzoo.loop.train_loop`,
+    the one :mod:`modelzoo.vectorized` runs for a bank of models."""
+    one = member(model, config, device, train, num_groups, val)
+    return train_loop(OneModel(one, device), [one], device)[0]
 
 
 class Validation:
@@ -196,7 +181,11 @@ class Validation:
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def score(self, model: nn.Module, device: torch.device) -> None:
+        """Score ``model``'s current weights (leaving it in the mode it was in), keeping them
+        when they are the best so far and selection asks for it."""
+        was_training = model.training
         predicted, _ = predict(model, self.images, device)
+        model.train(was_training)
         accuracy = float((predicted == self.labels).mean())
         if self.select_best and (not self.history or accuracy > max(self.history)):
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -6,9 +6,13 @@ settings allow it (:func:`plan_groups`) and trains each group as one network of 
 weights: every model's parameters are a row of one (M, P) tensor, ``torch.func.vmap`` runs
 the architecture over per-model input batches (M, B, C, H, W) through ``functional_call``,
 so convolutions become grouped convolutions and dense layers batched matrix products. The
-loss is the sum over models of each model's mean loss, so one backward pass gives every
-model its own gradient, and one :class:`StackedOptimizer` (Adam or SGD with momentum, each
-elementwise, with one learning rate per row) equals one optimizer per model.
+group trains in the one training loop, :func:`modelzoo.loop.train_loop`, that
+:func:`~modelzoo.training.fit` runs for one model: here its trainee is the stacked network with
+one :class:`StackedOptimizer` (Adam or SGD with momentum, each elementwise, with one learning
+rate per row; each row's weight decay is added to its gradient first, as torch does), which
+equals one optimizer per model. So the recipe is each model's own in a bank as it is alone:
+weight decay, learning-rate schedule, and a validation split scored after every epoch on the
+model's own network (its row loaded into it), whose best epoch's weights it can end on.
 
 It reproduces :func:`~modelzoo.training.train_model` model by model, within floating-point
 tolerance: each model is initialised from its own seed, trains on its own subset in its own
@@ -35,9 +39,9 @@ What batches, and what falls back to one-at-a-time ``train_model`` (identical re
 * models are grouped only when they share ``optimizer``, ``epochs``, ``batch_size`` and the
   size of their training subset (so every step has the same batch shape), and whose
   regularizers read the same :class:`~fairtrain.regularizers.Tap` (or who have none). Learning
-  rate, seed, data, regularizer and γ may differ within a group;
-* a model whose recipe sets weight decay, a learning-rate schedule or a validation split, one
-  whose regularizer needs hooks of its own (BinaryBernoulli samples its code inside the
+  rate, weight decay, schedule, validation split and selection, seed, data, regularizer and γ
+  may differ within a group;
+* a model whose regularizer needs hooks of its own (BinaryBernoulli samples its code inside the
   network, which ``vmap`` cannot; LNTL reads the input images), a model with no partner in
   its block, an architecture with buffers (e.g. batch norm, whose running statistics ``vmap``
   cannot update in place) or with random modules other than ``nn.Dropout``, and an optimizer
@@ -50,37 +54,33 @@ model's ``wall_seconds`` is its share of its group's training time plus its own 
 from __future__ import annotations
 
 import copy
-import hashlib
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
-from fairtrain.regularizers import FeatureTap, Regularizer, Tap, regularizer_tap, regularizer_vectorizable
+from fairtrain.regularizers import FeatureTap, Tap, regularizer_tap, regularizer_vectorizable
 from modelzoo.architectures import build_model, layout, unflatten
 from modelzoo.config import ModelConfig
+from modelzoo.loop import FitResult, Member, train_loop
 from modelzoo.stacked_optimizer import StackedOptimizer, VectorizeError, stackable_optimizer
 from modelzoo.training import (
-    FitResult,
     ModelResult,
     TrainingData,
     as_batch,
-    build_regularizer,
     evaluate,
     make_optimizer,
-    regularizer_term,
+    member,
     seeded_model,
-    shuffled_batches,
     train_model,
     training_subset,
 )
 
 # StackedOptimizer and VectorizeError live in modelzoo.stacked_optimizer; exported here as part of this API.
-__all__ = ["ModelJob", "StackedOptimizer", "VectorizeError", "dropout_calls", "fit_group", "fit_jobs",
+__all__ = ["ModelJob", "StackedOptimizer", "VectorizeError", "dropout_calls", "fit_jobs",
            "plan_groups", "train_group", "train_models", "vectorizable_architecture"]
 
 
@@ -230,31 +230,71 @@ class StackedNetwork:
             self.tap.remove()
 
 
-# ----------------------------------------------------------------------------- one group
+# ----------------------------------------------------------------------------- the bank
 
 
-@dataclass
-class _Member:
-    """What one model of a group carries through training, as ``fit`` would hold it."""
+class _Bank:
+    """The loop's :class:`~modelzoo.loop.Trainee` for a group: the members' networks as one
+    :class:`StackedNetwork`, one :class:`StackedOptimizer` with a learning rate (and weight
+    decay) per row, and each regularizer's heads under a torch optimizer of their own, as
+    ``fit`` would step them."""
 
-    job: ModelJob
-    model: nn.Module
-    subset: np.ndarray
-    regularizer: Regularizer | None
-    head_optimizer: torch.optim.Optimizer | None
-    stream: _Stream
-    shuffler: torch.Generator
+    def __init__(self, members: Sequence[Member], device: torch.device) -> None:
+        self.members, self.device = members, device
+        configs = [m.config for m in members]
+        taps = {m.regularizer.tap for m in members if m.regularizer is not None}
+        self.net = StackedNetwork([m.model for m in members], tuple(members[0].train.images.shape[1:]),
+                                  features=taps.pop() if taps else None)
+        self.optimizer = StackedOptimizer(configs[0].optimizer, self.net.weights, [c.lr for c in configs])
+        decays = [c.weight_decay for c in configs]
+        self.decays = torch.tensor(decays, device=device)[:, None] if any(decays) else None
+        self.heads = {i: make_optimizer(c.optimizer, list(m.regularizer.parameters()), c.lr, c.weight_decay)
+                      for i, (m, c) in enumerate(zip(members, configs, strict=True))
+                      if m.regularizer is not None and list(m.regularizer.parameters())}
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        noise = self.net.draw_noise([m.stream for m in self.members], images.shape[1])
+        return self.net(noise, as_batch(images, self.device))
+
+    def set_lrs(self, lrs: Sequence[float]) -> None:
+        self.optimizer.lrs.copy_(torch.tensor(lrs)[:, None])
+        for i, head in self.heads.items():
+            for group in head.param_groups:
+                group["lr"] = lrs[i]
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+        for head in self.heads.values():
+            head.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        if self.decays is not None:
+            # torch's Adam and SGD apply L2 weight decay as grad + wd·w before their update.
+            with torch.no_grad():
+                self.net.weights.grad.addcmul_(self.net.weights, self.decays)
+        self.optimizer.step()
+        for head in self.heads.values():
+            head.step()
+
+    def current(self, index: int) -> nn.Module:
+        model = self.members[index].model
+        model.load_state_dict(unflatten(self.net.weights[index].detach().cpu().numpy(), self.net.slots))
+        return model
+
+    def finish(self) -> None:
+        self.net.close()
+        for index in range(len(self.members)):
+            self.current(index)
 
 
-def _member(arch: str, width: float, job: ModelJob, device: torch.device) -> _Member:
-    # The order of global-RNG draws is train_model's: the model's init, then its regularizer's heads.
+def _member(arch: str, width: float, job: ModelJob, device: torch.device) -> Member:
+    # The order of global-RNG draws is train_model's: the model's init, then its regularizer's
+    # heads; the member's private stream starts where fit's training draws would.
     model = seeded_model(arch, width, job.config, device)
-    subset = training_subset(job.data.train, job.config)
-    regularizer = build_regularizer(model, job.config, device, job.data.train, subset, job.data.num_groups)
-    heads = list(regularizer.parameters()) if regularizer is not None else []
-    head_optimizer = make_optimizer(job.config.optimizer, heads, job.config.lr) if heads else None
-    shuffler = torch.Generator().manual_seed(job.config.seed)
-    return _Member(job, model, subset, regularizer, head_optimizer, _Stream(device), shuffler)
+    data = job.data
+    one = member(model, job.config, device, data.train, data.num_groups, data.val)
+    one.stream = _Stream(device)
+    return one
 
 
 def _group_key(job: ModelJob) -> tuple:
@@ -265,92 +305,18 @@ def _group_key(job: ModelJob) -> tuple:
     return c.optimizer, c.epochs, c.batch_size, len(training_subset(job.data.train, c)), tap
 
 
-def _training_bank(members: Sequence[_Member], device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
-    """Every member's training images, labels and groups in one tensor each on ``device``,
-    with the row each member's subset starts at; members training on the same subset of the
-    same pool share rows."""
-    starts, seen, parts, rows = [], {}, [], 0
-    for m in members:
-        key = (id(m.job.data.train), hashlib.sha1(m.subset.tobytes()).hexdigest())
-        if key not in seen:
-            seen[key] = rows
-            parts.append(m)
-            rows += len(m.subset)
-        starts.append(seen[key])
-
-    def bank(field: str) -> torch.Tensor:
-        arrays = [getattr(m.job.data.train, field)[m.subset] for m in parts]
-        return torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays))).to(device)
-
-    return bank("images"), bank("labels"), bank("bias"), starts
-
-
-def fit_group(members: Sequence[_Member], device: torch.device) -> list[FitResult]:
-    """Train the members' models together, in place; each gets what ``fit`` would return."""
-    first = members[0].job.config
-    if len({_group_key(m.job) for m in members}) != 1:
-        raise VectorizeError("a group's models must share optimizer, epochs, batch_size and subset size")
-    images, labels, sensitive, starts = _training_bank(members, device)
-    n, batch_size = len(members[0].subset), first.batch_size
-    regularized = [i for i, m in enumerate(members) if m.regularizer is not None]
-    head_optimizers = [m.head_optimizer for m in members if m.head_optimizer is not None]
-    taps = {m.regularizer.tap for m in members if m.regularizer is not None}
-    net = StackedNetwork([m.model for m in members], tuple(images.shape[1:]),
-                         features=taps.pop() if regularized else None)
-    optimizer = StackedOptimizer(first.optimizer, net.weights, [m.job.config.lr for m in members])
-    task_weights = torch.tensor([m.regularizer.task_weight if m.regularizer is not None else 1.0
-                                 for m in members], device=device)
-    total_steps, step = first.epochs * -(-n // batch_size), 0
-    results = [FitResult(float("nan"), 0.0)] * len(members)
-    for _ in range(first.epochs):
-        epoch = [shuffled_batches(n, batch_size, m.shuffler) for m in members]
-        rows = torch.stack([start + torch.cat(b) for start, b in zip(starts, epoch, strict=True)]).to(device)
-        ce_total = torch.zeros(len(members), device=device)
-        reg_total = torch.zeros(len(members), device=device)
-        for begin in range(0, n, batch_size):
-            idx = rows[:, begin : begin + batch_size]
-            b = idx.shape[1]
-            target = labels[idx]
-            noise = net.draw_noise([m.stream for m in members], b)
-            logits, features = net(noise, as_batch(images[idx], device))
-            ce = nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
-            ce = ce.view(len(members), b).mean(1)
-            ce_total += ce.detach() * b
-            loss = (ce * task_weights).sum()
-            for i in regularized:
-                m = members[i]
-                with m.stream:  # a regularizer may draw (BinaryBernoulli samples its code)
-                    term = regularizer_term(m.regularizer, step / total_steps, features[i], logits[i],
-                                            target[i], sensitive[idx[i]])
-                reg_total[i] += term.detach() * b
-                loss = loss + term
-            optimizer.zero_grad()
-            for opt in head_optimizers:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for opt in head_optimizers:
-                opt.step()
-            step += 1
-        ce_mean, reg_mean = (ce_total / n).tolist(), (reg_total / n).tolist()
-        results = [FitResult(c, r) for c, r in zip(ce_mean, reg_mean, strict=True)]
-    net.close()
-    with torch.no_grad():
-        for m, row in zip(members, net.weights.detach().cpu().numpy(), strict=True):
-            m.model.load_state_dict(unflatten(row, net.slots))
-    return results
-
-
 def fit_jobs(arch: str, width: float, jobs: Sequence[ModelJob], device: torch.device | str = "cpu",
              ) -> list[tuple[nn.Module, FitResult]]:
     """Train ``jobs`` as one stacked network, without evaluating them: each trained model, and
     what :func:`~modelzoo.training.fit` would have returned for it."""
     device = torch.device(device)
+    if len({_group_key(job) for job in jobs}) != 1:
+        raise VectorizeError("a group's models must share optimizer, epochs, batch_size, subset size "
+                             "and regularizer tap")
     forked = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):  # leave the caller's global RNG as it was
         members = [_member(arch, width, job, device) for job in jobs]
-        fitted = fit_group(members, device)
+        fitted = train_loop(_Bank(members, device), members, device)
     return [(m.model, f) for m, f in zip(members, fitted, strict=True)]
 
 
@@ -377,8 +343,8 @@ def plan_groups(arch: str, width: float, jobs: Sequence[ModelJob], vectorize: in
     by_key: dict[tuple, list[list[ModelJob]]] = {}
     groups: list[list[ModelJob]] = []
     for job in jobs:
-        if not job.config.default_recipe or not regularizer_vectorizable(job.config.regularizer):
-            groups.append([job])  # a recipe, or a random layer inside the network: one at a time
+        if not regularizer_vectorizable(job.config.regularizer):
+            groups.append([job])  # a random layer inside the network, or hooks of its own: one at a time
             continue
         key = _group_key(job)
         chunks = by_key.setdefault(key, [])

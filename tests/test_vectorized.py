@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -71,6 +73,8 @@ def _assert_same_training(got: ModelResult, want: ModelResult, config: ModelConf
     for name in ("train_loss", "reg_loss"):
         assert g[name] == pytest.approx(w[name], rel=1e-4, abs=1e-6), name
     assert set(g) == set(w)
+    if "val_acc" in w:
+        assert abs(g["val_acc"] - w["val_acc"]) <= 2 / config.val_size and g["best_epoch"] == w["best_epoch"]
 
 
 @pytest.mark.slow
@@ -148,6 +152,38 @@ def test_dataset_level_balancing_is_prepared_alike_in_a_bank(colored: TrainingDa
         want = train_model("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL)
         _assert_same_training(results[job.index], want, job.config, EVAL)
         assert want.metrics["reg_loss"] != 0
+
+
+@pytest.fixture(scope="module")
+def colored_val(colored: TrainingData, mnist) -> TrainingData:
+    """``colored`` with its pool's digits also drawn in colours independent of the digit: the
+    images a validation split is scored on."""
+    val = render_colored_mnist(mnist.train_images[:4000], mnist.train_labels[:4000], 0.02, True,
+                               np.random.default_rng(1))
+    return dataclasses.replace(colored, val=val)
+
+
+def test_a_recipe_batches_weight_decay_schedules_and_best_validation(colored_val: TrainingData) -> None:
+    # Each model of a bank keeps its own weight decay, schedule, validation split and selection;
+    # with GRAD the heads' optimizer decays and follows the schedule too (SGD: tight match).
+    adam = [{"weight_decay": 1e-3, "lr_schedule": "step", "lr_step": 1, "lr_decay": 0.5, "lr": 2e-3,
+             "val_size": 300, "select": "best_val"},
+            {"weight_decay": 5e-4, "lr_schedule": "cosine", "val_size": 300, "select": "best_val"},
+            {"lr_schedule": "cosine", "val_size": 200},
+            {"weight_decay": 1e-3}]
+    grad = {"optimizer": "sgd", "regularizer": "grad", "gamma": 0.5, "val_size": 300, "select": "best_val"}
+    sgd = [grad | {"lr": 0.05, "weight_decay": 1e-3, "lr_schedule": "step", "lr_step": 2},
+           grad | {"lr": 0.05, "weight_decay": 5e-4, "lr_schedule": "cosine"}]
+    jobs = [ModelJob(i, _config(i, epochs=3, **recipe), colored_val) for i, recipe in enumerate(adam + sgd)]
+    assert plan_groups("digit-cnn", 1.0, jobs, 6) == [jobs[:4], jobs[4:]]
+    results = dict(train_models("digit-cnn", 1.0, jobs, "cpu", EVAL, vectorize=6))
+    for job in jobs:
+        want = train_model("digit-cnn", 1.0, job.config, job.data, "cpu", EVAL)
+        _assert_same_training(results[job.index], want, job.config, EVAL)
+        assert ("val_acc" in want.metrics) == bool(job.config.val_size)
+    # Best-validation selection restored an earlier epoch's weights somewhere in the banks.
+    chosen = [results[job.index].metrics["best_epoch"] for job in jobs if job.config.select == "best_val"]
+    assert min(chosen) < 3
 
 
 def test_gender_cnn_matches_train_one(mnist) -> None:
