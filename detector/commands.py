@@ -33,7 +33,9 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
                                 "held-out split, and save both in folder --out.")
     train.add_argument("store", type=Path, help="zoo store (Zarr)")
     train.add_argument("--out", type=Path, required=True, help="detector folder to write")
-    train.add_argument("--detector", choices=DETECTOR_NAMES, default="boosting")
+    train.add_argument("--detector", choices=DETECTOR_NAMES,
+                       help="default: probe for the digit tasks (best across pools, recipes and widths in "
+                       "docs/detectors.md), boosting for faces")
     train.add_argument("--target", choices=TARGETS, default="bias_level",
                        help="what to predict: the bias level (σ², ρ or favoured face group), biased vs "
                        "unbiased, or the regularizer used")
@@ -185,7 +187,7 @@ def _train(args: argparse.Namespace) -> int:
                              train_pool=args.train_pool, levels=args.levels, out=args.out,
                              memory_budget=_memory_budget(args), progress=True, data_dir=args.data_dir)
     zoo, heldout, calibration = info["zoo"], info["heldout"], info["calibration"]
-    lines = [f"{args.detector} detector for {args.target} ({args.split} split: "
+    lines = [f"{info['detector']} detector for {args.target} ({args.split} split: "
              f"{zoo['n_train']} train, {zoo['n_heldout']} held-out models) -> {args.out}"]
     if heldout["accuracy_ci"] is not None:
         low, high = heldout["accuracy_ci"]

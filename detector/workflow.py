@@ -67,7 +67,16 @@ def probe_context(detector: str, zoo: Zoo, data_dir: str | Path | None) -> dict[
     return {"arch": zoo.arch, "battery": battery_for_task(zoo.task.name, data_dir)}
 
 
-def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting", target: str = "bias_level",
+def default_detector(task: str) -> str:
+    """The detector :func:`train_detector` uses when none is named: ``probe`` where a probe
+    battery exists (the digit tasks; it ranked best across pools, recipes and widths, see
+    docs/detectors.md), ``boosting`` otherwise."""
+    from detector.battery import DIGIT_TASKS
+
+    return "probe" if task in DIGIT_TASKS else "boosting"
+
+
+def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str | None = None, target: str = "bias_level",
                    split: str = "pool", train_pool: str = "A", levels: list[str] | None = None,
                    out: str | Path | None = None, memory_budget: float | None = None, progress: bool = False,
                    params: Mapping[str, Any] | None = None,
@@ -78,8 +87,9 @@ def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting",
     ----------
     zoo_or_path : Zoo or path
         The zoo (:func:`modelzoo.zoo.open_zoo`) or its store.
-    detector : str
-        A name of :data:`detector.models.DETECTORS`.
+    detector : str, optional
+        A name of :data:`detector.models.DETECTORS` (default: :func:`default_detector` of the
+        zoo's task).
     target : str
         What to predict (:func:`detector.evaluate.labels`).
     split, train_pool : str
@@ -113,6 +123,7 @@ def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str = "boosting",
     if out is not None:
         check_detector_folder(out)  # a bad --out fails now, not after training
     zoo = as_zoo(zoo_or_path)
+    detector = detector or default_detector(zoo.task.name)
     train_rows, test_rows = split_rows(zoo, split, train_pool)
     train_rows = zoo.checked_rows(rows_at_levels(zoo, train_rows, levels))
     test_rows = rows_at_levels(zoo, test_rows, levels)

@@ -177,7 +177,8 @@ def test_write_atomic_leaves_the_old_file_or_the_new_one_never_a_part(tmp_path: 
 @pytest.mark.slow
 def test_report_on_a_regularizer_zoo_with_a_detector(reg_zoo: Path, tmp_path: Path) -> None:
     detector = tmp_path / "det"
-    assert main(["detector", "train", str(reg_zoo), "--target", "biased", "--out", str(detector)]) == 0
+    assert main(["detector", "train", str(reg_zoo), "--detector", "boosting", "--target", "biased",
+                 "--out", str(detector)]) == 0
     out = tmp_path / "report"
     summary = compare(reg_zoo, out, detector, n_permutations=99, progress=False)
     _check_files(out, summary)

@@ -306,7 +306,7 @@ def test_train_and_evaluate_a_detector_on_a_zoo(tmp_path: Path) -> None:
 def test_detector_commands_train_and_evaluate(tmp_path: Path, capsys) -> None:
     zoo = write_weight_zoo(tmp_path / "zoo.zarr", n_models=8)
     assert main(["detector", "train", str(zoo), "--out", str(tmp_path / "det"), "--target", "biased",
-                 "--json"]) == 0
+                 "--detector", "boosting", "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["heldout"]["n_models"] == 3 and trained["zoo"]["n_train"] == 4
     assert trained["out"] == str(tmp_path / "det") and (tmp_path / "det" / "detector.json").is_file()
@@ -398,7 +398,8 @@ def test_a_probe_detector_recalibrated_for_another_width_trains_its_own_referenc
     assert not any("width 0.25; the detector" in part for part in line.split(";"))
 
     boosting = tmp_path / "boosting"
-    assert main(["detector", "train", str(real_zoo), "--out", str(boosting), "--target", "biased"]) == 0
+    assert main(["detector", "train", str(real_zoo), "--out", str(boosting), "--detector", "boosting",
+                 "--target", "biased"]) == 0
     with pytest.raises(DetectorError, match="no cut points to refit"):
         recalibrate_detector(boosting, 0.25, tmp_path / "never")
 

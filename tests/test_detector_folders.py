@@ -56,7 +56,8 @@ def test_a_read_only_place_is_refused_before_training(tmp_path: Path, small_disk
     zoo = write_weight_zoo(tmp_path / "zoo.zarr")
     mount = small_disk("1m")
     subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
-    code, err = _run(capsys, "detector", "train", str(zoo), "--out", str(mount / "det"))
+    code, err = _run(capsys, "detector", "train", str(zoo), "--out", str(mount / "det"),
+                     "--detector", "boosting")
     assert code == 2 and "cannot write in" in err and "(read-only)" in err and "Traceback" not in err, err
 
 

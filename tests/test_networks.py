@@ -102,7 +102,8 @@ def test_a_probe_detector_judges_networks_of_another_architecture(real_zoo: Path
                  "tests.test_networks:GreyNet"]) == 2
     assert "does not take the battery's 3×28×28 images" in capsys.readouterr().out
     boosting = tmp_path / "boosting"
-    assert main(["detector", "train", str(real_zoo), "--out", str(boosting), "--target", "biased"]) == 0
+    assert main(["detector", "train", str(real_zoo), "--out", str(boosting), "--detector", "boosting",
+                 "--target", "biased"]) == 0
     capsys.readouterr()
     assert main(["score", str(weights), "--detector", str(boosting), "--model-def",
                  "tests.test_networks:DeeperNet"]) == 2

@@ -217,8 +217,8 @@ def test_cli_trains_and_evaluates_on_chunked_features_and_refuses_raw_weights_ov
     from detector.cli import main
 
     folder = tmp_path / "det"
-    assert main(["detector", "train", str(real_zoo), "--out", str(folder), "--split", "random",
-                 "--json"]) == 0
+    assert main(["detector", "train", str(real_zoo), "--out", str(folder), "--detector", "boosting",
+                 "--split", "random", "--json"]) == 0
     trained = json.loads(capsys.readouterr().out)
     assert trained["zoo"]["n_train"] + trained["zoo"]["n_heldout"] == 8
     assert main(["detector", "evaluate", str(folder), str(real_zoo), "--json"]) == 0

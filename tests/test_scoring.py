@@ -271,7 +271,8 @@ def their_models(mnist) -> dict[str, TheirNet]:
 def test_training_reports_an_interval_and_a_calibration_fitted_on_the_training_pool(
         zoo_detector, tmp_path: Path, capsys) -> None:
     zoo_path, folder, _ = zoo_detector
-    assert main(["detector", "train", str(zoo_path), "--target", "biased", "--out", str(tmp_path)]) == 0
+    assert main(["detector", "train", str(zoo_path), "--detector", "boosting", "--target", "biased",
+                 "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[1].startswith("  held-out accuracy ") and "(95% CI " in printed[1]
     assert printed[1].endswith(", n=12)")
