@@ -125,6 +125,11 @@ DETECTORS: dict[str, DetectorKind] = {kind.name: kind for kind in (
 )}
 
 
+def runs_networks(name: str) -> bool:
+    """Whether detector ``name`` reads what networks do on a probe battery, not only weights."""
+    return name in DETECTORS and DETECTORS[name].features.split("+")[0] == PROBE_KIND
+
+
 def layer_sizes(slots: Sequence[TensorSlot]) -> tuple[int, ...]:
     """Raw columns per layer: consecutive tensors of one module (``conv1.weight``, ``conv1.bias``)."""
     sizes: list[int] = []
@@ -155,7 +160,7 @@ def make_detector(name: str, layout: Sequence[TensorSlot], *, arch: str | None =
     if name not in DETECTORS:
         raise DetectorError(f"unknown detector {name!r}; known: {sorted(DETECTORS)}")
     kind = DETECTORS[name]
-    if kind.features.split("+")[0] == PROBE_KIND:
+    if runs_networks(name):
         from detector.probing import ProbeFeatures
 
         if arch is None or battery is None:

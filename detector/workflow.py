@@ -24,7 +24,7 @@ from detector.applicability import REFERENCE_KIND, Reference
 from detector.calibration import calibrate
 from detector.evaluate import as_zoo, breakdown, labels, rows_at_levels, scores, split_rows, zoo_features
 from detector.files import check_detector_folder, load_detector, save_detector
-from detector.models import PROBE_KIND, DetectorError, detector_name, for_layout, make_detector
+from detector.models import PROBE_KIND, DetectorError, detector_name, for_layout, make_detector, runs_networks
 from detector.transform import WeightFeatures
 from modelzoo.zoo import Zoo
 
@@ -58,9 +58,7 @@ def zoo_proba(detector: Pipeline, zoo: Zoo, rows: np.ndarray, *, memory_budget: 
 def probe_context(detector: str, zoo: Zoo, data_dir: str | Path | None) -> dict[str, Any]:
     """What :func:`make_detector` needs beyond the layout: for the ``probe`` detector, the
     zoo's architecture and the probe battery of its task."""
-    from detector.models import DETECTORS, PROBE_KIND
-
-    if detector not in DETECTORS or DETECTORS[detector].features.split("+")[0] != PROBE_KIND:
+    if not runs_networks(detector):
         return {}
     from detector.battery import battery_for_task
 
