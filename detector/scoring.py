@@ -207,6 +207,8 @@ class Scorer:
         return moved[1:].predict_proba(features)[0], features
 
     def verdict_for(self, proba: np.ndarray, predicted: str) -> tuple[str, float]:
+        """The verdict in words and the probability behind it: p(biased) for a detector that
+        knows unbiased models, else the predicted class's."""
         unbiased = [c for c in self.classes if c in UNBIASED_CLASSES]
         if unbiased:  # a biased-vs-not detector, or a face detector that knows "balanced"
             p_biased = 1 - sum(float(proba[self.classes.index(c)]) for c in unbiased)
