@@ -224,10 +224,13 @@ def _wait_for_done(path: Path, at_least: int, process: subprocess.Popen, timeout
 @pytest.mark.slow
 def test_ctrl_c_stops_a_run_with_exit_130_and_one_line(tmp_path: Path) -> None:
     out = tmp_path / "zoo.zarr"
-    spec = _spec_file(tmp_path, 40, 1, 1024)
+    # Far more models than it can train before the interrupt (40 small ones finished first once,
+    # on a loaded machine): the run is interrupted, never completed.
+    spec = _spec_file(tmp_path, 400, 1, 1024)
     command = [*CLI, "zoo", "generate", str(spec), "--out", str(out), "--num-cpus", "1"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _wait_for_done(out, 1, process)
+    assert process.poll() is None, "the run finished before it could be interrupted"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr

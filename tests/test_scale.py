@@ -28,7 +28,7 @@ from modelzoo.zoo import StoreError, Zoo, open_zoo, read_rows
 from tests.conftest import random_zoo, tiny_spec_dict
 
 FAST = {"layer_conv": {"epochs": 30}, "deepsets": {"epochs": 60}, "dense": {"max_iter": 30},
-        "boosting": {"max_iter": 40}}
+        "boosting": {"max_iter": 40}, "probe": {"C": 1.0}, "rescaled": {"C": 1.0}, "hybrid": {"C": 1.0}}
 POOL_START = {"A": 0, "B": 30_000}
 
 
@@ -94,13 +94,14 @@ def _logged(path: Path) -> tuple[Zoo, _Gets]:
 def test_chunked_features_fit_and_predict_exactly_as_in_memory(real_zoo: Path, name: str) -> None:
     from detector.evaluate import labels, zoo_features
     from detector.models import DETECTORS, make_detector
-    from detector.workflow import fit_on_zoo
+    from detector.workflow import fit_on_zoo, probe_context
 
     assert sorted(DETECTORS) == sorted(FAST)
     store = open_zoo(real_zoo)
     rows = np.flatnonzero(store.done)
     y = labels(store, "bias_level")[rows]
-    features = make_detector(name, store.layout)[0]
+    context = probe_context(name, store, None)  # the battery, for the detectors that run networks
+    features = make_detector(name, store.layout, **context)[0]
     in_memory = store.weights(rows)
     chunked = zoo_features(store, rows, features, chunk_models=3)  # chunks of 3 over store chunks of 2
     np.testing.assert_array_equal(chunked, features.transform(in_memory))
@@ -108,8 +109,8 @@ def test_chunked_features_fit_and_predict_exactly_as_in_memory(real_zoo: Path, n
     np.testing.assert_array_equal(zoo_features(store, scattered, features, chunk_models=2),
                                   features.transform(store.weights(scattered)))
 
-    from_weights = make_detector(name, store.layout, **FAST[name]).fit(in_memory, y)
-    from_chunks = fit_on_zoo(make_detector(name, store.layout, **FAST[name]), store, rows, y)
+    from_weights = make_detector(name, store.layout, **context, **FAST[name]).fit(in_memory, y)
+    from_chunks = fit_on_zoo(make_detector(name, store.layout, **context, **FAST[name]), store, rows, y)
     np.testing.assert_array_equal(from_chunks.predict_proba(in_memory), from_weights.predict_proba(in_memory))
     if name != "dense" and name != "layer_conv":  # statistics: far fewer numbers than weights
         assert chunked.shape[1] * 10 < store.n_params
