@@ -232,8 +232,11 @@ def test_ctrl_c_stops_a_run_with_exit_130_and_one_line(tmp_path: Path) -> None:
     _wait_for_done(out, 1, process)
     assert process.poll() is None, "the run finished before it could be interrupted"
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    stdout, stderr = process.communicate(timeout=120)
+    # Twice this session, under heavy load from other jobs, a run ended with status 0 here and
+    # no "interrupted" line; never reproduced alone (8 of 8 runs gave 130). Both streams are
+    # kept in the message for whoever sees it next.
+    assert process.returncode == 130, f"stdout: {stdout[-2000:]}\nstderr: {stderr[-2000:]}"
     assert "weightbias: interrupted" in stderr and "Traceback" not in stderr
     assert modelzoo.open_zoo(out).verify().ok  # what was done is kept, intact
 
