@@ -221,6 +221,15 @@ def _wait_for_done(path: Path, at_least: int, process: subprocess.Popen, timeout
     raise AssertionError(f"fewer than {at_least} models done after {timeout} s")
 
 
+def _as_a_terminal_starts_it() -> None:
+    """SIGINT delivered and at its default action, as for a shell's foreground job. A child
+    inherits its parent's ignored and blocked signals: inside the full suite the pytest
+    process (which hosts a Ray driver) passed SIGINT on ignored or blocked, and the run then
+    trained on through the interrupt (status 0, or still running after 120 s)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_stops_a_run_with_exit_130_and_one_line(tmp_path: Path) -> None:
     out = tmp_path / "zoo.zarr"
@@ -228,14 +237,12 @@ def test_ctrl_c_stops_a_run_with_exit_130_and_one_line(tmp_path: Path) -> None:
     # on a loaded machine): the run is interrupted, never completed.
     spec = _spec_file(tmp_path, 400, 1, 1024)
     command = [*CLI, "zoo", "generate", str(spec), "--out", str(out), "--num-cpus", "1"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=_as_a_terminal_starts_it)
     _wait_for_done(out, 1, process)
     assert process.poll() is None, "the run finished before it could be interrupted"
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=120)
-    # Twice this session, under heavy load from other jobs, a run ended with status 0 here and
-    # no "interrupted" line; never reproduced alone (8 of 8 runs gave 130). Both streams are
-    # kept in the message for whoever sees it next.
     assert process.returncode == 130, f"stdout: {stdout[-2000:]}\nstderr: {stderr[-2000:]}"
     assert "weightbias: interrupted" in stderr and "Traceback" not in stderr
     assert modelzoo.open_zoo(out).verify().ok  # what was done is kept, intact
