@@ -1,4 +1,4 @@
-"""``LogisticHead``: the probe detector's head, a regularised linear model with an ordinal mode.
+"""``LogisticHead``: the probe and rescaled detectors' head, a regularised linear model, ordinal for levels.
 
 Part of the detector stage (store → **detector** → report). Bias levels (σ², ρ) are ordered:
 a model at σ² 0.03 is between 0.02 and 0.05, and a head that knows it needs fewer models per
@@ -10,7 +10,9 @@ more) the head is ordinal after Frank & Hall (2001): one logistic regression per
 Features are standardised with the training rows' mean and spread. The regularisation ``C``
 is chosen by stratified, seeded cross-validation on the training rows alone (out-of-fold log
 loss over a fixed grid): nothing about the held-out models enters. The fitted state is a few
-arrays, so detector files hold it without pickle and score without scikit-learn's estimator.
+arrays, so detector files hold it without pickle. ``refit_cut_points`` moves it to another
+width (:mod:`detector.recalibrate`), and ``train_proba_`` (where the training models fall)
+gives percentiles for networks no probability speaks for (:mod:`detector.networks`).
 """
 
 from __future__ import annotations
