@@ -60,8 +60,9 @@ def load_network(path: str | Path, model_def: str | None = None) -> tuple[Any, s
         return _user_module(path, model_def), model_def
     try:
         if path.suffix.lower() in PROGRAM_SUFFIXES:
+            # A torch.export program keeps the mode it was exported in (it refuses eval()).
             return torch.export.load(str(path)).module(), "torch.export program"
-        return torch.jit.load(str(path), map_location="cpu"), "TorchScript program"
+        return torch.jit.load(str(path), map_location="cpu").eval(), "TorchScript program"
     except (RuntimeError, ValueError, KeyError, OSError, zipfile.BadZipFile) as err:
         raise CheckpointError(f"{path}: not a readable program ({str(err).splitlines()[0]})") from err
 
@@ -81,6 +82,7 @@ def _user_module(path: Path, model_def: str) -> nn.Module:
                             f"({err})") from err
     try:
         network.load_state_dict(load_checkpoint(path))
+        network.eval()
     except RuntimeError as err:
         first = str(err).splitlines()[0]
         raise DetectorError(f"{path}: its tensors do not fit {model_def} ({first})") from err

@@ -24,7 +24,6 @@ invariant too.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -34,7 +33,7 @@ from sklearn.utils.validation import validate_data
 
 from detector.battery import N_CLASSES, Battery
 from detector.models import DetectorError
-from detector.transform import checked_rows, layout_slots
+from detector.transform import LayoutRows, checked_rows
 from modelzoo.layouts import TensorSlot, arch_layout, layout_records, slots_from_records
 
 _STATE_VERSION = 1
@@ -145,9 +144,9 @@ def battery_features(logits: np.ndarray, hidden: Sequence[np.ndarray], battery: 
 
 def network_responses(network: Any, images: np.ndarray,
                       batch: int = 2048) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Logits (N, K) of a torch network on uint8 images (N, 3, H, W), and the outputs of its
-    hidden convolutions and linear layers (every one but the last, in the order they run),
-    spatially averaged to (N, units)."""
+    """Logits (N, K) of a torch network, already in eval mode, on uint8 images (N, 3, H, W),
+    and the outputs of its hidden convolutions and linear layers (every one but the last, in
+    the order they run), spatially averaged to (N, units)."""
     import torch
     from torch import nn
 
@@ -167,9 +166,6 @@ def network_responses(network: Any, images: np.ndarray,
     handles = [layer.register_forward_hook(record) for layer in layers]
     logits = []
     try:
-        # A torch.export program refuses eval(): it is fixed in the mode it was exported in.
-        with contextlib.suppress(NotImplementedError):
-            network.eval()
         with torch.inference_mode():
             for start in range(0, len(images), batch):
                 chunk = as_batch(torch.from_numpy(np.ascontiguousarray(images[start:start + batch])),
@@ -194,7 +190,7 @@ def arch_width(arch: str, slots: Sequence[TensorSlot]) -> float:
     raise DetectorError(f"no width of {arch} has the layout {slots[0].name} {slots[0].shape}, ...")
 
 
-class ProbeFeatures(TransformerMixin, BaseEstimator):
+class ProbeFeatures(LayoutRows, TransformerMixin, BaseEstimator):
     """Probe features of flat weight rows: each row becomes a network, shown the battery.
 
     Parameters
@@ -233,14 +229,6 @@ class ProbeFeatures(TransformerMixin, BaseEstimator):
 
         return WeightFeatures(self.weights, self.slots()) if self.weights else None
 
-    def slots(self) -> tuple[TensorSlot, ...]:
-        return layout_slots(self.layout, type(self).__name__)
-
-    @property
-    def n_params(self) -> int:
-        last = self.slots()[-1]
-        return last.offset + last.size
-
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         step = self._weight_step()
         extra = [] if step is None else list(step.get_feature_names_out())
@@ -266,7 +254,7 @@ class ProbeFeatures(TransformerMixin, BaseEstimator):
 
         battery, slots = self._battery(), list(self.slots())
         rows = checked_rows(X, slots, type(self).__name__)
-        network = build_model(self.arch, arch_width(self.arch, slots))
+        network = build_model(self.arch, arch_width(self.arch, slots)).eval()
         out = np.empty((len(rows), len(probe_feature_names())), dtype=np.float32)
         for i, row in enumerate(rows):
             network.load_state_dict(unflatten(row, slots))

@@ -31,7 +31,23 @@ _MAX_ROWS_NAMED = 10
 _STATE_VERSION = 1
 
 
-class WeightFeatures(TransformerMixin, BaseEstimator):
+class LayoutRows:
+    """What a transformer of flat weight rows knows from its ``layout`` parameter."""
+
+    layout: Sequence[TensorSlot] | None
+
+    def slots(self) -> tuple[TensorSlot, ...]:
+        """``layout`` as TensorSlots (records converted)."""
+        return layout_slots(self.layout, type(self).__name__)
+
+    @property
+    def n_params(self) -> int:
+        """Numbers per weight row."""
+        last = self.slots()[-1]
+        return last.offset + last.size
+
+
+class WeightFeatures(LayoutRows, TransformerMixin, BaseEstimator):
     """Weight features of flat weight rows, for a detector to learn from.
 
     Parameters
@@ -75,15 +91,6 @@ class WeightFeatures(TransformerMixin, BaseEstimator):
                                         f"{list(FEATURE_KINDS)} or several of them joined by '+' "
                                         f"(each once); got {self.kind!r}")
         return parts
-
-    def slots(self) -> tuple[TensorSlot, ...]:
-        """``layout`` as TensorSlots (records converted)."""
-        return layout_slots(self.layout, type(self).__name__)
-
-    @property
-    def n_params(self) -> int:
-        last = self.slots()[-1]
-        return last.offset + last.size
 
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         """One readable name per output column, e.g. ``conv1.weight:std``."""
