@@ -54,7 +54,7 @@ __all__ = ["BIAS_GROUPS", "GENDERS", "GROUPS", "IMAGE_SUFFIXES", "FaceData", "Fa
 
 SPLITS = ("pool_a", "pool_b", "test")
 TEST_FRACTION = 0.15
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: copies of one file are dropped before splitting
 
 @dataclass(frozen=True)
 class FaceData:
@@ -138,9 +138,14 @@ def load_face_data(folder: str | Path, image_size: int = 48, seed: int = 0, min_
 
 def _preprocess(scan: FaceScan, relative: list[str], image_size: int, seed: int, test_per_cell: int | None,
                 label: str, progress: bool) -> tuple[dict[str, _Split], dict[str, int]]:
-    """Decode every record, drop the unreadable ones, then split: {split: (images, paths)}, skips."""
-    images, kept, unreadable = _decode_all(scan.records, image_size, label, progress)
-    skipped = dict(sorted((Counter(scan.skipped) + Counter({"unreadable image": unreadable})).items()))
+    """Drop copies of one file, decode the rest, drop the unreadable ones, then split:
+    {split: (images, paths)}, skips."""
+    distinct, copies = _distinct_files(scan.records)
+    records = [scan.records[i] for i in distinct]
+    images, decoded, unreadable = _decode_all(records, image_size, label, progress)
+    kept = [distinct[i] for i in decoded]
+    skipped = Counter(scan.skipped) + copies + Counter({"unreadable image": unreadable})
+    skipped = dict(sorted(skipped.items()))
     labels = np.array([scan.records[i].gender for i in kept], dtype=np.int64)
     groups = np.array([scan.records[i].group for i in kept], dtype=np.int64)
     splits = {split: (ImageSet(images[index], labels[index], groups[index]),
@@ -149,8 +154,39 @@ def _preprocess(scan: FaceScan, relative: list[str], image_size: int, seed: int,
     return splits, skipped
 
 
+def _distinct_files(records: list[FaceRecord]) -> tuple[list[int], Counter[str]]:
+    """Indices of the records to keep when one file's bytes appear under several names (UTKFace
+    holds ~100 such copies): the first copy when the copies' labels agree, none when they
+    conflict. A copy kept twice could land in a training pool and in the test set at once."""
+    first: dict[bytes, int] = {}
+    conflicting: set[bytes] = set()
+    digests: list[bytes | None] = []
+    for index, record in enumerate(records):
+        try:
+            digest = hashlib.blake2b(record.path.read_bytes(), digest_size=16).digest()
+        except OSError:
+            digest = None  # counted as unreadable when decoding fails
+        digests.append(digest)
+        if digest is None:
+            continue
+        if digest not in first:
+            first[digest] = index
+        elif (records[first[digest]].gender, records[first[digest]].group) != (record.gender, record.group):
+            conflicting.add(digest)
+    keep = [i for i, d in enumerate(digests) if d is None or (first[d] == i and d not in conflicting)]
+    dropped: Counter[str] = Counter()
+    for index, digest in enumerate(digests):
+        if digest in conflicting:
+            dropped["copies of one file with conflicting labels"] += 1
+        elif digest is not None and first[digest] != index:
+            dropped["copy of another file"] += 1
+    return keep, dropped
+
+
 def _fingerprint(scan: FaceScan, relative: list[str]) -> str:
     digest = hashlib.blake2b(digest_size=8)
+    # The processing version is part of it: a zoo made on other splits refuses to resume on these.
+    digest.update(f"faces v{CACHE_FORMAT_VERSION}\n".encode())
     for record, name in zip(scan.records, relative, strict=True):
         digest.update(f"{name}\0{record.path.stat().st_size}\0{record.gender}\0{record.group}\0"
                       f"{record.age}\n".encode())

@@ -122,11 +122,15 @@ def test_min_age_zero_keeps_children(utk_folder: Path) -> None:
 @pytest.mark.slow  # decodes all 8,600 faces once (utk_data)
 def test_utkface_splits_are_disjoint_balanced_and_labelled(utk_folder: Path, utk_data: FaceData) -> None:
     scan = scan_faces(utk_folder)
-    assert utk_data.skipped == scan.skipped  # every real image decodes
+    # every real image decodes; UTKFace holds a file under several names: one copy is kept
+    copies = {"copy of another file": 44, "copies of one file with conflicting labels": 6}
+    assert utk_data.skipped == {**scan.skipped, **copies}
     names = {split: set(utk_data.paths[split]) for split in SPLITS}
     assert not names["pool_a"] & names["pool_b"]
     assert not names["test"] & (names["pool_a"] | names["pool_b"])
-    assert len(names["pool_a"] | names["pool_b"] | names["test"]) == len(scan.records)
+    assert len(names["pool_a"] | names["pool_b"] | names["test"]) == len(scan.records) - 50
+    pixels = [image.tobytes() for split in SPLITS for image in getattr(utk_data, split).images]
+    assert len(set(pixels)) == len(pixels)  # no face is in two splits, under any name
     cells = Counter((r.gender, r.group) for r in scan.records)
     per_cell = int(TEST_FRACTION * min(cells.values()))
     assert per_cell > 10
@@ -249,7 +253,8 @@ def fairface_folder(tmp_path: Path) -> Path:
         for group, races in kept_race.items():
             for i, (race, age) in enumerate(zip(races, ("20-29", "30-39", "more than 70"), strict=True)):
                 name = f"train/{word.lower()}_{group}_{i}.jpg"
-                _jpeg(folder / name, _cell_color(gender, group), size=(24, 40) if i == 0 else (40, 24))
+                size = (24, 40) if i == 0 else (40, 22 + 2 * i)  # one size each: no two files alike
+                _jpeg(folder / name, _cell_color(gender, group), size=size)
                 rows.append([name, age, word, race, "True"])
     skipped_rows = [
         ("se.jpg", "20-29", "Male", "Southeast Asian"), ("lh.jpg", "20-29", "Female", "Latino_Hispanic"),
@@ -310,14 +315,15 @@ def test_diveface_class_folders_and_lists(tmp_path: Path) -> None:
     folder = tmp_path / "diveface"
     for name, gender, group in (("Group1_Male", 0, 0), ("Group1_Female", 1, 0),
                                 ("Group2_Male", 0, 1), ("Group3_Female", 1, 2)):
-        for ident, image in (("1@N01_identity_0", "a.jpg"), ("1@N01_identity_0", "b.jpg"),
-                             ("2@N02_identity_3", "c.jpg")):
-            _jpeg(folder / name / ident / image, _cell_color(gender, group))
+        for side, (ident, image) in enumerate((("1@N01_identity_0", "a.jpg"), ("1@N01_identity_0", "b.jpg"),
+                                               ("2@N02_identity_3", "c.jpg")), start=24):
+            # one size each: identical files would count as one face
+            _jpeg(folder / name / ident / image, _cell_color(gender, group), size=(side, side))
     (folder / "Group1_Male" / "1@N01_identity_0" / "readme.txt").write_text("not an image")
     # Group2_Female: a list resolved inside its class folder; Group3_Male: a list into a MegaFace tree.
-    for image in ("x.jpg", "y.jpg", "z.jpg"):
-        _jpeg(folder / "Group2_Female" / "9@N09_identity_1" / image, _cell_color(1, 1))
-        _jpeg(folder / "7@N07_identity_2" / image, _cell_color(0, 2))
+    for side, image in enumerate(("x.jpg", "y.jpg", "z.jpg"), start=24):
+        _jpeg(folder / "Group2_Female" / "9@N09_identity_1" / image, _cell_color(1, 1), size=(side, side))
+        _jpeg(folder / "7@N07_identity_2" / image, _cell_color(0, 2), size=(side, side))
     (folder / "Group2_Female.txt").write_text(
         "9@N09_identity_1/x.jpg\n9@N09_identity_1/y.jpg\n\n9@N09_identity_1/z.jpg\n9@N09_identity_1/gone.jpg\n")
     (folder / "Group3_Male.txt").write_text("".join(f"7@N07_identity_2/{i}.jpg\n" for i in "xyz"))
