@@ -31,6 +31,7 @@ from detector.models import DetectorError
 
 BATTERY_VERSION = 1
 DIGIT_TASKS = ("colored_mnist", "biased_mnist")
+FACE_TASK = "face_gender"
 N_CLASSES = 10
 _DISC_RADIUS = 9
 
@@ -55,6 +56,11 @@ class Battery:
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def n_classes(self) -> int:
+        """Logits a network must give per image."""
+        return N_CLASSES
 
     @property
     def conflict(self) -> np.ndarray:
@@ -151,13 +157,39 @@ def digit_battery(task: str, test_images: np.ndarray, test_labels: np.ndarray, *
     )
 
 
+def load_battery(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
+    """The battery (digit or face) a detector file describes with ``meta`` and holds in ``arrays``."""
+    if meta.get("kind") == "faces":
+        from detector.facebattery import FaceBattery
+
+        return FaceBattery.from_arrays(meta, arrays)
+    return Battery.from_arrays(meta, arrays)
+
+
+def battery_for_zoo(zoo: Any, data_dir: Any = None) -> Any:
+    """The probe battery for the models of ``zoo``: the digit battery of its task, or the face
+    battery of its face folder, image size and data seed (:mod:`detector.facebattery`)."""
+    if zoo.task.name in DIGIT_TASKS:
+        return battery_for_task(zoo.task.name, data_dir)
+    if zoo.task.name == FACE_TASK:
+        from detector.facebattery import face_battery
+        from modelzoo.faces import find_face_folder
+        from modelzoo.layouts import arch_info
+
+        spec = zoo.spec
+        size = arch_info(zoo.arch).input_shape[-1]
+        folder = find_face_folder(spec.dataset, data_dir)
+        return face_battery(folder, image_size=size, data_seed=spec.data_seed, task=zoo.task.name)
+    raise DetectorError(f"no probe battery for the {zoo.task.name!r} task")
+
+
 def battery_for_task(task: str, data_dir: Any = None, **options: Any) -> Battery:
     """The battery of ``task``, rendered from MNIST found along the usual lookup
     (``data_dir``, ``$WEIGHTBIAS_DATA``, the user cache, a download)."""
     from modelzoo.sources import load_mnist
 
     if task not in DIGIT_TASKS:
-        raise DetectorError(f"probe batteries exist for the digit tasks {DIGIT_TASKS}; the {task!r} task has "
-                            "none yet (use a weight detector, or insidebias for faces)")
+        raise DetectorError(f"battery_for_task renders the digit tasks' batteries {DIGIT_TASKS}; the "
+                            f"{task!r} task's battery depends on the zoo's faces: battery_for_zoo(zoo)")
     mnist = load_mnist(data_dir, allow_demo=False)
     return digit_battery(task, mnist.test_images, mnist.test_labels, **options)

@@ -64,7 +64,7 @@ PREDICTOR = "predictor.safetensors"
 # Our own step classes, by qualified name; each implements _save_state / _load_state.
 OWN_TYPES = ("detector.transform.WeightFeatures", "detector.heads.LayerConvClassifier",
              "detector.heads.DeepSetsClassifier", "detector.probing.ProbeFeatures",
-             "detector.ordinal.LogisticHead")
+             "detector.ordinal.LogisticHead", "detector.groupscore.GroupScorer")
 # scikit-learn step classes saved with skops.
 SKOPS_TYPES = ("sklearn.preprocessing._data.StandardScaler",
                "sklearn.neural_network._multilayer_perceptron.MLPClassifier",

@@ -70,7 +70,7 @@ class DetectorKind:
 
     name: str
     features: str  # WeightFeatures kind
-    head: str  # class name of the final step, to recognise a pipeline as this detector
+    heads: tuple[str, ...]  # class names its final step may have, to recognise a pipeline as this detector
     width_independent: bool
     steps: Callable[[WeightFeatures], list[tuple[str, Any]]]
 
@@ -100,6 +100,11 @@ def _layer_conv_steps(features: WeightFeatures) -> list[tuple[str, Any]]:
 
 
 def _logistic_steps(features: Any) -> list[tuple[str, Any]]:
+    battery = getattr(features, "battery", None)
+    if getattr(battery, "groups", None):  # a face battery: one scorer shared by the groups' blocks
+        from detector.groupscore import GroupScorer
+
+        return [("classifier", GroupScorer(tuple(battery.groups), battery.block))]
     from detector.ordinal import LogisticHead
 
     return [("classifier", LogisticHead())]
@@ -114,14 +119,15 @@ def _deepsets_steps(features: WeightFeatures) -> list[tuple[str, Any]]:
                                               element_dim=len(UNIT_DESCRIPTORS)))]
 
 
+_PROBE_HEADS = ("LogisticHead", "GroupScorer")  # GroupScorer on a face battery
 DETECTORS: dict[str, DetectorKind] = {kind.name: kind for kind in (
-    DetectorKind("boosting", "stats+first_layer", "HistGradientBoostingClassifier", True, _boosting_steps),
-    DetectorKind("deepsets", "first_layer+units", "DeepSetsClassifier", True, _deepsets_steps),
-    DetectorKind("dense", "raw", "MLPClassifier", False, _dense_steps),
-    DetectorKind("layer_conv", "raw", "LayerConvClassifier", False, _layer_conv_steps),
-    DetectorKind("probe", PROBE_KIND, "LogisticHead", True, _logistic_steps),
-    DetectorKind("rescaled", "rescaled", "LogisticHead", True, _logistic_steps),
-    DetectorKind("hybrid", f"{PROBE_KIND}+stats+first_layer", "LogisticHead", True, _logistic_steps),
+    DetectorKind("boosting", "stats+first_layer", ("HistGradientBoostingClassifier",), True, _boosting_steps),
+    DetectorKind("deepsets", "first_layer+units", ("DeepSetsClassifier",), True, _deepsets_steps),
+    DetectorKind("dense", "raw", ("MLPClassifier",), False, _dense_steps),
+    DetectorKind("layer_conv", "raw", ("LayerConvClassifier",), False, _layer_conv_steps),
+    DetectorKind("probe", PROBE_KIND, _PROBE_HEADS, True, _logistic_steps),
+    DetectorKind("rescaled", "rescaled", ("LogisticHead",), True, _logistic_steps),
+    DetectorKind("hybrid", f"{PROBE_KIND}+stats+first_layer", _PROBE_HEADS, True, _logistic_steps),
 )}
 
 
@@ -183,7 +189,7 @@ def detector_name(detector: Pipeline) -> str:
     """The :data:`DETECTORS` name of a detector pipeline, or ``"custom"``."""
     kind = getattr(detector[0], "kind", None)
     for entry in DETECTORS.values():
-        if entry.features == kind and type(detector[-1]).__name__ == entry.head:
+        if entry.features == kind and type(detector[-1]).__name__ in entry.heads:
             return entry.name
     return "custom"
 

@@ -114,17 +114,16 @@ def check_network(network: Any, images: np.ndarray, n_classes: int) -> int:
 def network_row(pipeline, network: Any) -> tuple[np.ndarray, bool]:
     """A probe detector's feature row (1, F) of a runnable network, and whether its layers were
     read (else their columns hold the training mean)."""
-    from detector.battery import N_CLASSES
-    from detector.probing import ProbeFeatures, battery_features, network_responses
+    from detector.probing import ProbeFeatures, battery_row, network_responses
 
     features, head = pipeline[0], pipeline[-1]
     if not isinstance(features, ProbeFeatures):
         raise DetectorError("only a probe detector judges a network by what it does; this detector reads "
                             "weights of its zoo's architecture (train one with --detector probe)")
     battery = features.battery
-    batch = check_network(network, battery.images, N_CLASSES)
+    batch = check_network(network, battery.images, battery.n_classes)
     logits, hidden = network_responses(network, battery.images, batch)
-    row = battery_features(logits, hidden, battery)
+    row = battery_row(logits, hidden, battery)
     return np.where(np.isnan(row), head.mean_, row)[None], bool(hidden)
 
 

@@ -17,6 +17,7 @@ gives percentiles for networks no probability speaks for (:mod:`detector.network
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -44,6 +45,29 @@ def _logistic_fit(Z: np.ndarray, y: np.ndarray, C: float, seed: int) -> tuple[np
 
     model = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(Z, y)
     return model.coef_, model.intercept_
+
+
+def choose_C(codes: np.ndarray, cv: int, seed: int,
+             fold_proba: Callable[[np.ndarray, np.ndarray, float], np.ndarray | None]) -> float:
+    """The value of :data:`C_GRID` with the least out-of-fold log loss over stratified, seeded
+    folds of the training rows (1.0 when a class has fewer than two rows). ``fold_proba(train,
+    test, C)`` fits on rows ``train`` and gives the probabilities of rows ``test`` (columns in
+    code order), or None to skip a fold."""
+    from sklearn.model_selection import StratifiedKFold
+
+    folds = min(cv, int(np.bincount(codes).min()))
+    if folds < 2:
+        return 1.0
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(codes)), codes))
+    losses = []
+    for C in C_GRID:
+        loss = 0.0
+        for train, test in splits:
+            proba = fold_proba(train, test, C)
+            if proba is not None:
+                loss -= np.log(np.clip(proba[np.arange(len(test)), codes[test]], 1e-12, None)).sum()
+        losses.append(loss)
+    return float(C_GRID[int(np.argmin(losses))])
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:
@@ -117,23 +141,12 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         return np.vstack([coef for coef, _ in cuts]), np.concatenate([b for _, b in cuts])
 
     def _choose_C(self, Z: np.ndarray, ranks: np.ndarray) -> float:
-        from sklearn.model_selection import StratifiedKFold
+        def fold_proba(train: np.ndarray, test: np.ndarray, C: float) -> np.ndarray | None:
+            if len(np.unique(ranks[train])) < len(self.classes_):
+                return None
+            return self._rank_proba(Z[test], *self._fit_linear(Z[train], ranks[train], C))
 
-        folds = min(self.cv, int(np.bincount(ranks).min()))
-        if folds < 2:
-            return 1.0
-        splitter = StratifiedKFold(folds, shuffle=True, random_state=self.random_state)
-        losses = []
-        for C in C_GRID:
-            loss = 0.0
-            for train, test in splitter.split(Z, ranks):
-                if len(np.unique(ranks[train])) < len(self.classes_):
-                    continue
-                coef, intercept = self._fit_linear(Z[train], ranks[train], C)
-                proba = self._rank_proba(Z[test], coef, intercept)
-                loss -= np.log(np.clip(proba[np.arange(len(test)), ranks[test]], 1e-12, None)).sum()
-            losses.append(loss)
-        return float(C_GRID[int(np.argmin(losses))])
+        return choose_C(ranks, self.cv, self.random_state, fold_proba)
 
     def _rank_proba(self, Z: np.ndarray, coef: np.ndarray, intercept: np.ndarray) -> np.ndarray:
         """Probabilities over classes in rank order (numeric order when ordinal)."""

@@ -31,7 +31,8 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin, _fit_context
 from sklearn.utils.validation import validate_data
 
-from detector.battery import N_CLASSES, Battery
+from detector.battery import N_CLASSES, Battery, load_battery
+from detector.facebattery import FaceBattery, face_features
 from detector.models import DetectorError
 from detector.transform import LayoutRows, checked_rows
 from modelzoo.layouts import TensorSlot, arch_layout, layout_records, slots_from_records
@@ -142,6 +143,20 @@ def battery_features(logits: np.ndarray, hidden: Sequence[np.ndarray], battery: 
     return np.asarray(values, dtype=np.float32)
 
 
+def battery_columns(battery: Battery | FaceBattery) -> list[str]:
+    """The probe feature names of ``battery`` (digit or face)."""
+    return battery.feature_names() if isinstance(battery, FaceBattery) else probe_feature_names()
+
+
+def battery_row(logits: np.ndarray, hidden: Sequence[np.ndarray],
+                battery: Battery | FaceBattery) -> np.ndarray:
+    """The probe feature row of one network on ``battery``: :func:`battery_features` for a
+    digit battery, :func:`detector.facebattery.face_features` for a face battery."""
+    if isinstance(battery, FaceBattery):
+        return face_features(logits, hidden, battery)
+    return battery_features(logits, hidden, battery)
+
+
 def network_responses(network: Any, images: np.ndarray,
                       batch: int = 2048) -> tuple[np.ndarray, list[np.ndarray]]:
     """Logits (N, K) of a torch network, already in eval mode, on uint8 images (N, 3, H, W),
@@ -199,8 +214,8 @@ class ProbeFeatures(LayoutRows, TransformerMixin, BaseEstimator):
         Where each tensor lies in a weight row (``zoo.layout``).
     arch : str
         The registered architecture the rows are weights of (``zoo.arch``).
-    battery : Battery
-        The probe images (:func:`detector.battery.battery_for_task`).
+    battery : Battery or FaceBattery
+        The probe images (:func:`detector.battery.battery_for_zoo`).
     weights : str, optional
         Weight features to append (a :class:`~detector.transform.WeightFeatures` kind, e.g.
         ``"stats+first_layer"``): the stacked hybrid of what a network does and what it holds.
@@ -210,10 +225,10 @@ class ProbeFeatures(LayoutRows, TransformerMixin, BaseEstimator):
     """
 
     _parameter_constraints: ClassVar[dict] = {"layout": [tuple, list, None], "arch": [str],
-                                              "battery": [Battery, None], "weights": [str, None]}
+                                              "battery": [Battery, FaceBattery, None], "weights": [str, None]}
 
     def __init__(self, layout: Sequence[TensorSlot] | None = None, arch: str = "digit-cnn",
-                 battery: Battery | None = None, weights: str | None = None) -> None:
+                 battery: Battery | FaceBattery | None = None, weights: str | None = None) -> None:
         self.layout = layout
         self.arch = arch
         self.battery = battery
@@ -232,14 +247,14 @@ class ProbeFeatures(LayoutRows, TransformerMixin, BaseEstimator):
     def get_feature_names_out(self, input_features: Any = None) -> np.ndarray:
         step = self._weight_step()
         extra = [] if step is None else list(step.get_feature_names_out())
-        return np.array(probe_feature_names() + extra, dtype=object)
+        return np.array(battery_columns(self._battery()) + extra, dtype=object)
 
     def n_features_out(self) -> int:
         return len(self.get_feature_names_out())
 
-    def _battery(self) -> Battery:
+    def _battery(self) -> Battery | FaceBattery:
         if self.battery is None:
-            raise DetectorError("ProbeFeatures needs a battery (detector.battery.battery_for_task(task))")
+            raise DetectorError("ProbeFeatures needs a battery (detector.battery.battery_for_zoo(zoo))")
         return self.battery
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -255,11 +270,11 @@ class ProbeFeatures(LayoutRows, TransformerMixin, BaseEstimator):
         battery, slots = self._battery(), list(self.slots())
         rows = checked_rows(X, slots, type(self).__name__)
         network = build_model(self.arch, arch_width(self.arch, slots)).eval()
-        out = np.empty((len(rows), len(probe_feature_names())), dtype=np.float32)
+        out = np.empty((len(rows), len(battery_columns(battery))), dtype=np.float32)
         for i, row in enumerate(rows):
             network.load_state_dict(unflatten(row, slots))
             logits, hidden = network_responses(network, battery.images)
-            out[i] = battery_features(logits, hidden, battery)
+            out[i] = battery_row(logits, hidden, battery)
         step = self._weight_step()
         return out if step is None else np.hstack([out, step.transform(rows)])
 
@@ -283,7 +298,7 @@ class ProbeFeatures(LayoutRows, TransformerMixin, BaseEstimator):
             raise DetectorError(f"{cls.__name__} state v{state.get('version')}; this weightbias reads "
                                 f"v{_STATE_VERSION}")
         features = cls(slots_from_records(state["layout"]), state["arch"],
-                       Battery.from_arrays(state["battery"], arrays), state.get("weights"))
+                       load_battery(state["battery"], arrays), state.get("weights"))
         if "n_features_in_" in state:
             features.n_features_in_ = int(state["n_features_in_"])
         return features

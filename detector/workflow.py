@@ -60,9 +60,9 @@ def probe_context(detector: str, zoo: Zoo, data_dir: str | Path | None) -> dict[
     zoo's architecture and the probe battery of its task."""
     if not runs_networks(detector):
         return {}
-    from detector.battery import battery_for_task
+    from detector.battery import battery_for_zoo
 
-    return {"arch": zoo.arch, "battery": battery_for_task(zoo.task.name, data_dir)}
+    return {"arch": zoo.arch, "battery": battery_for_zoo(zoo, data_dir)}
 
 
 def default_detector(task: str) -> str:

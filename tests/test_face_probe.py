@@ -1,0 +1,149 @@
+"""The face probe detector: a battery of faces no model trained on, group-indexed features that
+no unit permutation or rescaling moves, and the group scorer shared by the groups."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detector.battery import load_battery
+from detector.facebattery import FaceBattery, face_battery
+from detector.files import load_detector, save_detector
+from detector.groupscore import GroupScorer
+from detector.models import DetectorError, detector_name, make_detector
+from detector.probing import ProbeFeatures
+from modelzoo.architectures import build_model, flatten
+from modelzoo.faces import GROUPS, find_face_folder, load_face_data
+from modelzoo.layouts import arch_layout
+
+GROUP_NAMES = ("east_asian", "african_indian", "caucasian")
+
+
+def _blocks(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Synthetic face-probe rows: 3 blocks of 4 then 2 shared columns; a model favouring group
+    g has a higher first column in block g; group 2 is harder for every model."""
+    labels = rng.integers(0, 4, n)  # 3 = balanced
+    X = rng.normal(size=(n, 3 * 4 + 2))
+    X[:, 8] -= 1.0  # group 2's accuracy column: a hard group, favoured or not
+    for g in range(3):
+        X[labels == g, 4 * g] += 3.0
+    return X, np.array([*GROUP_NAMES, "balanced"])[labels]
+
+
+def test_the_group_scorer_shares_one_scorer_across_groups_and_saves_as_arrays() -> None:
+    rng = np.random.default_rng(0)
+    X, y = _blocks(rng, 240)
+    head = GroupScorer(GROUP_NAMES, 4).fit(X, y)
+    assert head.coef_.shape == (4,) and head.coef_[0] == head.coef_.max() > 0
+    X_test, y_test = _blocks(rng, 240)
+    assert head.score(X_test, y_test) > 0.75  # chance 0.25
+    proba = head.predict_proba(X_test)
+    assert proba.shape == (240, 4) and np.allclose(proba.sum(axis=1), 1)
+    # the same standing-out seen in another group's block is scored as that group
+    row = np.zeros((1, 14))
+    for g, name in enumerate(GROUP_NAMES):
+        lifted = row.copy()
+        lifted[0, 4 * g] = 4.0
+        assert head.predict(lifted)[0] == name
+    assert head.predict(row)[0] == "balanced"
+    state, arrays = head._save_state()
+    assert all(isinstance(a, np.ndarray) for a in arrays.values())
+    assert np.array_equal(GroupScorer._load_state(state, arrays).predict_proba(X_test), proba)
+    # a target that names no group is read from the shared and group-symmetric columns
+    named = GroupScorer(GROUP_NAMES, 4).fit(X, np.where(y == "balanced", "unbiased", "biased"))
+    assert named.score(X_test, np.where(y_test == "balanced", "unbiased", "biased")) > 0.7
+    with pytest.raises(DetectorError, match="3 blocks of 5 columns"):
+        GroupScorer(GROUP_NAMES, 5).fit(X[:, :12], y)
+
+
+@pytest.fixture(scope="module")
+def faces(data_root: Path) -> tuple[Path, FaceBattery]:
+    folder = find_face_folder("utkface_crop_part1", data_root)
+    return folder, face_battery(folder, image_size=48, minors_per_cell=8)
+
+
+@pytest.mark.slow  # decodes the face folder once (~15 s)
+def test_a_face_battery_holds_unseen_faces_of_every_group_and_their_means(faces) -> None:
+    folder, battery = faces
+    data = load_face_data(folder, image_size=48, seed=0, progress=False)
+    assert battery.describe()["per_source"] == {"test": len(data.test), "minor": 6 * 8, "mean": 6}
+    test = battery.source == 0
+    assert np.array_equal(battery.images[test], data.test.images)
+    assert np.array_equal(battery.group[test], data.test.bias)
+    # no battery face is a face any model of either pool trains on
+    pools = {image.tobytes() for image in np.concatenate([data.pool_a.images, data.pool_b.images])}
+    assert not pools & {image.tobytes() for image in battery.images[battery.source < 2]}
+    minors = battery.source == 1
+    assert np.array_equal(np.bincount(battery.group[minors] * 2 + battery.gender[minors]), np.full(6, 8))
+    for k in np.flatnonzero(battery.source == 2):
+        same = (battery.group == battery.group[k]) & (battery.gender == battery.gender[k])
+        cell = (battery.source < 2) & same
+        assert np.abs(battery.images[k].astype(float) - battery.images[cell].mean(axis=0)).max() <= 0.5
+    restored = load_battery(battery.describe(), {k: v.copy() for k, v in battery.arrays().items()})
+    assert isinstance(restored, FaceBattery) and restored.groups == tuple(GROUPS)
+    assert np.array_equal(restored.images, battery.images)
+    with pytest.raises(DetectorError, match="face probe battery v0"):
+        load_battery({**battery.describe(), "version": 0}, battery.arrays())
+    probes = battery.probes(5)
+    assert sorted(probes) == sorted(GROUPS) and all(p.shape == (5, 3, 48, 48) for p in probes.values())
+    with pytest.raises(DetectorError, match="east_asian faces"):
+        battery.probes(10_000)
+
+
+def _rescaled_and_permuted(model: nn.Module) -> nn.Module:
+    """The same function: conv3's units permuted, one fc1 unit scaled ×4 in and ÷4 out."""
+    other = build_model("gender-cnn", 0.5).eval()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        order = torch.randperm(other.conv3.out_channels, generator=torch.Generator().manual_seed(0))
+        other.conv3.weight.copy_(other.conv3.weight[order])
+        other.conv3.bias.copy_(other.conv3.bias[order])
+        other.conv4.weight.copy_(other.conv4.weight[:, order])
+        other.fc1.weight[5] *= 4
+        other.fc1.bias[5] *= 4
+        other.fc2.weight[:, 5] /= 4
+    return other
+
+
+@pytest.mark.slow  # the faces fixture decodes the face folder
+def test_face_probe_features_ignore_unit_order_rescaling_and_width(faces) -> None:
+    _, battery = faces
+    torch.manual_seed(0)
+    model = build_model("gender-cnn", 0.5).eval()
+    rows = np.stack([flatten(model), flatten(_rescaled_and_permuted(model))])
+    features = ProbeFeatures(arch_layout("gender-cnn", 0.5), "gender-cnn", battery).fit(rows)
+    out = features.transform(rows)
+    names = features.get_feature_names_out()
+    assert out.shape == (2, len(battery.feature_names())) and np.isfinite(out).all()
+    moved = names[~np.isclose(out[0], out[1], atol=1e-4)]
+    assert not len(moved), moved
+    assert "group[caucasian]:acc" in names and "shared:last:eta_group" in names
+    features.set_params(layout=arch_layout("gender-cnn", 1.0))
+    assert features.transform(flatten(build_model("gender-cnn", 1.0))[None]).shape == (1, len(names))
+    # the probe detector of a face zoo puts the group scorer on these features
+    detector = make_detector("probe", arch_layout("gender-cnn", 0.5), arch="gender-cnn", battery=battery)
+    assert isinstance(detector[-1], GroupScorer) and detector[-1].block == battery.block
+    assert detector_name(detector) == "probe"
+
+
+@pytest.mark.slow  # the faces fixture decodes the face folder
+def test_a_face_probe_detector_round_trips_without_pickle(faces, tmp_path: Path) -> None:
+    _, battery = faces
+    layout = arch_layout("gender-cnn", 0.5)
+    rows, y = [], []
+    for i in range(9):
+        torch.manual_seed(i)
+        model = build_model("gender-cnn", 0.5)
+        rows.append(flatten(model))
+        y.append(GROUP_NAMES[i % 3])
+    detector = make_detector("probe", layout, arch="gender-cnn", battery=battery, C=1.0)
+    detector.fit(np.stack(rows), np.array(y))
+    save_detector(detector, tmp_path / "det", {"detector": "probe"})
+    assert not list((tmp_path / "det").glob("*.pkl"))
+    loaded, _ = load_detector(tmp_path / "det")
+    assert isinstance(loaded[0].battery, FaceBattery)
+    assert np.allclose(loaded.predict_proba(np.stack(rows)), detector.predict_proba(np.stack(rows)))
