@@ -13,7 +13,8 @@ The result is a new detector folder for width-W checkpoints: its applicability r
 reference models' features (so a width-W checkpoint is judged against width-W models) and
 ``detector.json`` records the recalibration (width, reference store and rows, cut points
 before and after). Without it, a checkpoint of an unseen width is flagged outside the
-detector's experience and gets no calibrated probability.
+detector's experience and gets no calibrated probability, only its percentiles among the
+training models.
 """
 
 from __future__ import annotations

@@ -173,6 +173,12 @@ class Scorer:
                                                              strict=True))},
                   "calibrated": self.temperature != 1.0}
         result |= self._applicability(weights, features, predicted)
+        linear = self.trees is None and self.sethead is None and hasattr(self.pipeline[-1], "train_proba_")
+        if result["ood"]["in_distribution"] is False and linear:
+            from detector.networks import percentiles
+
+            # No probability speaks for it (an unseen width): its place among the training models does.
+            result["percentiles"] = percentiles(self.pipeline[-1], features)
         if probes is not None:
             from detector.activations import insidebias, read_probe_folder
             from modelzoo.architectures import build_model

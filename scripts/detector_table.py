@@ -12,6 +12,10 @@ Every detector is fitted on one pool of the main zoo and tested on models it nev
   detectors have no cut points to refit);
 * a per-regularizer breakdown when the main zoo holds several regularizers.
 
+A face zoo (``face_gender``) gets its own rows, cross-pool both ways: which of the three groups
+a biased model favours (IFBiD's three-class form), the same with the balanced controls as a
+fourth class, and biased vs balanced.
+
 Beside each row: its accuracy with a Wilson and a bootstrap 95% interval (models resampled),
 and the behaviour ceiling (:mod:`detector.ceiling`): the same split read by a classifier on
 the models' stored accuracies and leakage. Features are computed once per zoo and detector.
@@ -41,7 +45,7 @@ from detector.workflow import probe_context
 from modelzoo.zoo import Zoo, open_zoo
 
 TARGETS = {"four levels": 0.90, "binary": 0.95, "binary, other recipe": 0.95, "binary, other width": 0.95,
-           "four levels, other width, recalibrated": 0.85}
+           "four levels, other width, recalibrated": 0.85, "faces, which of three groups": 0.90}
 
 
 def pool_rows(zoo: Zoo, pool: str | None, levels: list[str] | None) -> np.ndarray:
@@ -67,13 +71,14 @@ class Features:
         return np.stack([cache[int(r)] for r in rows])
 
 
-def ceiling(train: Zoo, train_rows: np.ndarray, test: Zoo, test_rows: np.ndarray) -> dict:
+def ceiling(train: Zoo, train_rows: np.ndarray, test: Zoo, test_rows: np.ndarray,
+            target: str = "bias_level") -> dict:
     """The behaviour classifier on the same split as a detector's row."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    y_train, y_test = labels(train, "bias_level")[train_rows], labels(test, "bias_level")[test_rows]
+    y_train, y_test = labels(train, target)[train_rows], labels(test, target)[test_rows]
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     model.fit(behaviour_matrix(train, train_rows), y_train)
     return scores(y_test, model.predict_proba(behaviour_matrix(test, test_rows)), model.classes_).to_dict()
@@ -92,34 +97,26 @@ def main() -> None:
 
     main_zoo = open_zoo(args.store)
     level_of = labels(main_zoo, "bias_level")
-    extremes = [min(set(level_of), key=float), max(set(level_of), key=float)]
     paths = {"recipe": args.other_recipe, "seed": args.other_seed, "width": args.other_width}
     others = {name: open_zoo(path) for name, path in paths.items() if path}
-    splits = []  # (row, levels, train pool, test zoo, test pool)
-    for row, levels in (("four levels", None), ("binary", extremes)):
-        splits += [(row, levels, "A", main_zoo, "B"), (row, levels, "B", main_zoo, "A")]
-        for name in ("recipe", "seed"):
-            if name in others:
-                splits.append((f"{row}, other {name}", levels, "A", others[name], None))
-    if "width" in others:
-        splits.append(("binary, other width", extremes, "A", others["width"], "B"))
+    splits = face_splits(main_zoo) if main_zoo.task.name == "face_gender" else level_splits(main_zoo, others)
 
     rows = []
     for name in tqdm(args.detectors, desc="detectors", unit="detector"):
         template = make_detector(name, main_zoo.layout, **probe_context(name, main_zoo, args.data_dir))
         features = Features(template[0])
-        for row, levels, train_pool, test_zoo, test_pool in splits:
+        for row, target, levels, train_pool, test_zoo, test_pool in splits:
             train_rows = pool_rows(main_zoo, train_pool, levels)
             test_rows = pool_rows(test_zoo, test_pool, levels)
             head = reading(template, clone(template[1:]).fit(features.of(main_zoo, train_rows),
-                                                             level_of[train_rows]), test_zoo)
-            y_test = labels(test_zoo, "bias_level")[test_rows]
+                                                             labels(main_zoo, target)[train_rows]), test_zoo)
+            y_test = labels(test_zoo, target)[test_rows]
             proba = head.predict_proba(features.of(test_zoo, test_rows))
             record = {"row": row, "detector": name, "train": f"main pool {train_pool}",
                       "test": f"{'main' if test_zoo is main_zoo else Path(str(test_zoo.path)).name} "
                               f"pool {test_pool or 'all'}", "n_train": len(train_rows),
                       **scores(y_test, proba, head.classes_).to_dict(),
-                      "ceiling": ceiling(main_zoo, train_rows, test_zoo, test_rows)["accuracy"]}
+                      "ceiling": ceiling(main_zoo, train_rows, test_zoo, test_rows, target)["accuracy"]}
             regularizers = test_zoo.column("config/regularizer")[test_rows].astype(str)
             if len(np.unique(regularizers)) > 1:
                 record["per_regularizer"] = breakdown(y_test, proba, head.classes_, regularizers)
@@ -133,6 +130,36 @@ def main() -> None:
     (args.out / "detector_table.json").write_text(json.dumps(result, indent=2))
     (args.out / "detector_table.md").write_text(markdown(rows))
     print(json.dumps(result))
+
+
+CROSS_POOL = (("A", "B"), ("B", "A"))
+# row, target, levels, train pool, test zoo, test pool
+Split = tuple[str, str, list[str] | None, str, Zoo, str | None]
+
+
+def level_splits(main_zoo: Zoo, others: dict[str, Zoo]) -> list[Split]:
+    """The colour-bias rows: four levels and the two extremes, cross-pool and on the other zoos."""
+    level_of = labels(main_zoo, "bias_level")
+    extremes = [min(set(level_of), key=float), max(set(level_of), key=float)]
+    splits: list[Split] = []
+    for row, levels in (("four levels", None), ("binary", extremes)):
+        splits += [(row, "bias_level", levels, train, main_zoo, test) for train, test in CROSS_POOL]
+        for name in ("recipe", "seed"):
+            if name in others:
+                splits.append((f"{row}, other {name}", "bias_level", levels, "A", others[name], None))
+    if "width" in others:
+        splits.append(("binary, other width", "bias_level", extremes, "A", others["width"], "B"))
+    return splits
+
+
+def face_splits(main_zoo: Zoo) -> list[Split]:
+    """The face rows, cross-pool both ways: which group (biased models), the same with the
+    balanced controls, and biased vs balanced."""
+    rows = [("faces, which of three groups", "bias_level", list(main_zoo.attrs["groups"])),
+            ("faces, three groups or balanced", "bias_level", None),
+            ("faces, biased vs balanced", "biased", None)]
+    return [(row, target, levels, train, main_zoo, test) for row, target, levels in rows
+            for train, test in CROSS_POOL]
 
 
 def reading(template: Pipeline, head: Pipeline, zoo: Zoo) -> Pipeline:

@@ -397,6 +397,9 @@ def test_a_probe_detector_recalibrated_for_another_width_trains_its_own_referenc
     original = json.loads(capsys.readouterr().out)
     assert original["ood"]["in_distribution"] is False
     assert any("width 0.25" in reason for reason in original["ood"]["reasons"])
+    # no calibrated p at an unseen width, but where it falls among the training models
+    assert set(original["percentiles"]) == {"biased", "unbiased"}
+    assert 0 <= original["percentiles"]["biased"] <= 100
     assert main(["score", str(path), "--detector", str(quarter)]) == 0
     line = capsys.readouterr().out
     assert "cut points refitted for width 0.25 on 4 reference models" in line
