@@ -5,6 +5,9 @@ Every detector is fitted on one pool of the main zoo and tested on models it nev
 * four σ² levels and σ² 0.02 vs 0.05 (binary), cross-pool **both ways** (A→B, B→A);
 * ``--other-recipe``: a zoo of other optimizers / learning rates / epochs / batch and train
   sizes (binary and four levels), detectors trained on pool A of the main zoo;
+* ``--varied-training``: a zoo of yet other recipes (none of the ``--other-recipe`` zoo's)
+  added to the training models of the other-recipe rows, as a second pair of rows: does recipe
+  variety in training carry over to recipes never seen?
 * ``--other-seed``: a zoo with another colour draw of the training images;
 * ``--other-width``: a zoo of another width; binary without recalibration, and four levels
   after refitting only the cut points on that zoo's pool-A models (what ``weightbias
@@ -71,16 +74,19 @@ class Features:
         return np.stack([cache[int(r)] for r in rows])
 
 
-def ceiling(train: Zoo, train_rows: np.ndarray, test: Zoo, test_rows: np.ndarray,
-            target: str = "bias_level") -> dict:
-    """The behaviour classifier on the same split as a detector's row."""
+def ceiling(train: Zoo | list[tuple[Zoo, np.ndarray]], train_rows: np.ndarray | None, test: Zoo,
+            test_rows: np.ndarray, target: str = "bias_level") -> dict:
+    """The behaviour classifier on the same split as a detector's row (its training models:
+    ``train_rows`` of ``train``, or a list of (zoo, rows) pairs)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    y_train, y_test = labels(train, target)[train_rows], labels(test, target)[test_rows]
+    parts = train if isinstance(train, list) else [(train, train_rows)]
+    y_train = np.concatenate([labels(zoo, target)[rows] for zoo, rows in parts])
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    model.fit(behaviour_matrix(train, train_rows), y_train)
+    model.fit(np.vstack([behaviour_matrix(zoo, rows) for zoo, rows in parts]), y_train)
+    y_test = labels(test, target)[test_rows]
     return scores(y_test, model.predict_proba(behaviour_matrix(test, test_rows)), model.classes_).to_dict()
 
 
@@ -90,6 +96,8 @@ def main() -> None:
     parser.add_argument("--other-width", type=Path, help="a zoo of the same levels at another width")
     parser.add_argument("--other-recipe", type=Path, help="a zoo of the same levels trained by other recipes")
     parser.add_argument("--other-seed", type=Path, help="a zoo of the same levels on another colour draw")
+    parser.add_argument("--varied-training", type=Path,
+                        help="a zoo of other recipes added to the training models of the other-recipe rows")
     parser.add_argument("--detectors", nargs="+", default=sorted(DETECTORS))
     parser.add_argument("--data-dir", type=Path, help="data root for the probe detector's battery")
     parser.add_argument("--out", type=Path, default=Path("results/detector_table"))
@@ -97,7 +105,8 @@ def main() -> None:
 
     main_zoo = open_zoo(args.store)
     level_of = labels(main_zoo, "bias_level")
-    paths = {"recipe": args.other_recipe, "seed": args.other_seed, "width": args.other_width}
+    paths = {"recipe": args.other_recipe, "seed": args.other_seed, "width": args.other_width,
+             "varied": args.varied_training}
     others = {name: open_zoo(path) for name, path in paths.items() if path}
     splits = face_splits(main_zoo) if main_zoo.task.name == "face_gender" else level_splits(main_zoo, others)
 
@@ -105,18 +114,22 @@ def main() -> None:
     for name in tqdm(args.detectors, desc="detectors", unit="detector"):
         template = make_detector(name, main_zoo.layout, **probe_context(name, main_zoo, args.data_dir))
         features = Features(template[0])
-        for row, target, levels, train_pool, test_zoo, test_pool in splits:
+        for row, target, levels, train_pool, test_zoo, test_pool, *extra in splits:
             train_rows = pool_rows(main_zoo, train_pool, levels)
             test_rows = pool_rows(test_zoo, test_pool, levels)
-            head = reading(template, clone(template[1:]).fit(features.of(main_zoo, train_rows),
-                                                             labels(main_zoo, target)[train_rows]), test_zoo)
+            # the main zoo's pool, and any more training models from other zoos of the same layout
+            parts = [(main_zoo, train_rows)] + [(zoo, pool_rows(zoo, None, levels)) for zoo in extra]
+            X = np.vstack([features.of(zoo, rows) for zoo, rows in parts])
+            y = np.concatenate([labels(zoo, target)[rows] for zoo, rows in parts])
+            head = reading(template, clone(template[1:]).fit(X, y), test_zoo)
             y_test = labels(test_zoo, target)[test_rows]
             proba = head.predict_proba(features.of(test_zoo, test_rows))
-            record = {"row": row, "detector": name, "train": f"main pool {train_pool}",
+            train = " + ".join([f"main pool {train_pool}", *(Path(str(zoo.path)).name for zoo in extra)])
+            record = {"row": row, "detector": name, "train": train,
                       "test": f"{'main' if test_zoo is main_zoo else Path(str(test_zoo.path)).name} "
-                              f"pool {test_pool or 'all'}", "n_train": len(train_rows),
+                              f"pool {test_pool or 'all'}", "n_train": len(y),
                       **scores(y_test, proba, head.classes_).to_dict(),
-                      "ceiling": ceiling(main_zoo, train_rows, test_zoo, test_rows, target)["accuracy"]}
+                      "ceiling": ceiling(parts, None, test_zoo, test_rows, target)["accuracy"]}
             regularizers = test_zoo.column("config/regularizer")[test_rows].astype(str)
             if len(np.unique(regularizers)) > 1:
                 record["per_regularizer"] = breakdown(y_test, proba, head.classes_, regularizers)
@@ -133,8 +146,8 @@ def main() -> None:
 
 
 CROSS_POOL = (("A", "B"), ("B", "A"))
-# row, target, levels, train pool, test zoo, test pool
-Split = tuple[str, str, list[str] | None, str, Zoo, str | None]
+# row, target, levels, train pool, test zoo, test pool[, zoos of more training models]
+Split = tuple
 
 
 def level_splits(main_zoo: Zoo, others: dict[str, Zoo]) -> list[Split]:
@@ -147,6 +160,9 @@ def level_splits(main_zoo: Zoo, others: dict[str, Zoo]) -> list[Split]:
         for name in ("recipe", "seed"):
             if name in others:
                 splits.append((f"{row}, other {name}", "bias_level", levels, "A", others[name], None))
+        if "recipe" in others and "varied" in others:
+            splits.append((f"{row}, other recipe, varied training", "bias_level", levels, "A",
+                           others["recipe"], None, others["varied"]))
     if "width" in others:
         splits.append(("binary, other width", "bias_level", extremes, "A", others["width"], "B"))
     return splits

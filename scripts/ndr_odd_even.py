@@ -1,14 +1,18 @@
-"""Evidence: NDR on MNIST odd/even, with digit identity as the 10 discriminatory classes.
+"""Evidence: NDR on MNIST odd/even, digit identity as the 10 discriminatory classes (Table I).
 
-The setup of Tartaglione & Grangetto's Table I, shortened for a CPU: a digit-cnn (2-way head)
-learns odd vs even while NDR decorrelates the bottleneck features of samples that share a
-digit, so the features keep the parity but lose which digit it was. For each γ we report the
-final R on the test set (NDR's own value, before γ), the odd/even test accuracy, how well a
-fresh probe still recovers the digit (leakage), and whether K-means on the test features
-rediscovers the digits (adjusted Rand index). R must fall as γ grows.
+The protocol of Tartaglione & Grangetto's Table I, with fewer epochs: their LeNet5-caffe
+(conv 20@5 → pool → conv 50@5 → pool → fc1 500 → ReLU → one output, binary cross-entropy) on
+gray MNIST learns odd vs even by plain SGD (lr 0.01, weight decay 1e-5, batch 100) while NDR,
+through its own tap (fc1's pre-activation, :class:`fairtrain.NDR`'s default), decorrelates the
+features of samples that share a digit, so they keep the parity but lose which digit it was.
+For each γ: the final R on the test set (NDR's own value, before γ, over test batches of the
+training batch size), the odd/even test accuracy, how well a fresh probe still recovers the
+digit (leakage), and whether K-means on the test features rediscovers the digits (adjusted
+Rand index). Published (Table I, fc1): accuracy 99.32 / 99.15 / 93.23 and R 0.61 / 0.11 / 0.03
+at γ 0 / 0.1 / 1, after 500 epochs.
 
-It is also the shortest example of fairtrain in a hand-written PyTorch loop: a FeatureTap on
-the bottleneck and one regularizer call per step.
+It is also the shortest example of fairtrain in a hand-written PyTorch loop: the regularizer
+attaches its own tap, and one regularizer call per step.
 
     python scripts/ndr_odd_even.py --data-dir ../shared/data --out results/ndr_odd_even
 
@@ -30,37 +34,50 @@ from torch import nn
 from tqdm import tqdm
 
 from fairtrain.metrics import centroid_recoverability, representation_leakage
-from fairtrain.regularizers import FeatureTap, get_regularizer, ndr_penalty
-from modelzoo.architectures import build_model
+from fairtrain.regularizers import get_regularizer, ndr_penalty
 from modelzoo.sources import load_mnist
 
-GAMMAS = (0.0, 0.01, 0.1, 1.0)
+GAMMAS = (0.0, 0.1, 1.0)
+PUBLISHED = {0.0: {"accuracy": 0.9932, "R": 0.61}, 0.1: {"accuracy": 0.9915, "R": 0.11},
+             1.0: {"accuracy": 0.9323, "R": 0.03}}  # Table I, NDR at fc1
 
 
-def as_rgb(gray: np.ndarray) -> torch.Tensor:
-    """uint8 (N, 28, 28) digits → float (N, 3, 28, 28) in [0, 1], the digit-cnn's input."""
-    return torch.from_numpy(gray).float().div_(255.0)[:, None].expand(-1, 3, -1, -1)
+class LeNet5Caffe(nn.Module):
+    """Caffe's LeNet-5 with one output: NDR's Table I network (``fc1`` is its bottleneck)."""
+
+    bottleneck = "fc1"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 20, 5)
+        self.conv2 = nn.Conv2d(20, 50, 5)
+        self.fc1 = nn.Linear(50 * 4 * 4, 500)
+        self.fc2 = nn.Linear(500, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(self.conv1(x), 2)
+        x = nn.functional.max_pool2d(self.conv2(x), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-def parity_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = build_model("digit-cnn")
-    model.fc2 = nn.Linear(model.fc1.out_features, 2)  # odd/even head instead of ten digits
-    return model
+def as_gray(digits: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 28, 28) digits → float (N, 1, 28, 28) in [0, 1]."""
+    return torch.from_numpy(digits).float().div_(255.0)[:, None]
 
 
 def train(gamma: float, images: torch.Tensor, digits: torch.Tensor, args: argparse.Namespace) -> nn.Module:
-    model = parity_model(args.seed)
+    torch.manual_seed(args.seed)
+    model = LeNet5Caffe()
     ndr = get_regularizer("ndr", gamma)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     shuffler = torch.Generator().manual_seed(args.seed)
     model.train()
-    with FeatureTap(model, "fc1", activation=torch.relu) as tap:
-        for _ in range(args.epochs):
+    with ndr.attach(model) as tap:
+        for _ in tqdm(range(args.epochs), desc=f"γ = {gamma:g}", unit="epoch", leave=False):
             for batch in torch.randperm(len(digits), generator=shuffler).split(args.batch_size):
                 logits = model(images[batch])
                 parity = digits[batch] % 2
-                loss = nn.functional.cross_entropy(logits, parity)
+                loss = nn.functional.binary_cross_entropy_with_logits(logits[:, 0], parity.float())
                 loss = loss + ndr(tap.features, logits, parity, digits[batch])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -72,10 +89,10 @@ def train(gamma: float, images: torch.Tensor, digits: torch.Tensor, args: argpar
 def evaluate(model: nn.Module, images: torch.Tensor, digits: torch.Tensor, batch_size: int) -> dict:
     model.eval()
     features, predicted, penalties = [], [], []
-    with FeatureTap(model, "fc1", activation=torch.relu) as tap:
+    with get_regularizer("ndr").attach(model) as tap:  # the features NDR read in training
         for start in range(0, len(digits), batch_size):
             logits = model(images[start : start + batch_size])
-            predicted.append(logits.argmax(1))
+            predicted.append((logits[:, 0] > 0).long())
             features.append(tap.features)
             penalties.append(float(ndr_penalty(tap.features, digits[start : start + batch_size])))
     features_np, digits_np = torch.cat(features).numpy(), digits.numpy()
@@ -114,27 +131,30 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("results/ndr_odd_even"))
     parser.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
-    parser.add_argument("--train-size", type=int, default=30000, help="training digits (0: all 60,000)")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=256, help="large, so every digit is in every batch")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--train-size", type=int, default=0, help="training digits (0: all 60,000)")
+    parser.add_argument("--epochs", type=int, default=15, help="Table I trains 500")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--weight-decay", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     mnist = load_mnist(args.data_dir)
     n_train = args.train_size or len(mnist.train_labels)
-    train_images = as_rgb(mnist.train_images[:n_train])
+    train_images = as_gray(mnist.train_images[:n_train])
     train_digits = torch.from_numpy(mnist.train_labels[:n_train]).long()
-    test_images, test_digits = as_rgb(mnist.test_images), torch.from_numpy(mnist.test_labels).long()
+    test_images, test_digits = as_gray(mnist.test_images), torch.from_numpy(mnist.test_labels).long()
 
     rows = []
     for gamma in tqdm(sorted(args.gammas), desc="NDR γ", unit="model"):
         model = train(gamma, train_images, train_digits, args)
-        rows.append({"gamma": gamma, **evaluate(model, test_images, test_digits, args.batch_size)})
+        rows.append({"gamma": gamma, **evaluate(model, test_images, test_digits, args.batch_size),
+                     "published": PUBLISHED.get(gamma)})
     r_values = [row["ndr_R"] for row in rows]
     result = {
-        "benchmark": "ndr_odd_even", "data": mnist.origin, "train_size": n_train, "epochs": args.epochs,
-        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+        "benchmark": "ndr_odd_even", "data": mnist.origin, "network": "LeNet5-caffe, 1 output",
+        "optimizer": "sgd", "train_size": n_train, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed,
         "R_falls_with_gamma": all(b < a for a, b in itertools.pairwise(r_values)),
         "rows": rows,
     }
