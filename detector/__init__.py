@@ -1,8 +1,10 @@
 """detector: reads weights and judges them (last stage of the flow: store → **detector** → report).
 
 A detector is a scikit-learn :class:`~sklearn.pipeline.Pipeline` from flat weight rows to a
-class per model: :class:`WeightFeatures` (weights → features), then a classifier
-(:mod:`detector.models`: ``boosting``, ``deepsets``, ``dense``, ``layer_conv``). Around it:
+class per model: :class:`WeightFeatures` (weights → features) or :class:`ProbeFeatures` (what
+the network does on a probe battery: :class:`Battery` for digits, :class:`FaceBattery` for
+faces), then a classifier (:mod:`detector.models`: ``probe``, ``rescaled``, ``hybrid``,
+``boosting``, ``deepsets``, ``dense``, ``layer_conv``). Around it:
 :func:`train_detector` / :func:`evaluate_detector` on zoos (a chunk of weights at a time),
 :func:`save_detector` / :func:`load_detector` (folders loaded without unpickling),
 :func:`score_checkpoints` / :func:`score_checkpoint` for a user's own checkpoints, whatever
@@ -67,7 +69,10 @@ _EXPORTS = {
     "compare": "detector.report",
     "behaviour_ceiling": "detector.ceiling",
     "ProbeFeatures": "detector.probing", "LogisticHead": "detector.ordinal", "Battery": "detector.battery",
-    "battery_for_task": "detector.battery", "recalibrate_detector": "detector.recalibrate",
+    "battery_for_task": "detector.battery", "battery_for_zoo": "detector.battery",
+    "recalibrate_detector": "detector.recalibrate",
+    "FaceBattery": "detector.facebattery", "face_battery": "detector.facebattery",
+    "GroupScorer": "detector.groupscore",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -249,7 +249,8 @@ def checked_sampler(where: str, axis: str, sampler: Any, task: Task, regularizer
         raise SpecError(f"{where}.int_uniform: axis {axis} is not an integer axis")
     if how != "int_uniform" and kind is int:  # a float drawn for an integer axis would not fit its column
         raise SpecError(f"{where}.{how}: axis {axis} takes integers; use int_uniform = [low, high]")
-    low, high = (checked_value(f"{where}.{how}", axis, v, task, regularizers) for v in args)
+    # + 0 turns -0.0 into 0.0: numpy refuses uniform(0.0, -0.0) though the two are equal
+    low, high = (checked_value(f"{where}.{how}", axis, v, task, regularizers) + 0 for v in args)
     if low > high or (how == "log_uniform" and low <= 0):
         raise SpecError(f"{where}.{how}: need 0 < low <= high for log_uniform, low <= high otherwise")
     if not math.isfinite(high - low) or (how == "int_uniform" and high >= INT_LIMIT - 1):

@@ -196,3 +196,11 @@ def test_model_configs_are_typed_values() -> None:
     assert ModelConfig.from_dict("face_gender", flat) == config
     with pytest.raises(TypeError):
         ModelConfig.from_dict("face_gender", flat | {"colour": 3})
+
+
+def test_a_range_from_zero_to_minus_zero_is_the_point_zero() -> None:
+    # Found by the property tests: -0.0 == 0.0 passes low <= high, but numpy refused to draw.
+    raw = tiny_spec_dict(n_models=2)
+    raw["sample"] = {"gamma": {"uniform": [0.0, -0.0]}}
+    spec = parse_spec(raw)
+    assert [spec.config(i).gamma for i in range(2)] == [0.0, 0.0]
