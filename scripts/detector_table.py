@@ -204,13 +204,14 @@ def recalibrated_row(name: str, template, features: Features, main_zoo: Zoo, oth
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| row | detector | trained on → tested on | accuracy | Wilson 95% | bootstrap 95% | AUC | "
-             "behaviour ceiling | target |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| row | detector | trained on → tested on | accuracy | Wilson 95% | bootstrap 95% | balanced "
+             "accuracy | AUC | behaviour ceiling | target |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         wilson, boot = r["accuracy_ci"], r["accuracy_bootstrap_ci"]
         lines.append(f"| {r['row']} | {r['detector']} | {r['train']} ({r['n_train']}) → {r['test']} "
                      f"({r['n_models']}) | {r['accuracy']:.3f} | {wilson[0]:.2f}–{wilson[1]:.2f} | "
-                     f"{boot[0]:.2f}–{boot[1]:.2f} | {r['auc']:.3f} | {r['ceiling']:.3f} | "
+                     f"{boot[0]:.2f}–{boot[1]:.2f} | {r['balanced_accuracy']:.3f} | {r['auc']:.3f} | "
+                     f"{r['ceiling']:.3f} | "
                      f"{'≥ ' + format(TARGETS[r['row']], '.2f') if r['row'] in TARGETS else '–'} |")
     return "\n".join(lines) + "\n"
 
