@@ -5,8 +5,8 @@ probe faces per group drawn from the face probe battery (:mod:`detector.facebatt
 zoo's balanced test split and under-18 faces, none a training face): min Λ of the deepest
 conv layer (the default) is the bias score. For each probe count, over ``--draws`` seeded
 draws of the probes, reports the AUC of 1 − min Λ for biased (favouring a group) vs balanced
-models (mean and range over draws), and how often the lowest-Λ group is one the model does
-not favour (chance 2/3).
+models (mean and range over draws), the same per favoured group, and how often the lowest-Λ
+group is one the model does not favour (chance 2/3).
 
     python scripts/insidebias_report.py results/faces95.zarr --data-dir ../shared/data --per-group 5 50
 
@@ -30,6 +30,12 @@ from detector.battery import battery_for_zoo
 from modelzoo.architectures import build_model, unflatten
 from modelzoo.faces import BIAS_GROUPS
 from modelzoo.zoo import open_zoo
+
+
+def group_auc(favoured: np.ndarray, min_ratios: list[np.ndarray], group: str) -> float:
+    """Mean over probe draws of the AUC of 1 − min Λ, models favouring ``group`` vs balanced ones."""
+    keep = np.isin(favoured, [group, "balanced"])
+    return round(float(np.mean([roc_auc_score(favoured[keep] == group, 1 - r[keep]) for r in min_ratios])), 4)
 
 
 def main() -> None:
@@ -71,6 +77,9 @@ def main() -> None:
             "auc_biased_vs_balanced": round(float(np.mean(aucs)), 4),
             "auc_range": [round(float(min(aucs)), 4), round(float(max(aucs)), 4)],
             "lowest_group_not_favoured": round(float(np.mean(missed)), 4),
+            # each favoured group's models against the balanced ones: where the skew shows most
+            "auc_by_favoured_group": {g: group_auc(favoured, [min_ratio[n, d] for d in range(args.draws)], g)
+                                      for g in BIAS_GROUPS if g != "balanced" and (favoured == g).any()},
             "mean_min_ratio": {g: round(float(min_ratio[n, 0][favoured == g].mean()), 4)
                                for g in BIAS_GROUPS if (favoured == g).any()}}
     args.out.mkdir(parents=True, exist_ok=True)
