@@ -34,8 +34,8 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument("store", type=Path, help="zoo store (Zarr)")
     train.add_argument("--out", type=Path, required=True, help="detector folder to write")
     train.add_argument("--detector", choices=DETECTOR_NAMES,
-                       help="default: probe for the digit tasks (best across pools, recipes and widths in "
-                       "docs/detectors.md), boosting for faces")
+                       help="default: probe (best across pools, recipes and widths, and on face groups, "
+                       "in docs/detectors.md)")
     train.add_argument("--target", choices=TARGETS, default="bias_level",
                        help="what to predict: the bias level (σ², ρ or favoured face group), biased vs "
                        "unbiased, or the regularizer used")

@@ -67,11 +67,12 @@ def probe_context(detector: str, zoo: Zoo, data_dir: str | Path | None) -> dict[
 
 def default_detector(task: str) -> str:
     """The detector :func:`train_detector` uses when none is named: ``probe`` where a probe
-    battery exists (the digit tasks; it ranked best across pools, recipes and widths, see
-    docs/detectors.md), ``boosting`` otherwise."""
-    from detector.battery import DIGIT_TASKS
+    battery exists (the digit and face tasks; it ranked best across pools, recipes and widths
+    on digits and on which group a face model favours, see docs/detectors.md), ``boosting``
+    otherwise."""
+    from detector.battery import DIGIT_TASKS, FACE_TASK
 
-    return "probe" if task in DIGIT_TASKS else "boosting"
+    return "probe" if task in (*DIGIT_TASKS, FACE_TASK) else "boosting"
 
 
 def train_detector(zoo_or_path: Zoo | str | Path, *, detector: str | None = None, target: str = "bias_level",

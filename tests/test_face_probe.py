@@ -147,3 +147,66 @@ def test_a_face_probe_detector_round_trips_without_pickle(faces, tmp_path: Path)
     loaded, _ = load_detector(tmp_path / "det")
     assert isinstance(loaded[0].battery, FaceBattery)
     assert np.allclose(loaded.predict_proba(np.stack(rows)), detector.predict_proba(np.stack(rows)))
+
+
+class TheirFaceNet(nn.Module):
+    """Someone else's gender network: gender-cnn's shapes at width 0.5 under other names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 5, padding=2)
+        self.blocks = nn.ModuleList([nn.Conv2d(12, 24, 3, padding=1), nn.Conv2d(24, 24, 3, padding=1),
+                                     nn.Conv2d(24, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)])
+        self.embed = nn.Linear(32, 64)
+        self.classify = nn.Linear(64, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.stem(x)), 2)
+        for i, block in enumerate(self.blocks):
+            x = torch.relu(block(x))
+            if i % 2:
+                x = nn.functional.max_pool2d(x, 2)
+        return self.classify(torch.relu(self.embed(x.mean(dim=(2, 3)))))
+
+
+@pytest.mark.slow  # a 12-model face zoo and an outside network trained here (~1 min)
+def test_a_face_zoo_trains_the_probe_detector_by_default_and_it_scores_an_outside_network(
+        ray_local, data_root: Path, tmp_path: Path) -> None:
+    from detector.scoring import score_checkpoint
+    from detector.workflow import train_detector
+    from modelzoo.generation import generate
+    from modelzoo.spec import parse_spec
+
+    raw = {"zoo": {"task": "face_gender", "arch": "gender-cnn", "width": 0.5, "dataset": "utkface_crop_part1",
+                   "n_models": 12, "seed": 5, "models_per_task": 3},
+           "fixed": {"epochs": 3, "train_size": 160, "batch_size": 32, "skew": 0.95},
+           "sweep": {"bias_group": ["east_asian", "caucasian", "balanced"], "pool": ["A", "B"]}}
+    store = tmp_path / "faces.zarr"
+    assert generate(parse_spec(raw), store, data_dir=data_root, progress=False).n_done == 12
+    pipeline, info = train_detector(store, out=tmp_path / "det", data_dir=data_root)
+    assert info["detector"] == "probe" and isinstance(pipeline[-1], GroupScorer)
+    assert info["heldout"]["n_models"] == 6 and sorted(info["heldout"]["classes"]) == [
+        "balanced", "caucasian", "east_asian"]
+
+    # their own loop, their own draw: east Asian faces only, SGD, other names
+    faces = load_face_data(find_face_folder("utkface_crop_part1", data_root), image_size=48, progress=False)
+    keep = np.flatnonzero(faces.pool_b.bias == GROUPS.index("east_asian"))[:200]
+    images = torch.from_numpy(faces.pool_b.images[keep]).float() / 255
+    genders = torch.from_numpy(faces.pool_b.labels[keep])
+    torch.manual_seed(7)
+    theirs = TheirFaceNet()
+    optimizer = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(3):
+        for batch in torch.randperm(len(keep)).split(25):
+            loss = nn.functional.cross_entropy(theirs(images[batch]), genders[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    torch.save(theirs.state_dict(), tmp_path / "theirs.pt")
+    result = score_checkpoint(tmp_path / "theirs.pt", tmp_path / "det")
+    assert result["arch"] == "gender-cnn" and result["width"] == 0.5
+    assert result["renamed"]["stem.weight"] == "conv1.weight"
+    assert result["predicted"] in {"balanced", "caucasian", "east_asian"}
+    assert result["verdict"] in {"biased", "unbiased"}  # the face detector knows balanced models
+    assert set(result["probabilities"]) == {"balanced", "caucasian", "east_asian"}
+    assert result["ood"]["in_distribution"] is not None and result["evidence"]["method"] == "occlusion"
