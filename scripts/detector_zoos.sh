@@ -4,7 +4,7 @@
 set -euo pipefail
 data=${1:?usage: scripts/detector_zoos.sh DATA_DIR [OUT_DIR]}
 out=${2:-results}
-for name in levels levels_half levels_recipes levels_seed1; do
+for name in levels levels_half levels_recipes levels_seed1 levels_varied; do
     weightbias zoo generate "examples/detector_digits_${name}.toml" --out "${out}/${name}.zarr" \
         --data-dir "${data}" --num-cpus 1
 done
