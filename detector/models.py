@@ -26,7 +26,8 @@ so ``clone``, ``cross_val_score``, ``GridSearchCV`` (``classifier__max_iter``...
 * ``probe`` — no weight statistics: each network is rebuilt and shown the detector's probe
   battery (:mod:`detector.battery`); its answers and layer responses, indexed by probe and
   class (:class:`~detector.probing.ProbeFeatures`), go to a regularised logistic head that is
-  ordinal for bias levels (:class:`~detector.ordinal.LogisticHead`). Invariant to unit
+  ordinal for bias levels (:class:`~detector.ordinal.LogisticHead`); on a face zoo, to one
+  scorer shared by the groups (:class:`~detector.groupscore.GroupScorer`). Invariant to unit
   permutations and ReLU rescaling, any width.
 * ``rescaled`` — weights only, read as a function reads them: per-unit importance, switch-on
   threshold, colour and class directions that no unit permutation, ReLU rescaling or width

@@ -16,6 +16,9 @@ the others: its input is the same flat weight rows, but it rebuilds each network
   (η² shape), and its standardised response to each colour; summarised over the units by
   count-free statistics (mean, quantiles, fractions).
 
+A face battery (:mod:`detector.facebattery`) brings its own features, one block per group;
+:func:`battery_row` and :func:`battery_columns` pick the features of the battery at hand.
+
 Every feature is indexed by a probe or a class, never by a hidden unit: permuting units,
 rescaling a ReLU unit (×a in, ÷a out) or changing the width leaves its meaning, and the
 output features their value, unchanged; per-unit ratios make the layer features rescale
