@@ -83,6 +83,23 @@ def parse_gammas(pairs: list[str]) -> dict[str, float]:
     return gammas
 
 
+def parse_options(pairs: list[str]) -> dict[str, dict[str, object]]:
+    """``NAME.KEY=VALUE`` pairs as {regularizer: {key: value}}, values read as JSON when they can be."""
+    options: dict[str, dict[str, object]] = {}
+    for pair in pairs:
+        target, _, raw = pair.partition("=")
+        name, _, key = target.partition(".")
+        if name not in DEFAULT_GAMMA or not key or not raw:
+            raise SystemExit(f"--reg-option takes NAME.KEY=VALUE with NAME among {sorted(DEFAULT_GAMMA)}, "
+                             f"got {pair!r}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        options.setdefault(name, {})[key] = value
+    return options
+
+
 def plot(result: dict, path: Path) -> None:
     levels = result["levels"]
     names = list(result["regularizers"])
@@ -116,6 +133,8 @@ def main() -> None:
     parser.add_argument("--levels", type=float, nargs="+", help="ρ or σ² values (default: the task's)")
     parser.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS))
     parser.add_argument("--gamma", nargs="*", default=[], metavar="NAME=VALUE", help="override a γ")
+    parser.add_argument("--reg-option", nargs="*", default=[], metavar="NAME.KEY=VALUE",
+                        help="a regularizer option, e.g. grad.ramp=true (a spec's reg.KEY)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-size", type=int, default=0, help="training images (0: all 60,000)")
     parser.add_argument("--batch-size", type=int, default=128)
@@ -140,12 +159,13 @@ def main() -> None:
 
     levels = args.levels or TASKS[args.task]["levels"]
     gammas = parse_gammas(args.gamma)
+    options = parse_options(args.reg_option)
     recipe = {"optimizer": args.optimizer, "weight_decay": args.weight_decay,
               "lr_schedule": args.lr_schedule, "lr_step": args.lr_step, "lr_decay": args.lr_decay,
               "val_size": args.val_size, "select": args.select}
     settings = {"task": args.task, "epochs": args.epochs, "train_size": args.train_size,
                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "eval_size": args.eval_size,
-                **recipe}
+                **recipe, "reg_options": options}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{args.task}.json"
     done = []
@@ -170,7 +190,7 @@ def main() -> None:
         config = ModelConfig(index=0, task=args.task, seed=seed, task_axes={level_name: level},
                              pool="all", lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                              train_size=args.train_size, regularizer=name, gamma=gammas[name],
-                             reg_options=OPTIONS.get(name, {}), **recipe)
+                             reg_options={**OPTIONS.get(name, {}), **options.get(name, {})}, **recipe)
         metrics = train_model("digit-cnn", 1.0, config, data, eval_size=args.eval_size).metrics
         paper = published(args.task, level).get("vanilla" if name == "none" else name)
         done.append({"level": level, "regularizer": name, "gamma": gammas[name], "seed": seed,
