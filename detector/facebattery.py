@@ -166,11 +166,15 @@ def _mean_or_zero(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else 0.0
 
 
-def _group_outputs(logits: np.ndarray, battery: FaceBattery, g: int) -> list[float]:
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def _group_outputs(logits: np.ndarray, log_proba: np.ndarray, battery: FaceBattery, g: int) -> list[float]:
+    """Group ``g``'s answer features from the battery's ``logits`` and their log-softmax."""
     faces = (battery.group == g) & (battery.source < 2)
-    out, truth = logits[faces], battery.gender[faces]
-    shifted = out - out.max(axis=1, keepdims=True)
-    log_proba = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    out, truth, log_proba = logits[faces], battery.gender[faces], log_proba[faces]
     rows = np.arange(len(out))
     margin = out[rows, truth] - out[rows, 1 - truth]
     right = out.argmax(axis=1) == truth
@@ -219,11 +223,10 @@ def face_features(logits: np.ndarray, hidden: Sequence[np.ndarray], battery: Fac
     if logits.ndim != 2 or logits.shape[1] != 2:
         raise DetectorError(f"a face network must give 2 logits (male, female) per image; got {logits.shape}")
     n_groups = len(battery.groups)
-    blocks = [_group_outputs(logits, battery, g) for g in range(n_groups)]
+    log_proba = _log_softmax(logits)
+    blocks = [_group_outputs(logits, log_proba, battery, g) for g in range(n_groups)]
     faces = battery.source < 2
-    out, truth = logits[faces], battery.gender[faces]
-    shifted = out - out.max(axis=1, keepdims=True)
-    log_proba = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    out, truth, log_proba = logits[faces], battery.gender[faces], log_proba[faces]
     shared = [(out.argmax(axis=1) == truth).mean(), -log_proba[np.arange(len(out)), truth].mean(),
               np.exp(log_proba.max(axis=1)).mean()]
     for depth in range(len(DEPTHS)):
