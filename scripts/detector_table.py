@@ -74,15 +74,14 @@ class Features:
         return np.stack([cache[int(r)] for r in rows])
 
 
-def ceiling(train: Zoo | list[tuple[Zoo, np.ndarray]], train_rows: np.ndarray | None, test: Zoo,
-            test_rows: np.ndarray, target: str = "bias_level") -> dict:
+def ceiling(parts: list[tuple[Zoo, np.ndarray]], test: Zoo, test_rows: np.ndarray,
+            target: str = "bias_level") -> dict:
     """The behaviour classifier on the same split as a detector's row (its training models:
-    ``train_rows`` of ``train``, or a list of (zoo, rows) pairs)."""
+    the rows of each (zoo, rows) pair)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    parts = train if isinstance(train, list) else [(train, train_rows)]
     y_train = np.concatenate([labels(zoo, target)[rows] for zoo, rows in parts])
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     model.fit(np.vstack([behaviour_matrix(zoo, rows) for zoo, rows in parts]), y_train)
@@ -129,7 +128,7 @@ def main() -> None:
                       "test": f"{'main' if test_zoo is main_zoo else Path(str(test_zoo.path)).name} "
                               f"pool {test_pool or 'all'}", "n_train": len(y),
                       **scores(y_test, proba, head.classes_).to_dict(),
-                      "ceiling": ceiling(parts, None, test_zoo, test_rows, target)["accuracy"]}
+                      "ceiling": ceiling(parts, test_zoo, test_rows, target)["accuracy"]}
             regularizers = test_zoo.column("config/regularizer")[test_rows].astype(str)
             if len(np.unique(regularizers)) > 1:
                 record["per_regularizer"] = breakdown(y_test, proba, head.classes_, regularizers)
@@ -200,7 +199,7 @@ def recalibrated_row(name: str, template, features: Features, main_zoo: Zoo, oth
     return {"row": "four levels, other width, recalibrated", "detector": name, "train": "main pool A",
             "test": f"{Path(str(other.path)).name} pool B", "n_train": len(train_rows),
             "n_reference": len(reference), **scores(other_levels[test_rows], proba, head.classes_).to_dict(),
-            "ceiling": ceiling(other, reference, other, test_rows)["accuracy"]}
+            "ceiling": ceiling([(other, reference)], other, test_rows)["accuracy"]}
 
 
 def markdown(rows: list[dict]) -> str:
