@@ -145,7 +145,12 @@ def score_network(scorer: Any, path: Path, model_def: str | None) -> dict[str, A
             "uncalibrated": {"probability": round(probability, 4), "probabilities": raw_by_class},
             "calibrated": False, "percentiles": percentiles(scorer.pipeline[-1], row),
             "ood": {"in_distribution": False, "reasons": reasons, "distance_percentile": None},
-            "evidence": None}
+            "evidence": None, **agreement(scorer.pipeline[-1], row)}
+
+
+def agreement(head, row: np.ndarray) -> dict[str, float]:
+    """``{"agreement": share}`` of a seed-ensemble head's members that give its answer on ``row``."""
+    return {"agreement": round(float(head.agreement(row)[0]), 3)} if hasattr(head, "agreement") else {}
 
 
 def percentiles(head, row: np.ndarray) -> dict[str, float]:

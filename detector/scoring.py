@@ -174,6 +174,11 @@ class Scorer:
                   "calibrated": self.temperature != 1.0}
         result |= self._applicability(weights, features, predicted)
         linear = self.trees is None and self.sethead is None and hasattr(self.pipeline[-1], "train_proba_")
+        if linear and len(self.pipeline) == 2:
+            from detector.networks import agreement
+
+            # Does the verdict rest on which training models each member happened to draw?
+            result |= agreement(self.pipeline[-1], features)
         if result["ood"]["in_distribution"] is False and linear:
             from detector.networks import percentiles
 
@@ -326,6 +331,8 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
                  if ood["in_distribution"] else ood["reasons"][0])
         head = (f"{name}: {result['verdict']} (p = {result['probability']:.2f}, {kind}) [{probabilities}]; "
                 f"{where}")
+        if "agreement" in result:
+            head += f"; {result['agreement']:.0%} of the detector's ensemble members agree"
     parts = [head]
     heldout = detector.get("heldout") or {}
     if heldout.get("accuracy") is not None:

@@ -23,7 +23,7 @@ from detector.evaluate import labels, rows_at_levels, score_detector, split_rows
 from detector.files import DetectorFileError, load_detector, save_detector
 from detector.models import DETECTORS, DetectorError, for_layout, make_detector, runs_networks
 from detector.recalibrate import recalibrate_detector
-from detector.scoring import score_checkpoint
+from detector.scoring import score_checkpoint, verdict_lines
 from detector.workflow import evaluate_detector, train_detector
 from modelzoo.architectures import build_model, flatten, layout
 from modelzoo.generation import generate
@@ -374,6 +374,10 @@ def test_detector_from_a_real_zoo_judges_held_out_models_and_plain_pytorch_ones(
         result = json.loads(capsys.readouterr().out)
         assert (result["arch"], result["width"]) == ("digit-cnn", 0.5)
         assert result["verdict"] == verdict, (sigma2, result)
+        # a linear head is a seed ensemble: the share of its members behind the verdict
+        assert (0 < result["agreement"] <= 1) if name == "probe" else "agreement" not in result
+        if name == "probe" and result["ood"]["in_distribution"]:
+            assert "of the detector's ensemble members agree" in verdict_lines(result)[0]
 
 
 @pytest.mark.slow
@@ -400,6 +404,7 @@ def test_a_probe_detector_recalibrated_for_another_width_trains_its_own_referenc
     # no calibrated p at an unseen width, but where it falls among the training models
     assert set(original["percentiles"]) == {"biased", "unbiased"}
     assert 0 <= original["percentiles"]["biased"] <= 100
+    assert 0 < original["agreement"] <= 1
     assert main(["score", str(path), "--detector", str(quarter)]) == 0
     line = capsys.readouterr().out
     assert "cut points refitted for width 0.25 on 4 reference models" in line

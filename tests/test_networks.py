@@ -83,7 +83,7 @@ def test_a_probe_detector_judges_networks_of_another_architecture(real_zoo: Path
         assert defined["ood"]["in_distribution"] is False
         assert defined["ood"]["reasons"] == ["uncalibrated architecture: a tests.test_networks:DeeperNet, "
                                              "which the detector's zoo (digit-cnn) does not hold"]
-        assert set(defined["percentiles"]) == {"biased", "unbiased"}
+        assert set(defined["percentiles"]) == {"biased", "unbiased"} and 0 < defined["agreement"] <= 1
         p_biased[sigma2] = defined["uncalibrated"]["probability"]
 
         assert main(["score", str(script), str(program), "--detector", str(det), "--json"]) == 0

@@ -120,6 +120,41 @@ def test_the_probe_head_is_ordinal_for_levels_and_multinomial_otherwise(tmp_path
         LogisticHead().fit(X, np.full(len(X), "0.02"))
 
 
+def test_the_probe_head_is_a_seed_ensemble_of_members_fitted_on_their_own_draws() -> None:
+    rng = np.random.default_rng(3)
+    X, y = _levels(rng, 160)
+    X_test, _ = _levels(rng, 100)
+    head = LogisticHead(n_members=5, member_fraction=0.7).fit(X, y)
+    single = LogisticHead(n_members=1).fit(X, y)
+    assert head.coef_.shape == (5, 3, 6) and single.coef_.shape == (1, 3, 6)
+    assert head.C_ == single.C_  # one C, chosen once on every training row
+    # members differ (their draws do), and the ensemble's probability is their mean
+    assert not np.allclose(head.coef_[0], head.coef_[1])
+    Z = (X_test - head.mean_) / head.scale_
+    by_member = [head._rank_proba(Z, c, b)[:, head.rank_]
+                 for c, b in zip(head.coef_, head.intercept_, strict=True)]
+    assert np.allclose(head.predict_proba(X_test), np.mean(by_member, axis=0))
+    agreement = head.agreement(X_test)
+    assert agreement.shape == (100,) and ((agreement > 0) & (agreement <= 1)).all()
+    votes = np.stack([p.argmax(axis=1) for p in by_member], axis=1)
+    assert np.allclose(agreement, (votes == head.predict_proba(X_test).argmax(axis=1)[:, None]).mean(axis=1))
+    assert head.agreement(np.array([[30.0, 0, 0, 0, 0, -9]]))[0] == 1.0  # far out: all members agree
+    # saved and loaded as arrays; a v1 file (one fit) loads as a one-member ensemble
+    loaded = LogisticHead._load_state(*head._save_state())
+    assert np.array_equal(loaded.predict_proba(X_test), head.predict_proba(X_test))
+    state, arrays = single._save_state()
+    params = {k: v for k, v in state["params"].items() if k not in ("n_members", "member_fraction")}
+    old = LogisticHead._load_state({**state, "version": 1, "params": params},
+                                   {**arrays, "coef": arrays["coef"][0], "intercept": arrays["intercept"][0]})
+    assert old.n_members == 1 and np.allclose(old.predict_proba(X_test), single.predict_proba(X_test))
+    # refitting the cut points keeps every member's directions and moves their intercepts
+    moved = head.refit_cut_points(X + np.array([1.0, 0, 0, 0, 0, 0]), y)
+    assert np.array_equal(moved.coef_, head.coef_) and moved.intercept_.shape == (5, 3)
+    assert not np.allclose(moved.intercept_, head.intercept_)
+    with pytest.raises(DetectorError, match="member_fraction"):
+        LogisticHead(member_fraction=1.5).fit(X, y)
+
+
 def test_a_probe_detector_saves_its_battery_and_loads_without_pickle(battery: Battery,
                                                                      tmp_path: Path) -> None:
     torch.manual_seed(1)
