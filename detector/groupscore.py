@@ -18,7 +18,8 @@ The probabilities are the softmax over the classes. One weight vector for all gr
 third of the parameters of a multinomial head and twice the evidence per weight; a group
 never favoured in the training zoo is still scored by what favouring looks like in the
 others. The regularisation ``C`` is chosen by stratified cross-validation on the training rows
-alone, as :class:`~detector.ordinal.LogisticHead` does. The fitted state is arrays only.
+alone, and the head is a seed ensemble of ``n_members`` fits on seeded draws of the training
+rows, as :class:`~detector.ordinal.LogisticHead` is. The fitted state is arrays only.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from detector.models import DetectorError
-from detector.ordinal import choose_C
+from detector.ordinal import choose_C, member_agreement, member_draws
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # 2: a seed ensemble (theta (members, parameters)); 1: one fit
 
 
 class GroupScorer(ClassifierMixin, BaseEstimator):
@@ -52,18 +53,25 @@ class GroupScorer(ClassifierMixin, BaseEstimator):
         (:func:`detector.ordinal.choose_C`).
     cv : int, default=5
     random_state : int, default=0
+    n_members : int, default=15
+        Fits in the seed ensemble (1: one fit on every training row).
+    member_fraction : float, default=0.8
+        The share of each class's training rows each member is fitted on.
     """
 
     _parameter_constraints: ClassVar[dict] = {"groups": [tuple, list], "block": [int], "C": [float, int, str],
-                                              "cv": [int], "random_state": [int]}
+                                              "cv": [int], "random_state": [int], "n_members": [int],
+                                              "member_fraction": [float]}
 
     def __init__(self, groups: tuple[str, ...] = (), block: int = 1, C: float | str = "auto", cv: int = 5,
-                 random_state: int = 0) -> None:
+                 random_state: int = 0, n_members: int = 15, member_fraction: float = 0.8) -> None:
         self.groups = groups
         self.block = block
         self.C = C
         self.cv = cv
         self.random_state = random_state
+        self.n_members = n_members
+        self.member_fraction = member_fraction
 
     # -- inputs -----------------------------------------------------------------------------
     def _split(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +132,9 @@ class GroupScorer(ClassifierMixin, BaseEstimator):
         return choose_C(codes, self.cv, self.random_state, fold_proba)
 
     def _proba(self, Z: np.ndarray, F: np.ndarray, theta: np.ndarray) -> np.ndarray:
+        """Class probabilities; an ensemble's (theta with a leading member axis) averaged."""
+        if theta.ndim == 2:
+            return np.mean([self._proba(Z, F, member) for member in theta], axis=0)
         scores = self._scores(Z, F, theta)
         shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
         return shifted / shifted.sum(axis=1, keepdims=True)
@@ -152,7 +163,8 @@ class GroupScorer(ClassifierMixin, BaseEstimator):
         self.free_scale_ = np.where(free_spread > 1e-12, free_spread, 1.0)
         Z, F = self._standardised(X)
         self.C_ = self._choose_C(Z, F, codes) if self.C == "auto" else float(self.C)
-        self.theta_ = self._fit_theta(Z, F, codes, self.C_)
+        draws = member_draws(codes, self.n_members, self.member_fraction, self.random_state)
+        self.theta_ = np.stack([self._fit_theta(Z[rows], F[rows], codes[rows], self.C_) for rows in draws])
         self.train_proba_ = self._proba(Z, F, self.theta_)  # percentiles for foreign networks
         return self
 
@@ -165,11 +177,17 @@ class GroupScorer(ClassifierMixin, BaseEstimator):
     def predict(self, X: Any) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
 
+    def agreement(self, X: Any) -> np.ndarray:
+        """Per row, the share of the ensemble's members whose own answer is the ensemble's."""
+        check_is_fitted(self)
+        Z, F = self._standardised(validate_data(self, X, reset=False, dtype=np.float64))
+        return member_agreement([self._proba(Z, F, member) for member in self.theta_])
+
     @property
     def coef_(self) -> np.ndarray:
-        """The shared weights over a group's standardised block (block,)."""
+        """The shared weights over a group's standardised block (block,), the members' mean."""
         check_is_fitted(self)
-        return self.theta_[: self.block]
+        return self.theta_[:, : self.block].mean(axis=0)
 
     # -- detector files (detector.files) -------------------------------------------------------
     _ARRAYS = ("mean_", "block_scale_", "free_mean_", "free_scale_", "theta_", "train_proba_", "group_of_")
@@ -183,15 +201,18 @@ class GroupScorer(ClassifierMixin, BaseEstimator):
 
     @classmethod
     def _load_state(cls, state: dict[str, Any], arrays: dict[str, np.ndarray]) -> GroupScorer:
-        if state.get("version") != _STATE_VERSION:
-            raise DetectorError(f"{cls.__name__} state v{state.get('version')}; this weightbias reads "
+        version = state.get("version")
+        if version not in (1, _STATE_VERSION):
+            raise DetectorError(f"{cls.__name__} state v{version}; this weightbias reads v1 and "
                                 f"v{_STATE_VERSION}")
-        params = dict(state["params"])
+        params = {"n_members": 1, **state["params"]}
         head = cls(**{**params, "groups": tuple(params["groups"])})
         head.classes_ = np.asarray(state["classes"])
         head.C_, head.n_features_in_ = float(state["C"]), int(state["n_features_in_"])
         for name in cls._ARRAYS:
             setattr(head, name, np.asarray(arrays[name.rstrip("_")]))
         head.group_of_ = head.group_of_.astype(np.int64)
+        if version == 1:  # one fit: a one-member ensemble
+            head.theta_ = head.theta_[None]
         head.free_ = [k for k, g in enumerate(head.group_of_) if g < 0]
         return head

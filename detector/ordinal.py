@@ -75,6 +75,32 @@ def choose_C(codes: np.ndarray, cv: int, seed: int,
     return float(C_GRID[int(np.argmin(losses))])
 
 
+def member_draws(codes: np.ndarray, n_members: int, fraction: float, seed: int) -> list[np.ndarray]:
+    """The rows each member of a seed ensemble is fitted on: every row for one member, else per
+    member a draw (seeded ``seed + member``) of ``fraction`` of each class's rows, at least two."""
+    if n_members < 1 or not 0 < fraction <= 1:
+        raise DetectorError(f"n_members must be >= 1 and member_fraction in (0, 1]; got {n_members}, "
+                            f"{fraction}")
+    if n_members == 1:
+        return [np.arange(len(codes))]
+    draws = []
+    for member in range(n_members):
+        rng = np.random.default_rng(seed + member)
+        drawn = []
+        for code in np.unique(codes):
+            rows = np.flatnonzero(codes == code)
+            drawn.append(rng.choice(rows, min(len(rows), max(2, round(fraction * len(rows)))), replace=False))
+        draws.append(np.sort(np.concatenate(drawn)))
+    return draws
+
+
+def member_agreement(member_proba: list[np.ndarray]) -> np.ndarray:
+    """Per row, the share of members whose answer (argmax) is that of their mean probability."""
+    answer = np.mean(member_proba, axis=0).argmax(axis=1)
+    votes = np.stack([proba.argmax(axis=1) for proba in member_proba], axis=1)
+    return (votes == answer[:, None]).mean(axis=1)
+
+
 def _softmax(scores: np.ndarray) -> np.ndarray:
     shifted = np.exp(scores - scores.max(axis=1, keepdims=True))
     return shifted / shifted.sum(axis=1, keepdims=True)
@@ -142,31 +168,13 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         Z = (X - self.mean_) / self.scale_
         ranks = self.rank_[codes]
         self.C_ = self._choose_C(Z, ranks) if self.C == "auto" else float(self.C)
-        fits = [self._fit_linear(Z[rows], ranks[rows], self.C_) for rows in self._member_rows(ranks)]
+        draws = member_draws(ranks, self.n_members, self.member_fraction, self.random_state)
+        fits = [self._fit_linear(Z[rows], ranks[rows], self.C_) for rows in draws]
         self.coef_ = np.stack([coef for coef, _ in fits])
         self.intercept_ = np.stack([intercept for _, intercept in fits])
         # Where the training models fall: percentiles for networks no probability speaks for.
         self.train_proba_ = self._rank_proba(Z, self.coef_, self.intercept_)[:, self.rank_]
         return self
-
-    def _member_rows(self, ranks: np.ndarray) -> list[np.ndarray]:
-        """Each member's training rows: every row for a single fit, else a seeded draw of
-        ``member_fraction`` of each class's rows (at least two, so every class is seen)."""
-        if self.n_members < 1 or not 0 < self.member_fraction <= 1:
-            raise DetectorError(f"n_members must be >= 1 and member_fraction in (0, 1]; got "
-                                f"{self.n_members}, {self.member_fraction}")
-        if self.n_members == 1:
-            return [np.arange(len(ranks))]
-        members = []
-        for member in range(self.n_members):
-            rng = np.random.default_rng(self.random_state + member)
-            drawn = []
-            for rank in np.unique(ranks):
-                rows = np.flatnonzero(ranks == rank)
-                take = min(len(rows), max(2, round(self.member_fraction * len(rows))))
-                drawn.append(rng.choice(rows, take, replace=False))
-            members.append(np.sort(np.concatenate(drawn)))
-        return members
 
     def _fit_linear(self, Z: np.ndarray, ranks: np.ndarray, C: float) -> tuple[np.ndarray, np.ndarray]:
         if not self.ordinal_:
@@ -243,10 +251,8 @@ class LogisticHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         Z = (X - self.mean_) / self.scale_
-        answer = self._rank_proba(Z, self.coef_, self.intercept_).argmax(axis=1)
-        votes = np.stack([self._rank_proba(Z, c, b).argmax(axis=1)
-                          for c, b in zip(self.coef_, self.intercept_, strict=True)], axis=1)
-        return (votes == answer[:, None]).mean(axis=1)
+        members = zip(self.coef_, self.intercept_, strict=True)
+        return member_agreement([self._rank_proba(Z, coef, intercept) for coef, intercept in members])
 
     # -- detector files (detector.files) -------------------------------------------------------
     def _save_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -53,6 +53,19 @@ def test_the_group_scorer_shares_one_scorer_across_groups_and_saves_as_arrays() 
     state, arrays = head._save_state()
     assert all(isinstance(a, np.ndarray) for a in arrays.values())
     assert np.array_equal(GroupScorer._load_state(state, arrays).predict_proba(X_test), proba)
+    # a seed ensemble: 15 members on their own draws, their mean the answer, their votes the agreement
+    assert head.theta_.shape[0] == 15 and not np.allclose(head.theta_[0], head.theta_[1])
+    Z, F = head._standardised(X_test)
+    by_member = [head._proba(Z, F, member) for member in head.theta_]
+    assert np.allclose(proba, np.mean(by_member, axis=0))
+    assert np.allclose(head.agreement(X_test), np.mean(
+        np.stack([p.argmax(axis=1) for p in by_member], axis=1) == proba.argmax(axis=1)[:, None], axis=1))
+    single = GroupScorer(GROUP_NAMES, 4, n_members=1).fit(X, y)
+    state, arrays = single._save_state()  # a v1 file (one fit) loads as a one-member ensemble
+    params = {k: v for k, v in state["params"].items() if k not in ("n_members", "member_fraction")}
+    old = GroupScorer._load_state({**state, "version": 1, "params": params},
+                                  {**arrays, "theta": arrays["theta"][0]})
+    assert old.n_members == 1 and np.allclose(old.predict_proba(X_test), single.predict_proba(X_test))
     # a target that names no group is read from the shared and group-symmetric columns
     named = GroupScorer(GROUP_NAMES, 4).fit(X, np.where(y == "balanced", "unbiased", "biased"))
     assert named.score(X_test, np.where(y_test == "balanced", "unbiased", "biased")) > 0.7
@@ -210,3 +223,4 @@ def test_a_face_zoo_trains_the_probe_detector_by_default_and_it_scores_an_outsid
     assert result["verdict"] in {"biased", "unbiased"}  # the face detector knows balanced models
     assert set(result["probabilities"]) == {"balanced", "caucasian", "east_asian"}
     assert result["ood"]["in_distribution"] is not None and result["evidence"]["method"] == "occlusion"
+    assert 0 < result["agreement"] <= 1  # the group scorer is a seed ensemble too
