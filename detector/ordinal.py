@@ -12,12 +12,12 @@ is chosen by stratified, seeded cross-validation on the training rows alone (out
 loss over a fixed grid): nothing about the held-out models enters. The head is then a seed
 ensemble: ``n_members`` fits at that ``C``, each on its own seeded, stratified draw of
 ``member_fraction`` of the training rows, their probabilities averaged. On the four-level zoo
-that gains 1–2 points cross-pool, and the members' agreement on a checkpoint
-(:meth:`LogisticHead.agreement`) says whether its verdict rests on which training models
-happened to be drawn. The fitted state is a few arrays, so detector files hold it without
-pickle. ``refit_cut_points`` moves it to another
-width (:mod:`detector.recalibrate`), and ``train_proba_`` (where the training models fall)
-gives percentiles for networks no probability speaks for (:mod:`detector.networks`).
+that gains up to a point cross-pool; what it adds is the members' agreement on a checkpoint
+(:meth:`LogisticHead.agreement`): whether its verdict rests on which training models happened
+to be drawn. The fitted state is a few arrays, so detector files hold it without pickle.
+``refit_cut_points`` moves it to another width (:mod:`detector.recalibrate`), and
+``train_proba_`` (where the training models fall) gives percentiles for networks no
+probability speaks for (:mod:`detector.networks`).
 """
 
 from __future__ import annotations
