@@ -202,8 +202,10 @@ def main() -> None:
                      "wall_seconds": round(metrics["wall_seconds"], 1),
                      "published_acc": paper / 100 if paper is not None else None})
         json_path.write_text(json.dumps(result, indent=2))
-    rows = [r for r in done if r["level"] in levels and r["regularizer"] in args.regularizers]
-    result["rows"] = rows
+    # The file keeps every row run with these settings (other levels, regularizers, γ); the
+    # summary and the plot speak for this command's cells.
+    rows = [r for r in done if r["level"] in levels and r["regularizer"] in args.regularizers
+            and r["gamma"] == gammas[r["regularizer"]]]
     for level in levels:
         at_level = [r for r in rows if r["level"] == level]
         accuracies: dict[str, list[float]] = {}
@@ -220,8 +222,8 @@ def main() -> None:
             summary |= {"best_regularizer": best, "best_acc": debiased[best]}
         result.setdefault("summary", []).append(summary)
     json_path.write_text(json.dumps(result, indent=2))
-    plot(result, args.out / f"{args.task}.png")
-    print(json.dumps(result))
+    plot({**result, "rows": rows}, args.out / f"{args.task}.png")
+    print(json.dumps({**result, "rows": rows}))
 
 
 if __name__ == "__main__":
