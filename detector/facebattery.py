@@ -166,11 +166,6 @@ def _mean_or_zero(values: np.ndarray) -> float:
     return float(values.mean()) if values.size else 0.0
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
-
-
 def _group_outputs(logits: np.ndarray, log_proba: np.ndarray, battery: FaceBattery, g: int) -> list[float]:
     """Group ``g``'s answer features from the battery's ``logits`` and their log-softmax."""
     faces = (battery.group == g) & (battery.source < 2)
@@ -223,7 +218,9 @@ def face_features(logits: np.ndarray, hidden: Sequence[np.ndarray], battery: Fac
     if logits.ndim != 2 or logits.shape[1] != 2:
         raise DetectorError(f"a face network must give 2 logits (male, female) per image; got {logits.shape}")
     n_groups = len(battery.groups)
-    log_proba = _log_softmax(logits)
+    from scipy.special import log_softmax
+
+    log_proba = log_softmax(logits, axis=1)
     blocks = [_group_outputs(logits, log_proba, battery, g) for g in range(n_groups)]
     faces = battery.source < 2
     out, truth, log_proba = logits[faces], battery.gender[faces], log_proba[faces]
