@@ -83,7 +83,7 @@ class LNTL(ReversalHeadRegularizer):
             raise RegularizerError(f"lntl's per-pixel colour target needs a convolution map tap (C, H, W), "
                                    f"got features of shape {feature_shape}; tap a convolution "
                                    f"(reg.layer) or set reg.target = 'group'")
-        self.target, self.bins = target, check_int("bins", bins, 2)
+        self.target, self.bins = target, check_int("bins", bins, 2, maximum=256)
         self.feature_shape = tuple(feature_shape) if feature_shape is not None else None
         super().__init__(gamma, feature_dim=feature_dim, num_groups=num_groups, hidden=hidden,
                          grl_weight=grl_weight, ramp=ramp)

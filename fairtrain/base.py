@@ -40,9 +40,13 @@ def check_gamma(gamma: float, name: str = "gamma") -> float:
     return float(gamma)
 
 
-def check_int(name: str, value: int, minimum: int) -> int:
+def check_int(name: str, value: int, minimum: int, maximum: int | None = None) -> int:
+    """``value`` as an integer in [minimum, maximum]; sizes a spec chooses get a ``maximum`` so
+    that a typo (2**31 clusters) is an error, not a terabyte allocation or an endless loop."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise RegularizerError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise RegularizerError(f"{name} must be an integer <= {maximum}, got {value!r}")
     return value
 
 

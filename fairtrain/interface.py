@@ -120,8 +120,8 @@ class HeadRegularizer(Regularizer):
         super().__init__(gamma)
         self.feature_dim = check_int("feature_dim", feature_dim, 1)
         self.num_groups = check_int("num_groups", num_groups, 2)
-        self.head = self.build_head(check_int("hidden", hidden, 0), check_int("depth", depth, 1),
-                                    bool(batch_norm))
+        self.head = self.build_head(check_int("hidden", hidden, 0, maximum=4096),
+                                    check_int("depth", depth, 1, maximum=16), bool(batch_norm))
 
     def build_head(self, hidden: int, depth: int, batch_norm: bool) -> nn.Module:
         """The attribute head on ``feature_dim`` features (see :func:`make_head`)."""

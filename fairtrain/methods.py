@@ -288,10 +288,10 @@ class UnsupervisedGroups(Regularizer):
         super().__init__(gamma)
         self.feature_dim = check_int("feature_dim", feature_dim, 1)
         self.num_classes = check_int("num_classes", num_classes, 1)
-        self.clusters = check_int("clusters", clusters, 2)
+        self.clusters = check_int("clusters", clusters, 2, maximum=256)
         self.momentum = check_unit("momentum", momentum)
         self.warmup_steps = check_int("warmup_steps", warmup_steps, 0)
-        self.seed_iters = check_int("seed_iters", seed_iters, 0)
+        self.seed_iters = check_int("seed_iters", seed_iters, 0, maximum=1000)
         if inner is not None and (not isinstance(inner, Regularizer)
                                   or isinstance(inner, UnsupervisedGroups)):
             raise RegularizerError(f"inner must be a supervised Regularizer, got {type(inner).__name__}")

@@ -296,12 +296,13 @@ def group_shares(bias_group: str, skew: float) -> np.ndarray:
     """Share of each group in a training set skewed toward ``bias_group``.
 
     The favoured group gets ``skew`` and the other two split the rest equally; "balanced"
-    gives every group a third whatever ``skew`` says.
+    gives every group a third whatever ``skew`` says. ``skew = 1`` trains on the favoured group
+    alone, as IFBiD's and InsideBias's biased models were.
     """
     if bias_group not in BIAS_GROUPS:
         raise FaceDataError(f"bias_group must be one of {list(BIAS_GROUPS)}, got {bias_group!r}")
-    if not 0 < skew < 1:
-        raise FaceDataError(f"skew must lie in (0, 1), got {skew}")
+    if not 0 < skew <= 1:
+        raise FaceDataError(f"skew must lie in (0, 1], got {skew}")
     if bias_group == "balanced":
         return np.full(len(GROUPS), 1 / len(GROUPS))
     shares = np.full(len(GROUPS), (1 - skew) / (len(GROUPS) - 1))

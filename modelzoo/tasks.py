@@ -284,7 +284,8 @@ register_task(MnistTask("biased_mnist", (Axis("rho", float, low=0, high=1, open_
                         **_MNIST_COMMON))
 register_task(FaceTask(
     "face_gender",
-    (Axis("bias_group", str, choices=(*FACE_GROUPS, "balanced")), Axis("skew", float, 0.8, low=0, high=1)),
+    (Axis("bias_group", str, choices=(*FACE_GROUPS, "balanced")),
+     Axis("skew", float, 0.8, low=0, high=1, open_high=False)),
     archs=("gender-cnn",), pools=("A", "B"), groups=FACE_GROUPS, class_name="gender",
     group_name="ethnic group (DiveFace's three)", unbiased_set="the test set balanced over gender × group",
     biased_set="accuracy on the favoured group's part of the balanced test set (all of it for a balanced "

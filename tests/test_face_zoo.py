@@ -32,7 +32,7 @@ def face_spec_dict(**fixed) -> dict:
     (lambda raw: raw["zoo"].pop("dataset"), "zoo.dataset: task face_gender needs a face folder"),
     (lambda raw: raw["fixed"].update(pool="all"), "pool: face_gender trains on pool A or B"),
     (lambda raw: raw["sweep"].update(bias_group=["nordic"]), "sweep.bias_group: value 'nordic'"),
-    (lambda raw: raw["fixed"].update(skew=1.0), "fixed.skew: value 1.0 must be in (0, 1)"),
+    (lambda raw: raw["fixed"].update(skew=1.5), "fixed.skew: value 1.5 must be in (0, 1]"),
     (lambda raw: raw["fixed"].update(sigma2=0.02), "fixed.sigma2: unknown axis for task face_gender"),
 ])
 def test_face_specs_are_checked_before_any_work(edit, message: str) -> None:

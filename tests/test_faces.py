@@ -395,6 +395,16 @@ def test_skewed_subset_follows_the_group_shares(utk_groups: dict, bias_group: st
     assert not np.array_equal(subset, skewed_subset(groups, bias_group, 0.8, size, seed=2))
 
 
+def test_skew_one_trains_on_the_favoured_group_alone(utk_groups: dict) -> None:
+    groups = utk_groups["A"]
+    size = largest_skewed_size(groups, 1.0)
+    assert size == np.bincount(groups, minlength=3).min()
+    subset = skewed_subset(groups, "african_indian", 1.0, size, seed=0)
+    assert np.bincount(groups[subset], minlength=3).tolist() == [0, size, 0]
+    with pytest.raises(FaceDataError, match=r"skew must lie in \(0, 1\]"):
+        skewed_subset(groups, "caucasian", 1.01, size, seed=0)
+
+
 def test_largest_skewed_size_fits_every_bias_group_and_no_more(utk_groups: dict) -> None:
     groups = utk_groups["B"]
     size = largest_skewed_size(groups, 0.9)

@@ -311,6 +311,9 @@ def _check_parse(raw: dict[str, Any]) -> None:
     ("sample", {"batch_size": {"uniform": [16, 64]}}, "sample.batch_size.uniform: axis batch_size takes"),
     ("sample", {"seed": {"int_uniform": [0, 2**63 - 1]}}, "sample.seed.int_uniform: "),
     ("fixed", {"seed": 2**64}, "fixed.seed: "),
+    # seed 12 of the edge-value property: 2**31 clusters asked for a 5 TB centroid table
+    ("fixed", {"regularizer": "unsupervised+ndr", "reg.clusters": 2**31}, "fixed.reg.clusters: "),
+    ("fixed", {"regularizer": "grad", "reg.hidden": 2**40}, "fixed.reg.hidden: "),
 ])
 def test_spec_regressions_found_by_the_properties(table: str, entries: dict, message: str) -> None:
     raw = copy.deepcopy(BASE_SPECS[0])
