@@ -5,8 +5,8 @@ probe faces per group drawn from the face probe battery (:mod:`detector.facebatt
 zoo's balanced test split and under-18 faces, none a training face): min Λ of the deepest
 conv layer (the default) is the bias score. For each probe count, over ``--draws`` seeded
 draws of the probes, reports the AUC of 1 − min Λ for biased (favouring a group) vs balanced
-models (mean and range over draws), the same per favoured group, and how often the lowest-Λ
-group is one the model does not favour (chance 2/3).
+models (mean and range over draws), the same per favoured group and per conv layer, and how
+often the lowest-Λ group is one the model does not favour (chance 2/3).
 
     python scripts/insidebias_report.py results/faces95.zarr --data-dir ../shared/data --per-group 5 50
 
@@ -38,6 +38,11 @@ def group_auc(favoured: np.ndarray, min_ratios: list[np.ndarray], group: str) ->
     return round(float(np.mean([roc_auc_score(favoured[keep] == group, 1 - r[keep]) for r in min_ratios])), 4)
 
 
+def layer_auc(biased: np.ndarray, min_ratios: list[np.ndarray]) -> float:
+    """Mean over probe draws of the AUC of 1 − min Λ of one layer, biased vs balanced models."""
+    return round(float(np.mean([roc_auc_score(biased, 1 - r) for r in min_ratios])), 4)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("store", type=Path)
@@ -56,6 +61,7 @@ def main() -> None:
     probe_sets = {(n, draw): battery.probes(n, seed=draw)
                   for n in args.per_group for draw in range(args.draws)}
     min_ratio = {key: np.empty(len(rows)) for key in probe_sets}
+    layer_min_ratio: dict[tuple, np.ndarray] = {}  # (n, draw) -> (models, layers)
     lowest = {key: np.empty(len(rows), dtype=object) for key in probe_sets}
     done = 0
     with tqdm(total=len(rows), desc="InsideBias", unit="model") as bar:
@@ -65,20 +71,25 @@ def main() -> None:
                 for key, probes in probe_sets.items():
                     result = insidebias(model, probes)
                     min_ratio[key][done], lowest[key][done] = result.min_ratio(), result.lowest_group()
+                    layer_min_ratio.setdefault(key, np.empty((len(rows), len(result.layers))))[done] = \
+                        result.ratio.min(axis=1)
                 done += 1
                 bar.update()
     report = {"benchmark": "insidebias_report", "store": str(args.store), "n_models": len(rows),
               "n_biased": int(biased.sum()), "layer": result.default_layer, "draws": args.draws,
               "battery": battery.describe(), "chance_lowest_not_favoured": round(2 / 3, 4), "per_group": {}}
+    draws = range(args.draws)
     for n in args.per_group:
-        aucs = [roc_auc_score(biased, 1 - min_ratio[n, d]) for d in range(args.draws)]
-        missed = [float((lowest[n, d][biased] != favoured[biased]).mean()) for d in range(args.draws)]
+        aucs = [roc_auc_score(biased, 1 - min_ratio[n, d]) for d in draws]
+        missed = [float((lowest[n, d][biased] != favoured[biased]).mean()) for d in draws]
         report["per_group"][str(n)] = {
             "auc_biased_vs_balanced": round(float(np.mean(aucs)), 4),
             "auc_range": [round(float(min(aucs)), 4), round(float(max(aucs)), 4)],
             "lowest_group_not_favoured": round(float(np.mean(missed)), 4),
+            "auc_by_layer": {layer: layer_auc(biased, [layer_min_ratio[n, d][:, i] for d in draws])
+                             for i, layer in enumerate(result.layers)},
             # each favoured group's models against the balanced ones: where the skew shows most
-            "auc_by_favoured_group": {g: group_auc(favoured, [min_ratio[n, d] for d in range(args.draws)], g)
+            "auc_by_favoured_group": {g: group_auc(favoured, [min_ratio[n, d] for d in draws], g)
                                       for g in BIAS_GROUPS if g != "balanced" and (favoured == g).any()},
             "mean_min_ratio": {g: round(float(min_ratio[n, 0][favoured == g].mean()), 4)
                                for g in BIAS_GROUPS if (favoured == g).any()}}
