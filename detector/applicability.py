@@ -6,6 +6,9 @@ wider network, an untrained one, a recipe it never saw) it still returns a confi
 and that number means nothing. So every verdict carries an applicability check (``ood``):
 
 * the checkpoint's architecture and width against the training zoo's;
+* for a probe detector, its **task accuracy** on the battery (the colour-aligned digits, or
+  the faces): a network that answers near chance, below every training model, has barely learned
+  its task and has no bias level to read, whatever class the classifier names;
 * its **distance percentile**: the distance from its features to the nearest training model,
   placed among the training models' own leave-one-out nearest-neighbour distances. A
   checkpoint farther from every training model than any training model is from its nearest
@@ -40,6 +43,10 @@ REFERENCE_VERSION = 1
 N_NEAREST = 3
 N_EVIDENCE = 3
 _WIDTH_RTOL = 1e-6
+# A probe detector's column holding the network's accuracy on probes its training data looks
+# like, what that column reads at chance, and what the probes are (digit and face batteries).
+TASK_ACCURACY = {"out:aligned_acc": (0.1, "the battery's digits painted in their own class colour"),
+                 "shared:acc": (0.5, "the battery's faces")}
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,12 @@ class Reference:
             reasons.append(f"architecture {arch}; the detector learned from {self.arch} only")
         if abs(width - self.width) > _WIDTH_RTOL * self.width:
             reasons.append(f"width {width:g}; the detector learned from width {self.width:g} only")
+        learned = self.task_accuracy(features)
+        if learned is not None and learned["barely_learned"]:
+            reasons.append(f"it has barely learned its task: it answers {learned['value']:.0%} of "
+                           f"{learned['probes']} right (chance {learned['chance']:.0%}; the training models "
+                           f"{learned['training_min']:.0%}–{learned['training_max']:.0%}), so it has no "
+                           "bias level to read")
         distance = float(self.distances(features).min())
         percentile = 100.0 * float(np.mean(self.loo < distance))
         if distance > self.loo.max():
@@ -120,7 +133,22 @@ class Reference:
                 "distance": round(distance, 4), "distance_percentile": round(percentile, 1),
                 "training_distances": {"median": round(float(np.median(self.loo)), 4),
                                        "max": round(float(self.loo.max()), 4), "n_models": len(self.loo)},
-                "features": f"{self.kind} (standardised over the training zoo), RMS distance"}
+                "features": f"{self.kind} (standardised over the training zoo), RMS distance",
+                **({"task_accuracy": learned} if learned is not None else {})}
+
+    def task_accuracy(self, features: np.ndarray) -> dict[str, Any] | None:
+        """The checkpoint's accuracy on the probes its training data looks like, beside chance and
+        the training models' range (``None`` when the features hold no such column). It has
+        *barely learned* when it is under every training model and nearer chance than the lowest."""
+        column = next((name for name in TASK_ACCURACY if name in self.names), None)
+        if column is None:
+            return None
+        chance, probes = TASK_ACCURACY[column]
+        j = self.names.index(column)
+        value, low = float(np.asarray(features).reshape(-1)[j]), float(self.features[:, j].min())
+        return {"value": round(value, 4), "chance": chance, "probes": probes, "training_min": round(low, 4),
+                "training_max": round(float(self.features[:, j].max()), 4),
+                "barely_learned": bool(value < low and value - chance < (low - chance) / 2)}
 
     def distances(self, features: np.ndarray) -> np.ndarray:
         """RMS standardised distance from one feature row to every training model."""

@@ -60,20 +60,25 @@ def main() -> None:
         records.append({"model": int(row), "level": str(level_of[row]), "predicted": verdict["predicted"],
                         "in_distribution": verdict["ood"]["in_distribution"],
                         "agreement": verdict.get("agreement"), "unbiased_acc": float(unbiased[row]),
-                        "biased_acc": float(biased[row])})
+                        "biased_acc": float(biased[row]),
+                        "barely_learned": verdict["ood"].get("task_accuracy", {}).get("barely_learned")})
     (args.out / "records.json").write_text(json.dumps(records, indent=1))
     right = np.array([r["predicted"] == r["level"] for r in records])
     inside = np.array([r["in_distribution"] is not False for r in records])
     agreement = np.array([r["agreement"] for r in records], dtype=float)
     wrong_agreement = round(float(agreement[~right].mean()), 3) if (~right).any() else None
     learned = np.array([r["biased_acc"] >= args.learned for r in records])
+    barely = np.array([bool(r["barely_learned"]) for r in records])
     print(json.dumps({"benchmark": "recipe_applicability", "n": len(records), "right": int(right.sum()),
                       "inside": int(inside.sum()), "right_inside": int((right & inside).sum()),
                       "wrong_flagged_outside": int((~right & ~inside).sum()),
                       "agreement_right": round(float(agreement[right].mean()), 3),
                       "agreement_wrong": wrong_agreement, "learned_threshold": args.learned,
                       "learned": int(learned.sum()), "right_learned": int((right & learned).sum()),
-                      "wrong_not_learned": int((~right & ~learned).sum())}))
+                      "wrong_not_learned": int((~right & ~learned).sum()),
+                      # the verdict's own reading of the same thing, from the battery alone
+                      "verdict_barely_learned": int(barely.sum()),
+                      "verdict_barely_learned_and_not_learned": int((barely & ~learned).sum())}))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from detector.cli import main
+from modelzoo.architectures import build_model
 from tests.test_detector import STRONG, WEAK, real_zoo  # noqa: F401  (a fixture, used by name)
 
 
@@ -95,6 +96,13 @@ def test_a_probe_detector_judges_networks_of_another_architecture(real_zoo: Path
             assert 0 <= compiled["percentiles"]["biased"] <= 100
     # what it does still ranks the colour-driven network above the shape-driven one
     assert p_biased[STRONG] > p_biased[WEAK], p_biased
+
+    untrained = tmp_path / "untrained.pt"  # the zoo's own architecture, never trained
+    torch.save(build_model("digit-cnn", 0.5).state_dict(), untrained)
+    assert main(["score", str(untrained), "--detector", str(det), "--json"]) == 0
+    empty = json.loads(capsys.readouterr().out)
+    assert empty["ood"]["in_distribution"] is False and empty["ood"]["task_accuracy"]["barely_learned"]
+    assert empty["ood"]["reasons"][0].startswith("it has barely learned its task: it answers")
 
     grey = tmp_path / "grey.pt"
     torch.save(GreyNet().state_dict(), grey)

@@ -173,6 +173,33 @@ def test_calibration_softens_an_overconfident_detector_without_changing_its_verd
     assert expected_calibration_error(proba, truth) > 0.2
 
 
+def test_a_network_that_barely_learned_its_task_is_outside_the_detectors_experience() -> None:
+    rng = np.random.default_rng(0)
+    names = ("out:aligned_acc", "out:colour_follow", "sweep:slope")
+    train = np.column_stack([rng.uniform(0.9, 0.99, 40), rng.uniform(0, 1, 40), rng.normal(size=40)])
+    train[0, 0], train[1, 0] = 0.9, 0.99
+    reference = Reference(train.astype(np.float32), np.array(["0.02", "0.05"] * 20), np.arange(40), names,
+                          "digit-cnn", 1.0, kind="probe")
+    typical = train[5].copy()
+    seen = reference.assess(typical, "digit-cnn", 1.0)
+    assert seen["in_distribution"] and seen["task_accuracy"]["barely_learned"] is False
+
+    dead = typical.copy()
+    dead[0] = 0.11  # an untrained network: one class for every digit
+    verdict = reference.assess(dead, "digit-cnn", 1.0)
+    assert verdict["in_distribution"] is False and verdict["task_accuracy"]["barely_learned"]
+    assert verdict["reasons"][0] == (
+        "it has barely learned its task: it answers 11% of the battery's digits painted in their own "
+        "class colour right (chance 10%; the training models 90%–99%), so it has no bias level to read")
+    weaker = typical.copy()
+    weaker[0] = 0.6  # under every training model, yet far above chance: a weaker model, not an empty one
+    assert reference.assess(weaker, "digit-cnn", 1.0)["task_accuracy"]["barely_learned"] is False
+
+    weight_only = Reference(train[:, 1:].astype(np.float32), reference.labels, reference.rows, names[1:],
+                            "digit-cnn", 1.0)
+    assert "task_accuracy" not in weight_only.assess(typical[1:], "digit-cnn", 1.0)
+
+
 @pytest.fixture(scope="module")
 def small_detector(tmp_path_factory) -> tuple[Path, Path, np.ndarray]:
     """A boosting and a deepsets detector (with their training features) on synthetic half-width
