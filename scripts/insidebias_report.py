@@ -32,15 +32,15 @@ from modelzoo.faces import BIAS_GROUPS
 from modelzoo.zoo import open_zoo
 
 
+def mean_auc(positive: np.ndarray, min_ratios: list[np.ndarray]) -> float:
+    """Mean over probe draws of the AUC of 1 − min Λ, ``positive`` models against the others."""
+    return round(float(np.mean([roc_auc_score(positive, 1 - r) for r in min_ratios])), 4)
+
+
 def group_auc(favoured: np.ndarray, min_ratios: list[np.ndarray], group: str) -> float:
-    """Mean over probe draws of the AUC of 1 − min Λ, models favouring ``group`` vs balanced ones."""
+    """:func:`mean_auc` of the models favouring ``group`` against the balanced ones."""
     keep = np.isin(favoured, [group, "balanced"])
-    return round(float(np.mean([roc_auc_score(favoured[keep] == group, 1 - r[keep]) for r in min_ratios])), 4)
-
-
-def layer_auc(biased: np.ndarray, min_ratios: list[np.ndarray]) -> float:
-    """Mean over probe draws of the AUC of 1 − min Λ of one layer, biased vs balanced models."""
-    return round(float(np.mean([roc_auc_score(biased, 1 - r) for r in min_ratios])), 4)
+    return mean_auc(favoured[keep] == group, [r[keep] for r in min_ratios])
 
 
 def main() -> None:
@@ -60,8 +60,7 @@ def main() -> None:
     biased = favoured != "balanced"
     probe_sets = {(n, draw): battery.probes(n, seed=draw)
                   for n in args.per_group for draw in range(args.draws)}
-    min_ratio = {key: np.empty(len(rows)) for key in probe_sets}
-    layer_min_ratio: dict[tuple, np.ndarray] = {}  # (n, draw) -> (models, layers)
+    layer_min_ratio: dict[tuple, np.ndarray] = {}  # (n, draw) -> min Λ per (model, conv layer)
     lowest = {key: np.empty(len(rows), dtype=object) for key in probe_sets}
     done = 0
     with tqdm(total=len(rows), desc="InsideBias", unit="model") as bar:
@@ -70,7 +69,7 @@ def main() -> None:
                 model.load_state_dict(unflatten(weights, list(zoo.layout)))
                 for key, probes in probe_sets.items():
                     result = insidebias(model, probes)
-                    min_ratio[key][done], lowest[key][done] = result.min_ratio(), result.lowest_group()
+                    lowest[key][done] = result.lowest_group()
                     layer_min_ratio.setdefault(key, np.empty((len(rows), len(result.layers))))[done] = \
                         result.ratio.min(axis=1)
                 done += 1
@@ -79,6 +78,7 @@ def main() -> None:
               "n_biased": int(biased.sum()), "layer": result.default_layer, "draws": args.draws,
               "battery": battery.describe(), "chance_lowest_not_favoured": round(2 / 3, 4), "per_group": {}}
     draws = range(args.draws)
+    min_ratio = {key: by_layer[:, -1] for key, by_layer in layer_min_ratio.items()}  # the default layer
     for n in args.per_group:
         aucs = [roc_auc_score(biased, 1 - min_ratio[n, d]) for d in draws]
         missed = [float((lowest[n, d][biased] != favoured[biased]).mean()) for d in draws]
@@ -86,7 +86,7 @@ def main() -> None:
             "auc_biased_vs_balanced": round(float(np.mean(aucs)), 4),
             "auc_range": [round(float(min(aucs)), 4), round(float(max(aucs)), 4)],
             "lowest_group_not_favoured": round(float(np.mean(missed)), 4),
-            "auc_by_layer": {layer: layer_auc(biased, [layer_min_ratio[n, d][:, i] for d in draws])
+            "auc_by_layer": {layer: mean_auc(biased, [layer_min_ratio[n, d][:, i] for d in draws])
                              for i, layer in enumerate(result.layers)},
             # each favoured group's models against the balanced ones: where the skew shows most
             "auc_by_favoured_group": {g: group_auc(favoured, [min_ratio[n, d] for d in draws], g)
