@@ -224,3 +224,7 @@ def test_a_face_zoo_trains_the_probe_detector_by_default_and_it_scores_an_outsid
     assert set(result["probabilities"]) == {"balanced", "caucasian", "east_asian"}
     assert result["ood"]["in_distribution"] is not None and result["evidence"]["method"] == "occlusion"
     assert 0 < result["agreement"] <= 1  # the group scorer is a seed ensemble too
+    # a face probe verdict reads how well the network does its task on the battery's faces
+    task = result["ood"]["task_accuracy"]
+    assert task["chance"] == 0.5 and task["probes"] == "the battery's faces" and 0 <= task["value"] <= 1
+    assert task["barely_learned"] == ("it has barely learned its task" in " ".join(result["ood"]["reasons"]))
