@@ -41,11 +41,10 @@ class GRAD(ReversalHeadRegularizer):
                          grl_weight=grl_weight, ramp=ramp, depth=depth, batch_norm=batch_norm)
         self.batch_norm = bool(batch_norm) and hidden > 0
 
-    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                sensitive: torch.Tensor | None) -> torch.Tensor:
+    def bias_loss(self, features: torch.Tensor, sensitive: torch.Tensor) -> torch.Tensor:
         if self.batch_norm and self.training and len(features) < 2:
             return features.new_zeros(())
-        return self.bias_loss(features, sensitive)
+        return super().bias_loss(features, sensitive)
 
 
 class LNTL(ReversalHeadRegularizer):
@@ -64,9 +63,13 @@ class LNTL(ReversalHeadRegularizer):
     the heads learning the colour through the CE while the features, through the reversal (λ =
     ``grl_weight``, the source's 0.1), unlearn it; the entropy term (μ = ``entropy_weight``,
     the source's 0.01) runs the heads with detached weights, so only the features are pushed to
-    leave them uncertain. The source alternates two updates per batch; here both terms share
-    one step. ``target = "group"`` is a linear head predicting the sensitive group from the
-    flattened features instead (for tasks whose bias is not a pixel colour, e.g. faces).
+    leave them uncertain. As in the source (``alternate``, the default), each batch takes two
+    steps: the network on the task loss and the entropy term, then, on a fresh forward pass,
+    the heads on their colour loss and the network on its reversal (:meth:`adversary_term`);
+    ``alternate = False`` adds both terms to one step. The source also unlearns from a
+    pretrained baseline: the recipe's ``warmup_epochs``. ``target = "group"`` is a linear head
+    predicting the sensitive group from the flattened features instead (for tasks whose bias
+    is not a pixel colour, e.g. faces).
     """
 
     name = "lntl"
@@ -76,7 +79,7 @@ class LNTL(ReversalHeadRegularizer):
     def __init__(self, gamma: float = 1.0, *, feature_dim: int, num_groups: int,
                  feature_shape: tuple[int, ...] | None = None, target: str = "pixels", bins: int = 8,
                  hidden: int = 0, grl_weight: float = 0.1, ramp: bool = False,
-                 entropy_weight: float = 0.01) -> None:
+                 entropy_weight: float = 0.01, alternate: bool = True) -> None:
         if target not in ("pixels", "group"):
             raise RegularizerError(f"target must be 'pixels' or 'group', got {target!r}")
         if target == "pixels" and (feature_shape is None or len(feature_shape) != 3):
@@ -88,6 +91,7 @@ class LNTL(ReversalHeadRegularizer):
         super().__init__(gamma, feature_dim=feature_dim, num_groups=num_groups, hidden=hidden,
                          grl_weight=grl_weight, ramp=ramp)
         self.entropy_weight = check_gamma(entropy_weight, "entropy_weight")
+        self.alternating = bool(alternate)
         self.inputs: torch.Tensor | None = None
 
     def build_head(self, hidden: int, depth: int, batch_norm: bool) -> torch.nn.Module:
@@ -137,12 +141,11 @@ class LNTL(ReversalHeadRegularizer):
         return sum(F.cross_entropy(head(maps), colours[:, c], ignore_index=IGNORE)
                    for c, head in enumerate(self.head))
 
-    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                sensitive: torch.Tensor | None) -> torch.Tensor:
-        return self.bias_loss(features, sensitive) + self.entropy_weight * self.entropy_term(features)
+    def network_term(self, features: torch.Tensor) -> torch.Tensor:
+        return self.entropy_weight * self.entropy_term(features)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, target={self.target}"
+        return f"{super().extra_repr()}, target={self.target}, alternate={self.alternating}"
 
 
 class SensitiveNets(HeadRegularizer):

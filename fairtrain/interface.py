@@ -45,6 +45,9 @@ class Regularizer(nn.Module, metaclass=ABCMeta):
     # False when the method needs hooks of its own beyond its tap's features (a random draw
     # inside the network, the input images), which a vectorized bank's shared tap lacks.
     vectorizable: bool = True
+    # True when the source takes a second optimizer step per batch for its heads (LNTL): the
+    # trainer then runs a fresh forward pass and steps on ``adversary_term`` after the first step.
+    alternating: bool = False
 
     @property
     def task_weight(self) -> float:
@@ -173,3 +176,20 @@ class ReversalHeadRegularizer(HeadRegularizer):
     def bias_loss(self, features: torch.Tensor, sensitive: torch.Tensor) -> torch.Tensor:
         """CE of the head on reversed features: the head learns S, the features unlearn it."""
         return F.cross_entropy(self.head(reverse_gradient(features, self.reversal_weight)), sensitive)
+
+    def network_term(self, features: torch.Tensor) -> torch.Tensor:
+        """What the features pay besides the reversed head loss (none here; LNTL's entropy)."""
+        return features.new_zeros(())
+
+    def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                sensitive: torch.Tensor | None) -> torch.Tensor:
+        if self.alternating:  # the reversed head loss gets a step of its own (adversary_term)
+            return self.network_term(features)
+        return self.bias_loss(features, sensitive) + self.network_term(features)
+
+    def adversary_term(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                       sensitive: torch.Tensor | None = None) -> torch.Tensor:
+        """γ·(reversed head loss): the second step of a batch when ``alternating``, taken on a
+        fresh forward pass after the network's step on the task loss and :meth:`network_term`."""
+        features, targets, sensitive = self._validate(features, logits, targets, sensitive)
+        return self.gamma * self.bias_loss(features, sensitive)

@@ -47,6 +47,10 @@ class ModelConfig:
     lr_decay: float = 0.1  # step: the factor at each decay
     val_size: int = 0  # images of an unbiased validation split carved from the training pool
     select: str = "last"  # last | best_val: keep the last epoch's weights or the best on validation
+    # The first warmup_epochs of the epochs train on the task alone, at warmup_lr (0: lr); the
+    # regularizer joins after them and the schedule restarts (LNTL unlearns from a pretrained net).
+    warmup_epochs: int = 0
+    warmup_lr: float = 0.0
 
     @property
     def task_info(self) -> Task:
@@ -57,13 +61,26 @@ class ModelConfig:
         """True when every recipe field keeps its default (plain constant-rate training)."""
         return all(getattr(self, name) == value for name, value in RECIPE_DEFAULTS.items())
 
-    def lr_factor(self, epoch: int) -> float:
-        """The schedule's multiplier of ``lr`` during ``epoch`` (0-based)."""
+    def lr_factor(self, epoch: int, span: int | None = None) -> float:
+        """The schedule's multiplier of the rate during ``epoch`` (0-based) of a phase of
+        ``span`` epochs (default: all of them)."""
         if self.lr_schedule == "step" and self.lr_step > 0:
             return self.lr_decay ** (epoch // self.lr_step)
         if self.lr_schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+            return 0.5 * (1 + math.cos(math.pi * epoch / (span or self.epochs)))
         return 1.0
+
+    def lr_at(self, epoch: int) -> float:
+        """The learning rate during ``epoch`` (0-based). Warm-up epochs run at ``warmup_lr``
+        (or ``lr``) on their own schedule; from the epoch the regularizer joins, ``lr`` with the
+        schedule restarted: a baseline and its debiasing run are two trainings in LNTL's source."""
+        if epoch < self.warmup_epochs:
+            return (self.warmup_lr or self.lr) * self.lr_factor(epoch, self.warmup_epochs)
+        return self.lr * self.lr_factor(epoch - self.warmup_epochs, self.epochs - self.warmup_epochs)
+
+    def regularized(self, epoch: int) -> bool:
+        """Whether the regularizer's term counts during ``epoch`` (after the warm-up)."""
+        return epoch >= self.warmup_epochs
 
     @property
     def bias_level(self) -> float | str:
@@ -96,4 +113,4 @@ class ModelConfig:
 
 RECIPE_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(ModelConfig)
                                    if f.name in ("weight_decay", "lr_schedule", "lr_step", "lr_decay",
-                                                 "val_size", "select")}
+                                                 "val_size", "select", "warmup_epochs", "warmup_lr")}

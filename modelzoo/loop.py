@@ -120,20 +120,26 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
     """Train every member for its config's epochs, in place; what each member's training returns.
 
     Members share ``epochs``, ``batch_size`` and the size of their subset (every step has
-    one batch shape); learning rate, schedule, weight decay, seed, data, regularizer and
-    validation are each member's own. The loss is the sum over members of each one's mean
-    loss, so one backward pass gives every member its own gradient.
+    one batch shape); learning rate, schedule, warm-up, weight decay, seed, data, regularizer
+    and validation are each member's own. The loss is the sum over members of each one's mean
+    loss, so one backward pass gives every member its own gradient. A regularizer that
+    ``alternating`` (LNTL) gets a second step per batch on a fresh forward pass; it trains alone.
     """
     first = members[0].config
     images, labels, sensitive, starts = training_bank(members, device)
     n, batch_size, size = len(members[0].subset), first.batch_size, len(members)
     regularized = [(i, m) for i, m in enumerate(members) if m.regularizer is not None]
+    if size > 1 and any(m.regularizer.alternating for _, m in regularized):
+        raise ValueError("a regularizer that alternates two steps per batch trains one model at a time")
     task_weights = torch.tensor([m.regularizer.task_weight if m.regularizer is not None else 1.0
                                  for m in members], device=device)
-    total_steps, step = first.epochs * -(-n // batch_size), 0
+    steps_per_epoch = -(-n // batch_size)
+    step = 0
     results = [FitResult(float("nan"), 0.0)] * size
     for epoch in range(first.epochs):
-        trainee.set_lrs([m.config.lr * m.config.lr_factor(epoch) for m in members])
+        trainee.set_lrs([m.config.lr_at(epoch) for m in members])
+        active = [(i, m) for i, m in regularized if m.config.regularized(epoch)]
+        alternating = [(i, m) for i, m in active if m.regularizer.alternating]
         order = [shuffled_batches(n, batch_size, m.shuffler) for m in members]
         rows = torch.stack([start + torch.cat(b) for start, b in zip(starts, order, strict=True)]).to(device)
         ce_total = torch.zeros(size, device=device)
@@ -147,15 +153,25 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
             ce = ce.view(size, b).mean(1)
             ce_total += ce.detach() * b
             loss = (ce * task_weights).sum()
-            for i, m in regularized:
+            for i, m in active:
                 with m.stream:  # a regularizer may draw (BinaryBernoulli samples its code)
-                    term = regularizer_term(m.regularizer, step / total_steps, features[i], logits[i],
-                                            target[i], sensitive[idx[i]])
+                    term = regularizer_term(m.regularizer, phase_progress(m.config, step, steps_per_epoch),
+                                            features[i], logits[i], target[i], sensitive[idx[i]])
                 reg_total[i] += term.detach() * b
                 loss = loss + term
             trainee.zero_grad()
             loss.backward()
             trainee.step()
+            if alternating:
+                logits, features = trainee(images[idx])
+                terms = [(i, m.regularizer.adversary_term(features[i], logits[i], target[i],
+                                                          sensitive[idx[i]])) for i, m in alternating]
+                for i, term in terms:
+                    reg_total[i] += term.detach() * b
+                loss = sum(term for _, term in terms)
+                trainee.zero_grad()
+                loss.backward()
+                trainee.step()
             step += 1
         totals = zip(ce_total.tolist(), reg_total.tolist(), strict=True)
         results = [FitResult(ce / n, reg / n) for ce, reg in totals]
@@ -168,3 +184,9 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
             best, accuracy = m.validation.chosen(m.model)
             results[i] = FitResult(results[i].train_loss, results[i].reg_loss, accuracy, best + 1)
     return results
+
+
+def phase_progress(config: ModelConfig, step: int, steps_per_epoch: int) -> float:
+    """How far training is through the regularized epochs (0 when the regularizer joins, → 1)."""
+    start = config.warmup_epochs * steps_per_epoch
+    return (step - start) / ((config.epochs - config.warmup_epochs) * steps_per_epoch)

@@ -281,6 +281,11 @@ def parse_spec(raw: dict[str, Any], *, build_regularizers: bool = True) -> ZooSp
         check_by_building(zoo, tables, seen, named)
     if "best_val" in values_given(tables, "select") and "val_size" not in seen:
         raise SpecError(f"{seen['select']}.select: best_val selects on a validation split; give val_size")
+    warmup = values_given(tables, "warmup_epochs")
+    if warmup and max(warmup) >= min(values_given(tables, "epochs")):
+        raise SpecError(f"{seen['warmup_epochs']}.warmup_epochs: {max(warmup)} warm-up epochs leave no "
+                        f"epoch of the {min(values_given(tables, 'epochs'))} for the regularizer; "
+                        "warmup_epochs must be below epochs")
     pools = values_given(tables, "pool")
     if not pools <= set(task.pools):
         raise SpecError(f"pool: {task.name} trains on pool {' or '.join(task.pools)}, got {sorted(pools)}")

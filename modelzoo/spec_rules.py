@@ -40,7 +40,7 @@ ZOO_KEYS: dict[str, tuple[type, Any]] = {
     "dataset": (str, ""),  # face_gender: a folder under <data root>/faces/, or a path
     "vectorize": (int, 1),  # models of a block trained together (modelzoo.vectorized); 1 = one at a time
 }
-# Training-recipe axes (weight decay, LR schedule, validation split and selection): a store
+# Training-recipe axes (weight decay, LR schedule, validation split and selection, warm-up): a store
 # column only where a spec gives them, so specs and stores made before them are unchanged.
 RECIPE_AXES: dict[str, tuple[type, Any]] = {name: (type(value), value)
                                             for name, value in RECIPE_DEFAULTS.items()}
@@ -216,6 +216,10 @@ def checked_value(where: str, axis: str, value: Any, task: Task, regularizers: b
                                                   "no validation split)")
     elif axis == "select":
         ok, expected = value in SELECTIONS, f"one of {list(SELECTIONS)}"
+    elif axis == "warmup_epochs":
+        ok, expected = 0 <= value < LIMITS["epochs"], f"in [0, {LIMITS['epochs']:,}) (and below epochs)"
+    elif axis == "warmup_lr":
+        ok, expected = 0 <= value < 10, "in [0, 10) (0: the warm-up runs at lr)"
     elif axis == "regularizer" and value != "none" and regularizers:
         from fairtrain.regularizers import RegularizerError, check_regularizer_name
 

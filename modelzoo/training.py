@@ -171,12 +171,13 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
 
 class Validation:
     """A model's validation split, scored after each epoch; keeps the best epoch's weights
-    when its config selects on it."""
+    when its config selects on it, among the epochs its regularizer trained (after any warm-up)."""
 
     def __init__(self, val: ImageSet, config: ModelConfig, train: ImageSet) -> None:
         rows = config.task_info.validation_subset(train, config)
         self.images, self.labels = val.images[rows], val.labels[rows]
         self.select_best = config.select == "best_val"
+        self.first_eligible = config.warmup_epochs
         self.history: list[float] = []
         self.best_state: dict[str, torch.Tensor] | None = None
 
@@ -187,7 +188,9 @@ class Validation:
         predicted, _ = predict(model, self.images, device)
         model.train(was_training)
         accuracy = float((predicted == self.labels).mean())
-        if self.select_best and (not self.history or accuracy > max(self.history)):
+        eligible = self.history[self.first_eligible:]
+        if self.select_best and len(self.history) >= self.first_eligible and (
+                not eligible or accuracy > max(eligible)):
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.history.append(accuracy)
 
@@ -196,7 +199,7 @@ class Validation:
         if not self.select_best:
             return len(self.history) - 1, self.history[-1]
         model.load_state_dict(self.best_state)
-        best = int(np.argmax(self.history))
+        best = self.first_eligible + int(np.argmax(self.history[self.first_eligible:]))
         return best, self.history[best]
 
 

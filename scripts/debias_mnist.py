@@ -13,8 +13,9 @@ frozen bottleneck) and the regularizer's final term.
     python scripts/debias_mnist.py --task biased_mnist --protocol rebias --seeds 3 --data-dir ../shared/data
 
 ``--protocol`` takes a source's whole recipe (epochs, optimizer, weight decay, LR schedule,
-validation split and best-epoch selection); the run is long (ReBias's 80 epochs), resumes from
-its JSON, and records each model's seed, validation accuracy and best epoch.
+validation split and best-epoch selection, LNTL's pretraining as a warm-up) as defaults that
+flags given override; the run is long (ReBias's 80 epochs), resumes from its JSON, and records
+each model's seed, validation accuracy and best epoch.
 
 Writes ``<task>.json`` (rewritten after every model, so an interrupted run resumes where it
 stopped when given the same settings) and ``<task>.png`` under ``--out``, then prints the
@@ -49,8 +50,10 @@ DEFAULT_GAMMA = {"none": 0.0, "ndr": 1.0, "end": 1.0, "grad": 0.1, "lntl": 1.0, 
 PROTOCOLS = {
     "rebias": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 256, "epochs": 80,
                "lr_schedule": "step", "lr_step": 20, "lr_decay": 0.1, "val_size": 5000, "select": "best_val"},
-    "lntl": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 5e-4, "batch_size": 128, "epochs": 100,
-             "lr_schedule": "step", "lr_step": 40, "lr_decay": 0.1},
+    # LNTL unlearns from a baseline trained 100 epochs at lr 0.01 (its baseline_train.sh), then
+    # trains 100 more at 1e-3 (train.sh), each with ×0.1 every 40 epochs: a 100-epoch warm-up.
+    "lntl": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 5e-4, "batch_size": 128, "epochs": 200,
+             "warmup_epochs": 100, "warmup_lr": 1e-2, "lr_schedule": "step", "lr_step": 40, "lr_decay": 0.1},
 }
 # Colour is equally common overall, so balancing must happen inside each digit class.
 OPTIONS = {"group_balanced": {"per_class": True}}
@@ -149,20 +152,24 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=0,
                         help="unbiased validation images held out of the training pool (0: none)")
     parser.add_argument("--select", choices=("last", "best_val"), default="last")
+    parser.add_argument("--warmup-epochs", type=int, default=0,
+                        help="epochs (of --epochs) trained on the task alone before the regularizer joins")
+    parser.add_argument("--warmup-lr", type=float, default=0.0, help="the warm-up's learning rate (0: --lr)")
     parser.add_argument("--seeds", type=int, default=1, help="models per cell, seeds seed..seed+N-1")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS),
-                        help="a source's recipe (sets epochs, batch size, lr, optimizer, schedule, "
-                             "weight decay, validation), overriding those flags")
+                        help="a source's recipe (epochs, batch size, lr, optimizer, schedule, weight "
+                             "decay, validation, warm-up) as the defaults; flags given override them")
+    parser.set_defaults(**PROTOCOLS.get(parser.parse_known_args()[0].protocol, {}))
     args = parser.parse_args()
-    for key, value in PROTOCOLS.get(args.protocol, {}).items():
-        setattr(args, key, value)
 
     levels = args.levels or TASKS[args.task]["levels"]
     gammas = parse_gammas(args.gamma)
     options = parse_options(args.reg_option)
     recipe = {"optimizer": args.optimizer, "weight_decay": args.weight_decay,
               "lr_schedule": args.lr_schedule, "lr_step": args.lr_step, "lr_decay": args.lr_decay,
-              "val_size": args.val_size, "select": args.select}
+              "val_size": args.val_size, "select": args.select,
+              **({"warmup_epochs": args.warmup_epochs, "warmup_lr": args.warmup_lr}
+                 if args.warmup_epochs else {})}
     settings = {"task": args.task, "epochs": args.epochs, "train_size": args.train_size,
                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "eval_size": args.eval_size,
                 **recipe, "reg_options": options}

@@ -233,13 +233,30 @@ def test_lntl_heads_learn_the_colour_and_the_reversal_pushes_the_features_away()
                           entropy_weight=0.0)
     reg.inputs = torch.rand(6, 3, 28, 28)  # as its hook captures them
     features = torch.randn(6, 100, requires_grad=True)
-    reg(features, *dummy(6), torch.zeros(6, dtype=torch.long)).backward()
+    reg.adversary_term(features, *dummy(6), torch.zeros(6, dtype=torch.long)).backward()
     reversed_grad = features.grad.clone()
     features.grad = None
     maps, colours = features.view(6, 4, 5, 5), reg.pixel_colours((5, 5))
     sum(F.cross_entropy(head(maps), colours[:, c]) for c, head in enumerate(reg.head)).backward()
     assert torch.allclose(reversed_grad, -0.1 * features.grad, atol=1e-6)  # the source's ×0.1
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in reg.head.parameters())
+
+
+def test_lntl_alternates_as_its_source_and_one_step_adds_both_terms() -> None:
+    features, logits, targets, sensitive = batch()
+    alternating = reg_of("lntl")
+    assert alternating.alternating  # the source's two steps per batch are the default
+    first_step = alternating(features, logits, targets, sensitive)
+    assert first_step.item() == pytest.approx(0.01 * alternating.entropy_term(features).item(), abs=1e-7)
+    first_step.backward()
+    assert all(p.grad is None for p in alternating.head.parameters())  # the heads wait for step two
+    second_step = alternating.adversary_term(features, logits, targets, sensitive)
+    assert second_step.item() == pytest.approx(alternating.bias_loss(features, sensitive).item())
+    one_step = get_regularizer("lntl", 1.0, **OPTIONS["lntl"], alternate=False)
+    one_step.load_state_dict(alternating.state_dict())
+    assert not one_step.alternating
+    assert one_step(features, logits, targets, sensitive).item() == pytest.approx(
+        first_step.item() + second_step.item(), rel=1e-6)
 
 
 def test_lntl_entropy_term_trains_features_not_the_head() -> None:
@@ -252,7 +269,7 @@ def test_lntl_entropy_term_trains_features_not_the_head() -> None:
     assert all(p.grad is None for p in reg.head.parameters())
     assert features.grad.abs().sum() > 0
     features.grad = None
-    reg(features, logits, targets, sensitive).backward()
+    reg.adversary_term(features, logits, targets, sensitive).backward()
     assert all(p.grad is not None for p in reg.head.parameters())
     # Known ends: a head that cannot tell the groups apart (all logits equal) leaves nothing to
     # gain, one sure of a group is log 3 (nats) from the uniform prediction.
@@ -565,5 +582,10 @@ def test_digit_cnn_trains_with_a_regularizer(name: str, one_thread: None) -> Non
         loss.backward()
         optimizer.step()
         assert torch.isfinite(loss)
+        if reg.alternating:  # LNTL's second step: its heads, and the network against them
+            logits = model(images[idx])
+            optimizer.zero_grad(set_to_none=True)
+            reg.adversary_term(tap.features, logits, targets[idx], sensitive[idx]).backward()
+            optimizer.step()
     assert not torch.equal(model_before, model.fc1.weight)
     assert all(not torch.equal(before, p) for before, p in zip(heads_before, reg.parameters(), strict=True))

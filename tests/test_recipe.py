@@ -14,9 +14,10 @@ import torch
 import modelzoo
 from modelzoo.datasets import ImageSet, nearest_color
 from modelzoo.generation import generate
+from modelzoo.loop import train_loop
 from modelzoo.spec import SpecError, parse_spec
 from modelzoo.tasks import get_task
-from modelzoo.training import fit, predict, seeded_model, training_subset
+from modelzoo.training import OneModel, fit, member, predict, seeded_model, training_subset
 from tests.conftest import tiny_spec_dict
 
 RECIPE = {"weight_decay": 1e-4, "lr_schedule": "step", "lr_step": 2, "lr_decay": 0.5, "val_size": 300}
@@ -120,6 +121,57 @@ def test_weight_decay_shrinks_the_weights(recipe_data, one_torch_thread) -> None
         fit(model, data.train, chosen, torch.device("cpu"), data.num_groups)
         norms.append(float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm()))
     assert norms[1] < 0.8 * norms[0]
+
+
+def test_a_warm_up_trains_the_task_alone_then_the_regularizer_joins_on_a_restarted_schedule(
+        recipe_data, one_torch_thread) -> None:
+    spec, config, data = recipe_data
+    warm = config.replace(epochs=5, warmup_epochs=2, warmup_lr=0.01, lr=0.001, lr_schedule="step", lr_step=2)
+    assert [warm.lr_at(e) for e in range(5)] == pytest.approx([0.01, 0.01, 0.001, 0.001, 0.0001])
+    assert [warm.regularized(e) for e in range(5)] == [False, False, True, True, True]
+    assert config.replace(warmup_epochs=0).lr_at(3) == config.lr  # no warm-up: as before
+    device = torch.device("cpu")
+    # Over the warm-up a regularized model trains exactly as a plain one (NDR draws nothing);
+    # once NDR joins at a strength that dominates, they part.
+    histories = {}
+    runs = {"plain": {}, "ndr after 1": {"regularizer": "ndr", "gamma": 50.0, "warmup_epochs": 1}}
+    for name, changes in runs.items():
+        chosen = config.replace(epochs=2, select="best_val", **changes)
+        model = seeded_model(spec.arch, spec.width, chosen, device)
+        one = member(model, chosen, device, data.train, data.num_groups, data.val)
+        fitted = train_loop(OneModel(one, device), [one], device)[0]
+        histories[name] = one.validation.history
+        if changes:  # best-validation selection only looks at the regularized epochs
+            assert fitted.best_epoch == 2 and fitted.val_acc == histories[name][1]
+    assert histories["plain"][0] == histories["ndr after 1"][0]
+    assert histories["plain"][1] != histories["ndr after 1"][1]
+
+
+def test_lntl_alternating_steps_train_its_heads_and_the_network(recipe_data, one_torch_thread) -> None:
+    spec, config, data = recipe_data
+    device = torch.device("cpu")
+    chosen = config.replace(epochs=2, warmup_epochs=1, regularizer="lntl", val_size=0, optimizer="sgd",
+                            lr=0.01)
+    model = seeded_model(spec.arch, spec.width, chosen, device)
+    one = member(model, chosen, device, data.train, data.num_groups)
+    heads = [p.detach().clone() for p in one.regularizer.parameters()]
+    fitted = train_loop(OneModel(one, device), [one], device)[0]
+    assert fitted.reg_loss > 0 and math.isfinite(fitted.train_loss)
+    after = list(one.regularizer.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(heads, after, strict=True))  # step two moved them
+    assert type(one.regularizer).vectorizable is False  # two LNTL models never share a bank
+    with pytest.raises(ValueError, match="trains one model at a time"):
+        train_loop(OneModel(one, device), [one, one], device)
+
+
+@pytest.mark.parametrize(("fixed", "message"), [
+    ({"epochs": 3, "warmup_epochs": 3}, "fixed.warmup_epochs: 3 warm-up epochs leave no epoch of the 3"),
+    ({"warmup_epochs": -1}, "fixed.warmup_epochs: value -1 must be in [0, 100,000)"),
+    ({"warmup_lr": -0.1}, "fixed.warmup_lr: value -0.1 must be in [0, 10)"),
+])
+def test_bad_warm_ups_name_their_key(fixed: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        parse_spec(tiny_spec_dict(**fixed))
 
 
 @pytest.mark.slow
