@@ -50,16 +50,19 @@ def add_detector_commands(subparsers: argparse._SubParsersAction) -> None:
     train.set_defaults(handler=_train)
 
     recal = commands.add_parser(
-        "recalibrate", help="move a probe detector to another width (refit its cut points only)",
+        "recalibrate", help="move a probe detector to another width or recipe (refit its cut points only)",
         description="Refit only the cut points of a probe detector's head on labelled reference models of "
-        "another width, taken from --zoo or trained here with the detector's own zoo recipe, and write "
-        "the detector for that width to --out.")
+        "another width, taken from --zoo or trained here with the detector's own zoo recipe (or with yours: "
+        "--recipe), and write the detector for those checkpoints to --out.")
     recal.add_argument("detector", type=Path, help="detector folder (a probe detector)")
     recal.add_argument("--width", type=float, required=True, help="the width of the checkpoints to score")
     recal.add_argument("--out", type=Path, required=True, help="detector folder to write")
     recal.add_argument("--zoo", type=Path, help="a store of labelled models at that width (else: train them)")
     recal.add_argument("--pool", help="take reference models of this pool only")
     recal.add_argument("--per-class", type=int, default=8, help="reference models per class (default: 8)")
+    recal.add_argument("--recipe", nargs="+", default=[], metavar="AXIS=VALUE", type=_recipe_value,
+                       help="train the reference models with your recipe, e.g. optimizer=sgd lr=0.005 "
+                       "epochs=5 batch_size=32 train_size=12000 (zoo spec axes)")
     recal.add_argument("--reference-store", type=Path, help="where trained reference models go "
                        "(default: OUT.reference.zarr beside --out)")
     recal.add_argument("--data-dir", type=Path, help="data root (else $WEIGHTBIAS_DATA, the cache)")
@@ -140,7 +143,8 @@ def _recalibrate(args: argparse.Namespace) -> int:
     from detector.recalibrate import recalibrate_detector
 
     entry = recalibrate_detector(args.detector, args.width, args.out, zoo=args.zoo, pool=args.pool,
-                                 per_class=args.per_class, reference_store=args.reference_store,
+                                 per_class=args.per_class, recipe=dict(args.recipe),
+                                 reference_store=args.reference_store,
                                  data_dir=args.data_dir, address=args.address, num_cpus=args.num_cpus,
                                  progress=True)
     _print(entry, args.json, [f"{args.detector} recalibrated for width {args.width:g} -> {args.out}",
@@ -148,6 +152,17 @@ def _recalibrate(args: argparse.Namespace) -> int:
                               f"cut points {entry['cut_points_before']} -> {entry['cut_points_after']}; "
                               f"reference accuracy {entry['reference_accuracy']:.1%}"])
     return 0
+
+
+def _recipe_value(text: str) -> tuple[str, Any]:
+    """``AXIS=VALUE``, the value read as JSON where it is (numbers) and as text otherwise."""
+    axis, _, raw = text.partition("=")
+    if not axis or not raw:
+        raise argparse.ArgumentTypeError(f"expected AXIS=VALUE (e.g. epochs=5), got {text!r}")
+    try:
+        return axis, json.loads(raw)
+    except json.JSONDecodeError:
+        return axis, raw
 
 
 def _add_memory_budget(parser: argparse.ArgumentParser) -> None:

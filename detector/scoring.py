@@ -345,8 +345,9 @@ def verdict_lines(result: dict[str, Any]) -> list[str]:
         parts.append(f"trained on only {few} models per class")
     moved = detector.get("recalibration")
     if moved:
-        parts.append(f"cut points refitted for width {moved['width']:g} on {moved['n_reference']} "
-                     f"reference models (trained at width {moved['from_width']:g})")
+        recipe = ", ".join(f"{key} {value}" for key, value in moved.get("recipe", {}).items())
+        parts.append(f"cut points refitted for width {moved['width']:g}{f' and {recipe}' if recipe else ''} "
+                     f"on {moved['n_reference']} reference models (trained at width {moved['from_width']:g})")
     width = "" if result["width"] is None else f" width {result['width']:g}"
     parts.append(f"arch {result['arch']}{width}")
     lines = ["; ".join(parts)]

@@ -22,7 +22,7 @@ from detector.cli import main
 from detector.evaluate import labels, rows_at_levels, score_detector, split_rows
 from detector.files import DetectorFileError, load_detector, save_detector
 from detector.models import DETECTORS, DetectorError, for_layout, make_detector, runs_networks
-from detector.recalibrate import recalibrate_detector
+from detector.recalibrate import recalibrate_detector, reference_spec
 from detector.scoring import score_checkpoint, verdict_lines
 from detector.workflow import evaluate_detector, train_detector
 from modelzoo.architectures import build_model, flatten, layout
@@ -409,12 +409,45 @@ def test_a_probe_detector_recalibrated_for_another_width_trains_its_own_referenc
     line = capsys.readouterr().out
     assert "cut points refitted for width 0.25 on 4 reference models" in line
     assert not any("width 0.25; the detector" in part for part in line.split(";"))
+    # The user's recipe in the zoo's place: the reference models train with it, the verdict says so.
+    own_recipe = tmp_path / "det_quarter_sgd"
+    assert main(["detector", "recalibrate", str(det), "--width", "0.25", "--out", str(own_recipe),
+                 "--per-class", "2", "--num-cpus", "2", "--recipe", "optimizer=sgd", "lr=0.01",
+                 "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert entry["recipe"] == {"optimizer": "sgd", "lr": 0.01} and entry["n_reference"] == 4
+    reference = open_zoo(entry["reference_store"])
+    assert set(reference.column("config/optimizer")) == {"sgd"} and reference.spec.fixed["epochs"] == 2
+    assert main(["score", str(path), "--detector", str(own_recipe)]) == 0
+    assert "cut points refitted for width 0.25 and optimizer sgd, lr 0.01 on 4" in capsys.readouterr().out
 
     boosting = tmp_path / "boosting"
     assert main(["detector", "train", str(real_zoo), "--out", str(boosting), "--detector", "boosting",
                  "--target", "biased"]) == 0
     with pytest.raises(DetectorError, match="no cut points to refit"):
         recalibrate_detector(boosting, 0.25, tmp_path / "never")
+
+
+def test_reference_models_for_another_recipe_train_with_the_users_recipe_in_the_zoos_place(
+        tmp_path: Path, capsys) -> None:
+    zoo_spec = tiny_spec_dict(n_models=8, epochs=2)
+    zoo_spec["sample"] = {"lr": {"log_uniform": [1e-3, 3e-3]}, "batch_size": {"choice": [32, 64]}}
+    del zoo_spec["fixed"]["lr"], zoo_spec["fixed"]["batch_size"]
+    recipe = {"optimizer": "sgd", "lr": 0.005, "epochs": 5, "train_size": 768}
+    spec = parse_spec(reference_spec(zoo_spec, 1.0, 3, "A", recipe))
+    assert spec.n_models == 6 and spec.sample == {"batch_size": {"choice": [32, 64]}}
+    for index in range(spec.n_models):
+        config = spec.config(index)
+        assert (config.optimizer, config.lr, config.epochs, config.train_size, config.pool) == (
+            "sgd", 0.005, 5, 768, "A")
+    assert sorted({spec.config(i).bias_level for i in range(6)}) == [0.02, 0.05]  # the zoo's own levels
+    with pytest.raises(DetectorError, match=r"either --zoo .* or --recipe"):
+        recalibrate_detector(tmp_path / "det", 1.0, tmp_path / "out", zoo=tmp_path / "zoo.zarr",
+                             recipe={"epochs": 5})
+    with pytest.raises(SystemExit):
+        main(["detector", "recalibrate", str(tmp_path / "det"), "--width", "1", "--out", str(tmp_path / "o"),
+              "--recipe", "epochs"])
+    assert "expected AXIS=VALUE (e.g. epochs=5), got 'epochs'" in capsys.readouterr().err
 
 
 def test_damaged_models_are_named_by_their_numbers_in_the_zoo(tmp_path: Path) -> None:
