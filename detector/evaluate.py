@@ -50,11 +50,16 @@ def labels(zoo: Zoo, target: str) -> np.ndarray:
         return zoo.column("config/regularizer").astype(str)
     level = zoo.column(f"config/{zoo.task.bias_level}")
     if target == "bias_level":
-        return np.array([f"{v:g}" for v in level]) if level.dtype.kind in "fiu" else level.astype(str)
+        return np.array([level_label(v) for v in level.tolist()])
     if len(np.unique(level)) < 2:
         raise DetectorError(f"target 'biased' needs two or more {zoo.task.bias_level} levels; "
                             f"the zoo has {np.unique(level).tolist()}")
     return np.where(zoo.task.biased(level), "biased", "unbiased")
+
+
+def level_label(value: float | str) -> str:
+    """A bias level as a detector's class: σ² or ρ in ``%g`` form ("0.02"), a face group as is."""
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 def split_rows(zoo: Zoo, split: str, train_pool: str = "A", seed: int = 0,

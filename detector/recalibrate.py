@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 
 from detector.applicability import REFERENCE_KIND, Reference
-from detector.evaluate import as_zoo, labels, rows_at_levels, zoo_features
+from detector.evaluate import as_zoo, labels, level_label, rows_at_levels, zoo_features
 from detector.files import check_detector_folder, load_detector, save_detector
 from detector.models import PROBE_KIND, DetectorError, for_layout
 from detector.transform import WeightFeatures
+from modelzoo.tasks import get_task
 from modelzoo.zoo import Zoo
 
 REFERENCE_SEED_OFFSET = 7919  # reference models never repeat a training model's seed
@@ -43,12 +44,18 @@ _META_KEYS = ("detector", "target", "split", "train_pool", "levels", "zoo", "hel
 
 
 def reference_spec(spec_dict: dict[str, Any], width: float, per_class: int, pool: str,
-                   recipe: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   recipe: Mapping[str, Any] | None = None,
+                   levels: list[str] | None = None) -> dict[str, Any]:
     """The training zoo's spec moved to ``width``, one pool, ``per_class`` models per cell, and
-    trained with ``recipe`` (fixed values of common axes: optimizer, lr, epochs, ...) if given."""
+    trained with ``recipe`` (fixed values of common axes: optimizer, lr, epochs, ...) if given;
+    a swept bias level keeps only ``levels`` (as :func:`~detector.evaluate.labels` writes them),
+    the ones the detector knows."""
     recipe = dict(recipe or {})
     spec = {table: dict(values) for table, values in spec_dict.items()}
     sweep = {axis: values for axis, values in spec["sweep"].items() if axis != "pool" and axis not in recipe}
+    level_axis = get_task(spec["zoo"]["task"]).bias_level
+    if levels and level_axis in sweep:
+        sweep[level_axis] = [v for v in sweep[level_axis] if level_label(v) in levels]
     cells = int(np.prod([len(values) for values in sweep.values()])) if sweep else 1
     spec["sweep"] = sweep
     if "sample" in spec:
@@ -61,17 +68,18 @@ def reference_spec(spec_dict: dict[str, Any], width: float, per_class: int, pool
 
 
 def train_reference_zoo(training_zoo: Zoo, width: float, per_class: int, out: Path, *,
-                        recipe: Mapping[str, Any] | None = None, data_dir: str | Path | None = None,
+                        recipe: Mapping[str, Any] | None = None, levels: list[str] | None = None,
+                        data_dir: str | Path | None = None,
                         address: str | None = None, num_cpus: int | None = None,
                         progress: bool = False) -> Zoo:
-    """Train (or resume) reference models at ``width`` with the training zoo's own recipe, or
-    with ``recipe``'s values in its place."""
+    """Train (or resume) reference models at ``width`` (of the bias ``levels`` only, if given)
+    with the training zoo's own recipe, or with ``recipe``'s values in its place."""
     from modelzoo import generate
     from modelzoo.spec import parse_spec
     from modelzoo.zoo import open_zoo
 
     pools = sorted(set(training_zoo.column("config/pool")[training_zoo.done].tolist()))
-    spec = parse_spec(reference_spec(training_zoo.attrs["spec"], width, per_class, pools[0], recipe))
+    spec = parse_spec(reference_spec(training_zoo.attrs["spec"], width, per_class, pools[0], recipe, levels))
     generate(spec, out, data_dir=data_dir, address=address, num_cpus=num_cpus, progress=progress)
     return open_zoo(out)
 
@@ -121,7 +129,8 @@ def recalibrate_detector(detector_dir: str | Path, width: float, out: str | Path
                                 "--zoo STORE with labelled models of the new width")
         store = Path(reference_store) if reference_store else out.with_name(out.name + ".reference.zarr")
         zoo = train_reference_zoo(as_zoo(trained_on), width, per_class, store, recipe=recipe,
-                                  data_dir=data_dir, address=address, num_cpus=num_cpus, progress=progress)
+                                  levels=meta.get("levels"), data_dir=data_dir, address=address,
+                                  num_cpus=num_cpus, progress=progress)
     zoo = as_zoo(zoo)
     if abs(zoo.width - width) > 1e-9 or zoo.arch != meta["zoo"]["arch"]:
         raise DetectorError(f"{zoo.path} holds {zoo.arch} models of width {zoo.width:g}; recalibrating "

@@ -441,6 +441,9 @@ def test_reference_models_for_another_recipe_train_with_the_users_recipe_in_the_
         assert (config.optimizer, config.lr, config.epochs, config.train_size, config.pool) == (
             "sgd", 0.005, 5, 768, "A")
     assert sorted({spec.config(i).bias_level for i in range(6)}) == [0.02, 0.05]  # the zoo's own levels
+    zoo_spec["sweep"]["sigma2"] = [0.02, 0.03, 0.05]
+    only_known = parse_spec(reference_spec(zoo_spec, 1.0, 3, "A", recipe, levels=["0.02", "0.05"]))
+    assert only_known.n_models == 6  # no reference model at a level the detector does not predict
     with pytest.raises(DetectorError, match=r"either --zoo .* or --recipe"):
         recalibrate_detector(tmp_path / "det", 1.0, tmp_path / "out", zoo=tmp_path / "zoo.zarr",
                              recipe={"epochs": 5})
