@@ -159,19 +159,14 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
                                             features[i], logits[i], target[i], sensitive[idx[i]])
                 reg_total[i] += term.detach() * b
                 loss = loss + term
-            trainee.zero_grad()
-            loss.backward()
-            trainee.step()
+            descend(trainee, loss)
             if alternating:
                 logits, features = trainee(images[idx])
                 terms = [(i, m.regularizer.adversary_term(features[i], logits[i], target[i],
                                                           sensitive[idx[i]])) for i, m in alternating]
                 for i, term in terms:
                     reg_total[i] += term.detach() * b
-                loss = sum(term for _, term in terms)
-                trainee.zero_grad()
-                loss.backward()
-                trainee.step()
+                descend(trainee, sum(term for _, term in terms))
             step += 1
         totals = zip(ce_total.tolist(), reg_total.tolist(), strict=True)
         results = [FitResult(ce / n, reg / n) for ce, reg in totals]
@@ -184,6 +179,13 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
             best, accuracy = m.validation.chosen(m.model)
             results[i] = FitResult(results[i].train_loss, results[i].reg_loss, accuracy, best + 1)
     return results
+
+
+def descend(trainee: Trainee, loss: torch.Tensor) -> None:
+    """One optimizer step of every member on ``loss``."""
+    trainee.zero_grad()
+    loss.backward()
+    trainee.step()
 
 
 def phase_progress(config: ModelConfig, step: int, steps_per_epoch: int) -> float:
