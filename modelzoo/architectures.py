@@ -25,8 +25,8 @@ from torch import nn
 from modelzoo.layouts import ArchitectureError, TensorSlot, arch_info, check_width, layout_records
 from modelzoo.layouts import scaled as _scaled
 
-__all__ = ["ARCHITECTURES", "ArchitectureError", "DigitCNN", "GenderCNN", "TensorSlot", "build_model",
-           "flatten", "layout", "layout_records", "n_params", "unflatten"]
+__all__ = ["ARCHITECTURES", "ArchitectureError", "DigitCNN", "GenderCNN", "LNTLConvNet", "TensorSlot",
+           "build_model", "flatten", "layout", "layout_records", "n_params", "unflatten"]
 
 
 class DigitCNN(nn.Module):
@@ -98,7 +98,44 @@ class GenderCNN(nn.Module):
         return self.fc2(self.dropout(self.features(x)))
 
 
-ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"digit-cnn": DigitCNN, "gender-cnn": GenderCNN}
+class LNTLConvNet(nn.Module):
+    """Kim et al.'s ColoredMNIST classifier ("Learning Not to Learn", CVPR 2019; the
+    feidfoe/learning-not-to-learn ``convnet``), for reproducing their table on their network:
+    28×28×3 input, 67,760 parameters (and 7 batch-norm statistics) at width 1.
+
+    batch norm on the input → conv 32@5×5 → ReLU → maxpool 3, stride 2 (14×14) → conv 32@3×3 →
+    ReLU (the map LNTL's colour heads read) → conv 64@3×3, stride 2 (7×7) → ReLU → conv 64@3×3 →
+    ReLU → global average pool (the bottleneck ``pool``, 64 features) → dense 10; 'same'
+    padding. Convolutions start He-normal over their fan-out, as the source initialises them.
+    Not vectorizable (the input batch norm keeps running statistics).
+    """
+
+    input_shape = (3, 28, 28)
+    num_classes = 10
+    bottleneck = "pool"
+
+    def __init__(self, width: float = 1.0) -> None:
+        super().__init__()
+        c1, c2, c3, c4 = (_scaled(c, width) for c in (32, 32, 64, 64))
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv1 = nn.Conv2d(3, c1, 5, padding=2)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, stride=2, padding=1)
+        self.conv4 = nn.Conv2d(c3, c4, 3, padding=1)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(c4, self.num_classes)
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+            nn.init.normal_(conv.weight, 0.0, (2.0 / fan_out) ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.max_pool2d(torch.relu(self.conv1(self.bn0(x))), 3, stride=2, padding=1)
+        x = torch.relu(self.conv4(torch.relu(self.conv3(torch.relu(self.conv2(x))))))
+        return self.fc(self.pool(x))
+
+
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"digit-cnn": DigitCNN, "gender-cnn": GenderCNN,
+                                                      "lntl-cnn": LNTLConvNet}
 
 
 def build_model(arch: str, width: float = 1.0) -> nn.Module:

@@ -47,6 +47,18 @@ def _conv_stack(channels: tuple[int, ...], kernels: tuple[int, ...], hidden: int
             ("fc2.weight", (n_classes, units)), ("fc2.bias", (n_classes,))]
 
 
+def _lntl_cnn(width: float) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of Kim et al.'s ColoredMNIST network: input batch norm (with its running
+    statistics), four convolutions (5×5, then 3×3) and one dense layer on the pooled map."""
+    c1, c2, c3, c4 = (scaled(c, width) for c in (32, 32, 64, 64))
+    norm = [(f"bn0.{name}", (3,)) for name in ("weight", "bias", "running_mean", "running_var")]
+    convs, previous = [], 3
+    for k, (out, kernel) in enumerate(zip((c1, c2, c3, c4), (5, 3, 3, 3), strict=True), start=1):
+        convs += [(f"conv{k}.weight", (out, previous, kernel, kernel)), (f"conv{k}.bias", (out,))]
+        previous = out
+    return [*norm, ("bn0.num_batches_tracked", ()), *convs, ("fc.weight", (10, c4)), ("fc.bias", (10,))]
+
+
 @dataclass(frozen=True)
 class ArchInfo:
     """What the light layers need to know of one architecture."""
@@ -63,6 +75,7 @@ ARCH_INFO: dict[str, ArchInfo] = {
                           lambda w: _conv_stack((24, 48, 64), (5, 3, 3), 128, 10, w)),
     "gender-cnn": ArchInfo("gender-cnn", (3, 48, 48), 2, "fc1",
                            lambda w: _conv_stack((24, 48, 48, 64, 64), (5, 3, 3, 3, 3), 128, 2, w)),
+    "lntl-cnn": ArchInfo("lntl-cnn", (3, 28, 28), 10, "pool", _lntl_cnn),
 }
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from fairtrain.regularizers import Regularizer
 from modelzoo.config import ModelConfig
 from modelzoo.datasets import ImageSet
+from modelzoo.resume import EpochCheckpoint, random_state, set_random_state
 
 if TYPE_CHECKING:  # pragma: no cover - a member's validation comes from modelzoo.training
     from modelzoo.training import Validation
@@ -80,6 +81,9 @@ class Trainee(Protocol):
     def finish(self) -> None:
         """Leave the trained weights in every member's network and remove training hooks."""
 
+    # A trainee that can resume from an epoch checkpoint (one model: modelzoo.training's) also has
+    # state_dict() -> dict and load_state_dict(dict): its network, optimizer and regularizer.
+
 
 def shuffled_batches(n: int, batch_size: int, shuffler: torch.Generator) -> list[torch.Tensor]:
     """One epoch's batches: a fresh permutation of ``range(n)`` from ``shuffler``, cut in order."""
@@ -116,7 +120,8 @@ def training_bank(members: Sequence[Member], device: torch.device
     return bank("images"), bank("labels"), bank("bias"), starts
 
 
-def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device) -> list[FitResult]:
+def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device,
+               checkpoint: EpochCheckpoint | None = None) -> list[FitResult]:
     """Train every member for its config's epochs, in place; what each member's training returns.
 
     Members share ``epochs``, ``batch_size`` and the size of their subset (every step has
@@ -124,6 +129,8 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
     and validation are each member's own. The loss is the sum over members of each one's mean
     loss, so one backward pass gives every member its own gradient. A regularizer that
     ``alternating`` (LNTL) gets a second step per batch on a fresh forward pass; it trains alone.
+    With ``checkpoint`` (one model only) the run saves its state after every epoch and starts
+    from the last saved epoch, if any.
     """
     first = members[0].config
     images, labels, sensitive, starts = training_bank(members, device)
@@ -134,9 +141,14 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
     task_weights = torch.tensor([m.regularizer.task_weight if m.regularizer is not None else 1.0
                                  for m in members], device=device)
     steps_per_epoch = -(-n // batch_size)
-    step = 0
+    if checkpoint is not None and size > 1:
+        raise ValueError("epoch checkpoints resume one model at a time, not a bank")
+    start, step = 0, 0
     results = [FitResult(float("nan"), 0.0)] * size
-    for epoch in range(first.epochs):
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None:
+        start, step, results = restore(saved, trainee, members, device)
+    for epoch in range(start, first.epochs):
         trainee.set_lrs([m.config.lr_at(epoch) for m in members])
         active = [(i, m) for i, m in regularized if m.config.regularized(epoch)]
         alternating = [(i, m) for i, m in active if m.regularizer.alternating]
@@ -173,12 +185,35 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
         for i, m in enumerate(members):
             if m.validation is not None:
                 m.validation.score(trainee.current(i), device)
+        if checkpoint is not None:
+            checkpoint.save(snapshot(epoch + 1, step, results, trainee, members, device))
     trainee.finish()
     for i, m in enumerate(members):
         if m.validation is not None:
             best, accuracy = m.validation.chosen(m.model)
             results[i] = FitResult(results[i].train_loss, results[i].reg_loss, accuracy, best + 1)
     return results
+
+
+def snapshot(epochs_done: int, step: int, results: Sequence[FitResult], trainee: Trainee,
+             members: Sequence[Member], device: torch.device) -> dict:
+    """Everything the next epoch depends on, as tensors, numbers and dicts (no pickled objects)."""
+    return {"epoch": epochs_done, "step": step, "trainee": trainee.state_dict(),
+            "results": [[r.train_loss, r.reg_loss] for r in results],
+            "shufflers": [m.shuffler.get_state() for m in members], "random": random_state(device),
+            "validation": [m.validation.state_dict() if m.validation is not None else {} for m in members]}
+
+
+def restore(saved: dict, trainee: Trainee, members: Sequence[Member], device: torch.device
+            ) -> tuple[int, int, list[FitResult]]:
+    """Put a :func:`snapshot` back; the epoch to start from, the step count and the results so far."""
+    trainee.load_state_dict(saved["trainee"])
+    for m, shuffler, validation in zip(members, saved["shufflers"], saved["validation"], strict=True):
+        m.shuffler.set_state(shuffler)
+        if m.validation is not None:
+            m.validation.load_state_dict(validation)
+    set_random_state(saved["random"], device)
+    return saved["epoch"], saved["step"], [FitResult(ce, reg) for ce, reg in saved["results"]]
 
 
 def descend(trainee: Trainee, loss: torch.Tensor) -> None:

@@ -31,6 +31,7 @@ from modelzoo.architectures import build_model, flatten
 from modelzoo.config import ModelConfig
 from modelzoo.datasets import N_COLORS, ImageSet
 from modelzoo.loop import FitResult, Member, train_loop
+from modelzoo.resume import EpochCheckpoint
 
 EVAL_BATCH = 1000
 
@@ -152,21 +153,33 @@ class OneModel:
     def current(self, index: int) -> nn.Module:
         return self.model
 
+    def state_dict(self) -> dict[str, dict]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "regularizer": self.regularizer.state_dict() if self.regularizer is not None else {}}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.regularizer is not None:
+            self.regularizer.load_state_dict(state["regularizer"])
+
     def finish(self) -> None:
         if self.tap is not None and not self.regularizer.alters_forward:
             self.tap.remove()  # (a tap that alters the forward pass is part of the trained network)
 
 
 def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.device,
-        num_groups: int = N_COLORS, val: ImageSet | None = None) -> FitResult:
+        num_groups: int = N_COLORS, val: ImageSet | None = None,
+        checkpoint: EpochCheckpoint | None = None) -> FitResult:
     """Train in place for ``config.epochs``, with the config's regularizer if it names one
     (a regularizer that alters the forward pass, BinaryBernoulli's binary code, stays hooked
     on ``model``), its weight decay and learning-rate schedule; with ``val`` (the config has ``val_size``),
     score the validation split after every epoch and, for ``select = "best_val"``, end on the
-    weights of the best epoch (the first of equals). The loop is :func:`~modelzoo.loop.train_loop`,
-    the one :mod:`modelzoo.vectorized` runs for a bank of models."""
+    weights of the best epoch (the first of equals). With ``checkpoint`` the state is saved after
+    every epoch and a run started again resumes from it. The loop is
+    :func:`~modelzoo.loop.train_loop`, the one :mod:`modelzoo.vectorized` runs for a bank of models."""
     one = member(model, config, device, train, num_groups, val)
-    return train_loop(OneModel(one, device), [one], device)[0]
+    return train_loop(OneModel(one, device), [one], device, checkpoint)[0]
 
 
 class Validation:
@@ -193,6 +206,12 @@ class Validation:
                 not eligible or accuracy > max(eligible)):
             self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.history.append(accuracy)
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history, self.best_state = list(state["history"]), state["best_state"]
 
     def chosen(self, model: nn.Module) -> tuple[int, float]:
         """(epoch, validation accuracy) of the weights ``model`` ends with, restoring them."""
@@ -265,12 +284,14 @@ def evaluate(model: nn.Module, data: TrainingData, fitted: FitResult, device: to
 
 
 def train_model(arch: str, width: float, config: ModelConfig, data: TrainingData,
-              device: torch.device | str = "cpu", eval_size: int = 0) -> ModelResult:
-    """Build, train and evaluate one model; deterministic on CPU given ``config.seed``."""
+                device: torch.device | str = "cpu", eval_size: int = 0,
+                checkpoint: EpochCheckpoint | None = None) -> ModelResult:
+    """Build, train and evaluate one model; deterministic on CPU given ``config.seed``. With
+    ``checkpoint``, training saves its state after every epoch and resumes from it (:func:`fit`)."""
     device = torch.device(device)
     started = time.perf_counter()
     model = seeded_model(arch, width, config, device)
-    fitted = fit(model, data.train, config, device, data.num_groups, data.val)
+    fitted = fit(model, data.train, config, device, data.num_groups, data.val, checkpoint)
     return evaluate(model, data, fitted, device, eval_size, started)
 
 

@@ -1,6 +1,7 @@
 """Evidence: fairtrain's regularizers against colour bias, beside the published numbers.
 
-Trains one digit-cnn per (bias level, regularizer) with the product's trainer and reports its
+Trains one digit-cnn (or ``--arch lntl-cnn``, Kim et al.'s own network) per (bias level,
+regularizer) with the product's trainer and reports its
 unbiased-test accuracy, its colour leakage (a fresh probe recovering the colour from the
 frozen bottleneck) and the regularizer's final term.
 
@@ -19,7 +20,8 @@ each model's seed, validation accuracy and best epoch.
 
 Writes ``<task>.json`` (rewritten after every model, so an interrupted run resumes where it
 stopped when given the same settings) and ``<task>.png`` under ``--out``, then prints the
-JSON on one line.
+JSON on one line. A model in training saves its state after every epoch under ``--out``/state
+(:mod:`modelzoo.resume`), so a run killed mid-model loses at most one epoch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tqdm import tqdm
 
 from modelzoo.config import ModelConfig
 from modelzoo.datasets import SPLITS, ImageSet, load_imageset
+from modelzoo.resume import EpochCheckpoint, run_key
 from modelzoo.sources import load_mnist
 from modelzoo.tasks import get_task
 from modelzoo.training import TrainingData, train_model
@@ -69,6 +72,8 @@ PUBLISHED_BIASED_MNIST = {
 PUBLISHED_COLORED_MNIST = {0.02: {"vanilla": 40.55, "lntl": 81.85, "gray": 83.74},
                            0.03: {"vanilla": 59.96, "lntl": 91.37}, 0.04: {"vanilla": 73.33, "lntl": 94.06},
                            0.05: {"vanilla": 84.50, "lntl": 96.18}}
+# The 28×28 colour networks with ten classes.
+ARCHS = ("digit-cnn", "lntl-cnn")
 TASKS = {
     "biased_mnist": {"levels": (0.99, 0.995), "published": PUBLISHED_BIASED_MNIST},
     "colored_mnist": {"levels": (0.02,), "published": PUBLISHED_COLORED_MNIST},
@@ -153,6 +158,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("results/debias_mnist"))
     parser.add_argument("--levels", type=float, nargs="+", help="ρ or σ² values (default: the task's)")
+    parser.add_argument("--arch", choices=ARCHS, default="digit-cnn",
+                        help="the network: the zoo's digit-cnn, or lntl-cnn (Kim et al.'s ColoredMNIST net)")
     parser.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS))
     parser.add_argument("--gamma", nargs="*", default=[], metavar="NAME=VALUE", help="override a γ")
     parser.add_argument("--reg-option", nargs="*", default=[], metavar="NAME.KEY=VALUE",
@@ -193,7 +200,8 @@ def main() -> None:
                  if args.warmup_epochs else {})}
     settings = {"task": args.task, "epochs": args.epochs, "train_size": args.train_size,
                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "eval_size": args.eval_size,
-                **recipe, "reg_options": options, **({"gray": True} if args.gray else {})}
+                **recipe, "reg_options": options, **({"gray": True} if args.gray else {}),
+                **({"arch": args.arch} if args.arch != "digit-cnn" else {})}
     args.out.mkdir(parents=True, exist_ok=True)
     json_path = args.out / f"{args.task}.json"
     done = []
@@ -221,7 +229,10 @@ def main() -> None:
                              pool="all", lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                              train_size=args.train_size, regularizer=name, gamma=gammas[name],
                              reg_options={**OPTIONS.get(name, {}), **options.get(name, {})}, **recipe)
-        metrics = train_model("digit-cnn", 1.0, config, data, eval_size=args.eval_size).metrics
+        state = EpochCheckpoint(args.out / "state" / f"{level}-{name}-{seed}.pt",
+                                run_key(settings, level, name, gammas[name], seed))
+        metrics = train_model(args.arch, 1.0, config, data, eval_size=args.eval_size,
+                              checkpoint=state).metrics
         paper = published(args.task, level).get(reference_name(name, args.gray))
         done.append({"level": level, "regularizer": name, "gamma": gammas[name], "seed": seed,
                      **{k: metrics[k] for k in ("val_acc", "best_epoch") if k in metrics},
@@ -232,6 +243,7 @@ def main() -> None:
                      "wall_seconds": round(metrics["wall_seconds"], 1),
                      "published_acc": paper / 100 if paper is not None else None})
         json_path.write_text(json.dumps(result, indent=2))
+        state.clear()
     # The file keeps every row run with these settings (other levels, regularizers, γ); the
     # summary and the plot speak for this command's cells.
     rows = [r for r in done if r["level"] in levels and r["regularizer"] in args.regularizers

@@ -1,4 +1,5 @@
-"""Architecture registry: IFBiD's DigitWdb layout, width variants, the flat layout table."""
+"""Architecture registry: IFBiD's DigitWdb layout, width variants, the flat layout table, and
+Kim et al.'s ColoredMNIST network for reproducing LNTL."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from fairtrain.regularizers import FeatureTap, regularizer_for_network
 from modelzoo.architectures import (
     ArchitectureError,
     build_model,
@@ -14,6 +16,7 @@ from modelzoo.architectures import (
     n_params,
     unflatten,
 )
+from modelzoo.vectorized import vectorizable_architecture
 
 
 def test_digit_cnn_has_ifbid_parameter_count() -> None:
@@ -85,3 +88,18 @@ def test_gender_cnn_width_variants(width: float) -> None:
     assert n_params(model) != 106_242
     assert (n_params(model) < 106_242) == (width < 1)
     assert model.conv1.out_channels == round(24 * width)
+
+
+def test_lntl_cnn_is_kim_et_als_network_with_lntls_heads_on_its_14x14_map() -> None:
+    model = build_model("lntl-cnn")
+    assert n_params(model) == 67_767  # 67,760 parameters and the input batch norm's 7 statistics
+    assert [s.name for s in layout(model)][:5] == ["bn0.weight", "bn0.bias", "bn0.running_mean",
+                                                    "bn0.running_var", "bn0.num_batches_tracked"]
+    with FeatureTap(model) as bottleneck:
+        assert model(torch.rand(2, 3, 28, 28)).shape == (2, 10)
+        assert bottleneck.features.shape == (2, 64)
+    lntl = regularizer_for_network("lntl", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10)
+    assert lntl.feature_shape == (32, 14, 14)  # conv2 after the stride-2 pool, as in the source
+    assert not vectorizable_architecture(model)  # its batch norm keeps running statistics
+    # He-normal over the fan-out, the source's initialisation: std sqrt(2 / (5·5·32)) = 0.05.
+    assert float(model.conv1.weight.detach().std()) == pytest.approx(0.05, rel=0.15)
