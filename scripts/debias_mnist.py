@@ -21,7 +21,9 @@ each model's seed, validation accuracy and best epoch.
 Writes ``<task>.json`` (rewritten after every model, so an interrupted run resumes where it
 stopped when given the same settings) and ``<task>.png`` under ``--out``, then prints the
 JSON on one line. A model in training saves its state after every epoch under ``--out``/state
-(:mod:`modelzoo.resume`), so a run killed mid-model loses at most one epoch.
+(:mod:`modelzoo.resume`), so a run killed mid-model loses at most one epoch; with a warm-up,
+the row also gives the unbiased accuracy the network had when the warm-up ended
+(``warmup_unbiased_acc``: LNTL's pretrained baseline).
 """
 
 from __future__ import annotations
@@ -33,14 +35,17 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from tqdm import tqdm
 
+from modelzoo.architectures import build_model
+from modelzoo.atomic import write_atomic
 from modelzoo.config import ModelConfig
 from modelzoo.datasets import SPLITS, ImageSet, load_imageset
 from modelzoo.resume import EpochCheckpoint, run_key
 from modelzoo.sources import load_mnist
 from modelzoo.tasks import get_task
-from modelzoo.training import TrainingData, train_model
+from modelzoo.training import TrainingData, predict, train_model
 
 # Every regularizer that uses the colour labels, then the one that discovers groups itself.
 REGULARIZERS = ("none", "ndr", "end", "grad", "lntl", "sensitive_nets", "binary_bernoulli", "binary_mi",
@@ -84,6 +89,36 @@ def published(task: str, level: float) -> dict[str, float]:
     table = TASKS[task]["published"]
     match = [v for k, v in table.items() if np.isclose(k, level)]
     return match[0] if match else {}
+
+
+class WarmupKeeper(EpochCheckpoint):
+    """The run's epoch state, which also keeps the network as it stood when the warm-up ended:
+    the pretrained baseline LNTL unlearns from, whose accuracy the row records beside the
+    debiased one (Kim et al. report both)."""
+
+    def __init__(self, path: Path, key: str, warmup_epochs: int) -> None:
+        super().__init__(path, key)
+        self.warmup_epochs, self.kept = warmup_epochs, path.with_suffix(".warmup.pt")
+
+    def save(self, state: dict) -> None:
+        super().save(state)
+        if state["epoch"] == self.warmup_epochs:
+            weights = state["trainee"]["model"]
+            write_atomic(self.kept, lambda handle: torch.save(weights, handle))
+
+    def baseline_accuracy(self, arch: str, images: ImageSet, eval_size: int) -> float | None:
+        """Unbiased-test accuracy of the warm-up's network (None if this run never kept it)."""
+        if not self.kept.is_file():
+            return None
+        model = build_model(arch)
+        model.load_state_dict(torch.load(self.kept, map_location="cpu", weights_only=True))
+        n = min(eval_size or len(images), len(images))
+        predicted, _ = predict(model, images.images[:n], torch.device("cpu"))
+        return round(float((predicted == images.labels[:n]).mean()), 4)
+
+    def clear(self) -> None:
+        super().clear()
+        self.kept.unlink(missing_ok=True)
 
 
 def grayscale(images: ImageSet) -> ImageSet:
@@ -229,13 +264,16 @@ def main() -> None:
                              pool="all", lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
                              train_size=args.train_size, regularizer=name, gamma=gammas[name],
                              reg_options={**OPTIONS.get(name, {}), **options.get(name, {})}, **recipe)
-        state = EpochCheckpoint(args.out / "state" / f"{level}-{name}-{seed}.pt",
-                                run_key(settings, level, name, gammas[name], seed))
+        state = WarmupKeeper(args.out / "state" / f"{level}-{name}-{seed}.pt",
+                             run_key(settings, level, name, gammas[name], seed), args.warmup_epochs)
         metrics = train_model(args.arch, 1.0, config, data, eval_size=args.eval_size,
                               checkpoint=state).metrics
         paper = published(args.task, level).get(reference_name(name, args.gray))
         done.append({"level": level, "regularizer": name, "gamma": gammas[name], "seed": seed,
                      **{k: metrics[k] for k in ("val_acc", "best_epoch") if k in metrics},
+                     **({"warmup_unbiased_acc": state.baseline_accuracy(args.arch, data.test_unbiased,
+                                                                        args.eval_size)}
+                        if args.warmup_epochs else {}),
                      "unbiased_acc": round(metrics["unbiased_acc"], 4),
                      "biased_acc": round(metrics["biased_acc"], 4),
                      "color_leakage": round(metrics["leakage"], 4),

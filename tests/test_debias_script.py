@@ -1,5 +1,6 @@
 """scripts/debias_mnist.py end to end on real MNIST: Kim et al.'s network under LNTL, its row
-recorded, and the per-epoch state it kept while training cleared once the row is stored."""
+recorded with its warm-up's baseline, and the per-epoch state it kept while training cleared
+once the row is stored."""
 
 from __future__ import annotations
 
@@ -29,4 +30,5 @@ def test_debias_mnist_trains_lntl_on_kim_et_als_network_and_clears_its_epoch_sta
     (row,) = result["rows"]
     assert row["regularizer"] == "lntl" and row["reg_loss"] > 0 and 0 <= row["unbiased_acc"] <= 1
     assert row["published_acc"] == pytest.approx(0.9618)
+    assert 0 <= row["warmup_unbiased_acc"] <= 1  # the pretrained baseline LNTL unlearned from
     assert not list((out / "state").iterdir())  # the model's epoch state went once its row was written
