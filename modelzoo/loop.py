@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from fairtrain.regularizers import Regularizer
 from modelzoo.config import ModelConfig
@@ -121,7 +122,7 @@ def training_bank(members: Sequence[Member], device: torch.device
 
 
 def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device,
-               checkpoint: EpochCheckpoint | None = None) -> list[FitResult]:
+               checkpoint: EpochCheckpoint | None = None, progress: bool = False) -> list[FitResult]:
     """Train every member for its config's epochs, in place; what each member's training returns.
 
     Members share ``epochs``, ``batch_size`` and the size of their subset (every step has
@@ -130,7 +131,7 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
     loss, so one backward pass gives every member its own gradient. A regularizer that
     ``alternating`` (LNTL) gets a second step per batch on a fresh forward pass; it trains alone.
     With ``checkpoint`` (one model only) the run saves its state after every epoch and starts
-    from the last saved epoch, if any.
+    from the last saved epoch, if any. ``progress`` shows a bar over the epochs (for runs of hours).
     """
     first = members[0].config
     images, labels, sensitive, starts = training_bank(members, device)
@@ -148,7 +149,8 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None:
         start, step, results = restore(saved, trainee, members, device)
-    for epoch in range(start, first.epochs):
+    for epoch in tqdm(range(start, first.epochs), desc="epochs", unit="epoch", initial=start,
+                      total=first.epochs, disable=not progress, leave=False):
         trainee.set_lrs([m.config.lr_at(epoch) for m in members])
         active = [(i, m) for i, m in regularized if m.config.regularized(epoch)]
         alternating = [(i, m) for i, m in active if m.regularizer.alternating]

@@ -170,16 +170,17 @@ class OneModel:
 
 def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.device,
         num_groups: int = N_COLORS, val: ImageSet | None = None,
-        checkpoint: EpochCheckpoint | None = None) -> FitResult:
+        checkpoint: EpochCheckpoint | None = None, progress: bool = False) -> FitResult:
     """Train in place for ``config.epochs``, with the config's regularizer if it names one
     (a regularizer that alters the forward pass, BinaryBernoulli's binary code, stays hooked
     on ``model``), its weight decay and learning-rate schedule; with ``val`` (the config has ``val_size``),
     score the validation split after every epoch and, for ``select = "best_val"``, end on the
     weights of the best epoch (the first of equals). With ``checkpoint`` the state is saved after
-    every epoch and a run started again resumes from it. The loop is
+    every epoch and a run started again resumes from it; ``progress`` shows a bar over the
+    epochs. The loop is
     :func:`~modelzoo.loop.train_loop`, the one :mod:`modelzoo.vectorized` runs for a bank of models."""
     one = member(model, config, device, train, num_groups, val)
-    return train_loop(OneModel(one, device), [one], device, checkpoint)[0]
+    return train_loop(OneModel(one, device), [one], device, checkpoint, progress)[0]
 
 
 class Validation:
@@ -285,13 +286,14 @@ def evaluate(model: nn.Module, data: TrainingData, fitted: FitResult, device: to
 
 def train_model(arch: str, width: float, config: ModelConfig, data: TrainingData,
                 device: torch.device | str = "cpu", eval_size: int = 0,
-                checkpoint: EpochCheckpoint | None = None) -> ModelResult:
+                checkpoint: EpochCheckpoint | None = None, progress: bool = False) -> ModelResult:
     """Build, train and evaluate one model; deterministic on CPU given ``config.seed``. With
-    ``checkpoint``, training saves its state after every epoch and resumes from it (:func:`fit`)."""
+    ``checkpoint``, training saves its state after every epoch and resumes from it (:func:`fit`);
+    ``progress`` shows a bar over the epochs."""
     device = torch.device(device)
     started = time.perf_counter()
     model = seeded_model(arch, width, config, device)
-    fitted = fit(model, data.train, config, device, data.num_groups, data.val, checkpoint)
+    fitted = fit(model, data.train, config, device, data.num_groups, data.val, checkpoint, progress)
     return evaluate(model, data, fitted, device, eval_size, started)
 
 

@@ -267,7 +267,7 @@ def main() -> None:
         state = WarmupKeeper(args.out / "state" / f"{level}-{name}-{seed}.pt",
                              run_key(settings, level, name, gammas[name], seed), args.warmup_epochs)
         metrics = train_model(args.arch, 1.0, config, data, eval_size=args.eval_size,
-                              checkpoint=state).metrics
+                              checkpoint=state, progress=True).metrics
         paper = published(args.task, level).get(reference_name(name, args.gray))
         done.append({"level": level, "regularizer": name, "gamma": gammas[name], "seed": seed,
                      **{k: metrics[k] for k in ("val_acc", "best_epoch") if k in metrics},
