@@ -54,9 +54,9 @@ class LNTL(ReversalHeadRegularizer):
     With ``target = "pixels"`` (the source's form; the default) three heads, one per colour
     channel, each conv 3×3 → batch norm → ReLU → conv 3×3, read the tapped map (an early
     convolution's, (C, H, W)) and predict every pixel's colour in ``bins`` levels: the input
-    image average-pooled to H×W, each channel ``value // (256 / bins)``, background (black)
-    pixels ignored. The network's input is captured by the regularizer's own hook, so the
-    trainer passes nothing more. R is
+    image sampled at H×W by nearest pixel, each channel ``value // (256 / bins)``, channels at 0
+    (the background) ignored (:meth:`pixel_colours`). The network's input is captured by the
+    regularizer's own hook, so the trainer passes nothing more. R is
 
         Σ_c CE(head_c(GRL_λ(f)), colour_c) + μ·(log bins − mean_c,pixels H(softmax(head_c(f)))),
 
@@ -112,14 +112,16 @@ class LNTL(ReversalHeadRegularizer):
         self.inputs = args[0].detach()
 
     def pixel_colours(self, size: tuple[int, int]) -> torch.Tensor:
-        """(N, 3, H, W) colour levels of the captured input images; background pixels −100."""
+        """(N, 3, H, W) colour levels of the captured input images at the map's resolution, as
+        the source builds its target: each cell takes its nearest input pixel (PIL's NEAREST,
+        centre convention), each channel ``value // (256 / bins)``; a channel at 0 (the black
+        background, or a colour without that channel) is IGNORE."""
         if self.inputs is None:
             raise RegularizerError("lntl reads the input images through its own hook: attach it to the "
                                    "model (reg.attach(model)) before the forward pass")
-        pooled = F.adaptive_avg_pool2d(self.inputs.float(), size)
-        levels = (pooled * 255 // (256 / self.bins)).long().clamp(0, self.bins - 1)
-        background = (pooled.amax(1, keepdim=True) == 0).expand_as(levels)
-        return levels.masked_fill(background, IGNORE)
+        values = torch.round(F.interpolate(self.inputs.float(), size=size, mode="nearest-exact") * 255)
+        levels = (values // (256 / self.bins)).long().clamp(0, self.bins - 1)
+        return levels.masked_fill(values == 0, IGNORE)
 
     def entropy_term(self, features: torch.Tensor) -> torch.Tensor:
         """log K − mean entropy of the (frozen) heads' predictions; gradient reaches features only."""

@@ -131,15 +131,15 @@ def nearest_color(colors: np.ndarray) -> np.ndarray:
 
 
 def lntl_color_target(images: np.ndarray) -> np.ndarray:
-    """LNTL's per-pixel colour target (Kim et al.): each image average-pooled to 14×14, each
-    channel quantised ``value // 32`` into 8 bins; background (black) pixels are -1, which a
-    loss ignores. Returns int64 (N, 3, 14, 14)."""
-    n, channels, height, width = images.shape
-    pooled = images.reshape(n, channels, LNTL_SIZE, height // LNTL_SIZE, LNTL_SIZE, width // LNTL_SIZE)
-    pooled = pooled.astype(np.float32).mean(axis=(3, 5))
-    target = (pooled // (256 // LNTL_BINS)).astype(np.int64)
-    background = pooled.max(axis=1, keepdims=True) == 0
-    return np.where(np.broadcast_to(background, target.shape), -1, target)
+    """LNTL's per-pixel colour target (Kim et al.'s data loader): each image resized to 14×14 by
+    nearest pixel (PIL's NEAREST: cell i takes pixel ⌊(i + ½)·28/14⌋), each channel quantised
+    ``value // 32`` into 8 bins; a channel at 0 (the black background) is -1, which a loss
+    ignores. Returns int64 (N, 3, 14, 14)."""
+    height, width = images.shape[2:]
+    rows = ((np.arange(LNTL_SIZE) + 0.5) * height / LNTL_SIZE).astype(np.int64)
+    cols = ((np.arange(LNTL_SIZE) + 0.5) * width / LNTL_SIZE).astype(np.int64)
+    picked = images[:, :, rows][:, :, :, cols].astype(np.int64)
+    return np.where(picked == 0, -1, picked // (256 // LNTL_BINS))
 
 
 def render_biased_mnist(gray: np.ndarray, labels: np.ndarray, rho: float,

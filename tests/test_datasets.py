@@ -164,12 +164,13 @@ def test_concurrent_ray_workers_share_one_cache_entry(ray_local, mnist, tmp_path
     np.testing.assert_array_equal(cached.bias, results[0][1])
 
 
-def test_lntl_target_is_the_pooled_colour_in_eight_bins_with_background_ignored() -> None:
+def test_lntl_target_is_the_nearest_pixels_colour_in_eight_bins_with_zero_channels_ignored() -> None:
     images = np.zeros((2, 3, 28, 28), dtype=np.uint8)
-    images[0, :, :2, :2] = np.array([255, 64, 31])[:, None, None]  # one 2×2 patch: top-left 14×14 cell
+    images[0, :, 1, 1] = np.array([255, 64, 31])  # the pixel the top-left 14×14 cell samples
+    images[0, :, 0, 0] = 255  # a pixel of the same cell that nearest sampling passes over
     images[1, 0, 10:12, 20:22] = 200  # a red-only patch, elsewhere black
     target = lntl_color_target(images)
     assert target.shape == (2, 3, 14, 14)
-    assert target[0, :, 0, 0].tolist() == [7, 2, 0]  # 255//32, 64//32, 31//32
-    assert target[1, :, 5, 10].tolist() == [6, 0, 0]
+    assert target[0, :, 0, 0].tolist() == [7, 2, 0]  # 255//32, 64//32, 31//32, not averaged with (0, 0)
+    assert target[1, :, 5, 10].tolist() == [6, -1, -1]  # green and blue at 0: nothing to learn there
     assert (target[0, :, 1:, :] == -1).all() and (target[1, :, 0, 0] == -1).all()  # background ignored

@@ -216,12 +216,14 @@ def test_lntl_reads_each_pixels_colour_from_the_input_and_ignores_the_background
     reg = regularizer_for_network("lntl", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10)
     assert reg.feature_shape == (48, 10, 10) and len(reg.head) == 3  # one head per colour channel
     images = torch.zeros(2, 3, 28, 28)
-    images[:, :, 14:] = torch.tensor([1.0, 0.5, 0.1])[:, None, None]  # coloured lower half, black above
+    images[:, :, 14:] = torch.tensor([255, 127, 25])[:, None, None] / 255  # coloured lower half, black above
+    images[:, 1, 20:] = 0  # and no green in its lowest rows
     with reg.attach(model):
         model(images)
     colours = reg.pixel_colours((10, 10))
     assert (colours[:, :, :4] == -100).all()  # background: no colour to learn
-    assert colours[0, :, 6:, 0].tolist() == [[7] * 4, [3] * 4, [0] * 4]  # 255//32, 127//32, 25//32
+    assert colours[0, :, 5:7, 0].tolist() == [[7] * 2, [3] * 2, [0] * 2]  # 255//32, 127//32, 25//32
+    assert (colours[:, 1, 8:] == -100).all() and (colours[:, 0, 8:] == 7).all()  # a channel at 0 is ignored
     with pytest.raises(RegularizerError, match="needs a convolution map tap"):
         regularizer_for_network("lntl", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10,
                                 options={"layer": "fc1"})
