@@ -3,7 +3,8 @@
 Flow, one module per stage: :mod:`~modelzoo.sources` (find and read MNIST) →
 :mod:`~modelzoo.datasets` / :mod:`~modelzoo.faces` (ColoredMNIST, Biased-MNIST, face gender;
 HDF5 cache) → :mod:`~modelzoo.training` with :mod:`~modelzoo.architectures` (train one
-model from its :class:`ModelConfig`) → :mod:`~modelzoo.store` (write a Zarr zoo) and
+model from its :class:`ModelConfig`; :mod:`~modelzoo.resume` lets a long one-model run
+resume after a kill) → :mod:`~modelzoo.store` (write a Zarr zoo) and
 :mod:`~modelzoo.zoo` (read it). :mod:`~modelzoo.spec` describes a zoo, :mod:`~modelzoo.tasks`
 holds what differs between tasks, :mod:`~modelzoo.generation` runs a spec on Ray, and
 :mod:`~modelzoo.checkpoints` reads and writes checkpoint files without unpickling.
@@ -43,6 +44,7 @@ _EXPORTS = {
     "GenerateError": "modelzoo.generation",
     "train_model": "modelzoo.training", "training_data": "modelzoo.training",
     "TrainingData": "modelzoo.training", "ModelResult": "modelzoo.training",
+    "EpochCheckpoint": "modelzoo.resume", "ResumeError": "modelzoo.resume",
     "build_model": "modelzoo.architectures", "ARCHITECTURES": "modelzoo.architectures",
     "TensorSlot": "modelzoo.layouts", "arch_layout": "modelzoo.layouts",
     "load_checkpoint": "modelzoo.checkpoints", "save_checkpoint": "modelzoo.checkpoints",
