@@ -176,9 +176,9 @@ def fit(model: nn.Module, train: ImageSet, config: ModelConfig, device: torch.de
     on ``model``), its weight decay and learning-rate schedule; with ``val`` (the config has ``val_size``),
     score the validation split after every epoch and, for ``select = "best_val"``, end on the
     weights of the best epoch (the first of equals). With ``checkpoint`` the state is saved after
-    every epoch and a run started again resumes from it; ``progress`` shows a bar over the
-    epochs. The loop is
-    :func:`~modelzoo.loop.train_loop`, the one :mod:`modelzoo.vectorized` runs for a bank of models."""
+    every epoch and a run started again resumes from it; ``progress`` shows a bar over the epochs.
+    The loop is :func:`~modelzoo.loop.train_loop`, the one :mod:`modelzoo.vectorized` runs for a
+    bank of models."""
     one = member(model, config, device, train, num_groups, val)
     return train_loop(OneModel(one, device), [one], device, checkpoint, progress)[0]
 
