@@ -34,29 +34,31 @@ def scaled(channels: int, width: float) -> int:
     return max(1, round(channels * width))
 
 
-def _conv_stack(channels: tuple[int, ...], kernels: tuple[int, ...], hidden: int, n_classes: int,
-                width: float) -> list[tuple[str, tuple[int, ...]]]:
-    """(name, shape) of conv1..convK, fc1 and fc2 for a plain conv stack ending in a 1×1 map."""
-    widths = [scaled(c, width) for c in channels]
+def _convs(widths: list[int], kernels: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of conv1..convK on a 3-channel input, ``widths[k]`` filters of ``kernels[k]``."""
     shapes, previous = [], 3
     for k, (out, kernel) in enumerate(zip(widths, kernels, strict=True), start=1):
         shapes += [(f"conv{k}.weight", (out, previous, kernel, kernel)), (f"conv{k}.bias", (out,))]
         previous = out
+    return shapes
+
+
+def _conv_stack(channels: tuple[int, ...], kernels: tuple[int, ...], hidden: int, n_classes: int,
+                width: float) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of conv1..convK, fc1 and fc2 for a plain conv stack ending in a 1×1 map."""
+    widths = [scaled(c, width) for c in channels]
     units = scaled(hidden, width)
-    return [*shapes, ("fc1.weight", (units, previous)), ("fc1.bias", (units,)),
+    return [*_convs(widths, kernels), ("fc1.weight", (units, widths[-1])), ("fc1.bias", (units,)),
             ("fc2.weight", (n_classes, units)), ("fc2.bias", (n_classes,))]
 
 
 def _lntl_cnn(width: float) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of Kim et al.'s ColoredMNIST network: input batch norm (with its running
     statistics), four convolutions (5×5, then 3×3) and one dense layer on the pooled map."""
-    c1, c2, c3, c4 = (scaled(c, width) for c in (32, 32, 64, 64))
+    widths = [scaled(c, width) for c in (32, 32, 64, 64)]
     norm = [(f"bn0.{name}", (3,)) for name in ("weight", "bias", "running_mean", "running_var")]
-    convs, previous = [], 3
-    for k, (out, kernel) in enumerate(zip((c1, c2, c3, c4), (5, 3, 3, 3), strict=True), start=1):
-        convs += [(f"conv{k}.weight", (out, previous, kernel, kernel)), (f"conv{k}.bias", (out,))]
-        previous = out
-    return [*norm, ("bn0.num_batches_tracked", ()), *convs, ("fc.weight", (10, c4)), ("fc.bias", (10,))]
+    return [*norm, ("bn0.num_batches_tracked", ()), *_convs(widths, (5, 3, 3, 3)),
+            ("fc.weight", (10, widths[-1])), ("fc.bias", (10,))]
 
 
 @dataclass(frozen=True)
