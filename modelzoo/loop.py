@@ -133,6 +133,8 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
     With ``checkpoint`` (one model only) the run saves its state after every epoch and starts
     from the last saved epoch, if any. ``progress`` shows a bar over the epochs (for runs of hours).
     """
+    if checkpoint is not None and len(members) > 1:  # refused before any work
+        raise ValueError("epoch checkpoints resume one model at a time, not a bank")
     first = members[0].config
     images, labels, sensitive, starts = training_bank(members, device)
     n, batch_size, size = len(members[0].subset), first.batch_size, len(members)
@@ -142,8 +144,6 @@ def train_loop(trainee: Trainee, members: Sequence[Member], device: torch.device
     task_weights = torch.tensor([m.regularizer.task_weight if m.regularizer is not None else 1.0
                                  for m in members], device=device)
     steps_per_epoch = -(-n // batch_size)
-    if checkpoint is not None and size > 1:
-        raise ValueError("epoch checkpoints resume one model at a time, not a bank")
     start, step = 0, 0
     results = [FitResult(float("nan"), 0.0)] * size
     saved = checkpoint.load() if checkpoint is not None else None
