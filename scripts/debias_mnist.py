@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from modelzoo.architectures import build_model
-from modelzoo.atomic import write_atomic
+from modelzoo.atomic import write_atomic, write_text_atomic
 from modelzoo.config import ModelConfig
 from modelzoo.datasets import SPLITS, ImageSet, load_imageset
 from modelzoo.resume import EpochCheckpoint, run_key
@@ -280,7 +280,7 @@ def main() -> None:
                      "reg_loss": round(metrics["reg_loss"], 4),
                      "wall_seconds": round(metrics["wall_seconds"], 1),
                      "published_acc": paper / 100 if paper is not None else None})
-        json_path.write_text(json.dumps(result, indent=2))
+        write_text_atomic(json_path, json.dumps(result, indent=2))
         state.clear()
     # The file keeps every row run with these settings (other levels, regularizers, γ); the
     # summary and the plot speak for this command's cells.
@@ -301,7 +301,7 @@ def main() -> None:
             best = max(debiased, key=debiased.get)
             summary |= {"best_regularizer": best, "best_acc": debiased[best]}
         result.setdefault("summary", []).append(summary)
-    json_path.write_text(json.dumps(result, indent=2))
+    write_text_atomic(json_path, json.dumps(result, indent=2))
     plot({**result, "rows": rows}, args.out / f"{args.task}.png")
     print(json.dumps({**result, "rows": rows}))
 
