@@ -45,6 +45,7 @@ _EXPORTS = {
     "train_model": "modelzoo.training", "training_data": "modelzoo.training",
     "TrainingData": "modelzoo.training", "ModelResult": "modelzoo.training",
     "EpochCheckpoint": "modelzoo.resume", "ResumeError": "modelzoo.resume",
+    "saved_model": "modelzoo.training",
     "build_model": "modelzoo.architectures", "ARCHITECTURES": "modelzoo.architectures",
     "TensorSlot": "modelzoo.layouts", "arch_layout": "modelzoo.layouts",
     "load_checkpoint": "modelzoo.checkpoints", "save_checkpoint": "modelzoo.checkpoints",

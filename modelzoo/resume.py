@@ -13,6 +13,7 @@ and a state saved for another run (another config, architecture or data) is refu
 from __future__ import annotations
 
 import hashlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,13 +40,17 @@ class EpochCheckpoint:
 
     :func:`modelzoo.loop.train_loop` calls :meth:`load` before its first epoch and :meth:`save`
     after each one; the caller calls :meth:`clear` once the run's result is stored elsewhere.
+    Each state also carries the seconds the run has trained so far, over every process that
+    worked on it: :attr:`earlier_seconds` is what the processes before this one spent.
     """
 
     def __init__(self, path: str | Path, key: str) -> None:
         self.path, self.key = Path(path), key
+        self.earlier_seconds, self._clock = 0.0, time.perf_counter()
 
     def load(self) -> dict[str, Any] | None:
         """The saved state, or None when there is none yet."""
+        self._clock = time.perf_counter()  # this process's share starts here
         if not self.path.is_file():
             return None
         try:
@@ -60,11 +65,13 @@ class EpochCheckpoint:
             raise ResumeError(f"{self.path} holds the state of another run (key {state.get('key')}, this "
                               f"run {self.key}: another config, architecture or data); give this run "
                               "its own checkpoint path or delete the file")
+        self.earlier_seconds = float(state.get("seconds", 0.0))
         return state
 
     def save(self, state: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        full = {**state, "version": STATE_VERSION, "key": self.key}
+        seconds = self.earlier_seconds + time.perf_counter() - self._clock
+        full = {**state, "version": STATE_VERSION, "key": self.key, "seconds": seconds}
         write_atomic(self.path, lambda handle: torch.save(full, handle))
 
     def clear(self) -> None:

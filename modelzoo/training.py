@@ -294,7 +294,28 @@ def train_model(arch: str, width: float, config: ModelConfig, data: TrainingData
     started = time.perf_counter()
     model = seeded_model(arch, width, config, device)
     fitted = fit(model, data.train, config, device, data.num_groups, data.val, checkpoint, progress)
+    if checkpoint is not None:  # a resumed run's clock includes the processes before this one
+        started -= checkpoint.earlier_seconds
     return evaluate(model, data, fitted, device, eval_size, started)
+
+
+def saved_model(arch: str, width: float, config: ModelConfig, data: TrainingData,
+                checkpoint: EpochCheckpoint, device: torch.device | str = "cpu"
+                ) -> tuple[nn.Module, FitResult, int] | None:
+    """The network a run's epoch checkpoint holds mid-run, to evaluate before the run ends: the
+    model (with its regularizer's tap in place where that tap is part of the forward pass, as
+    BinaryBernoulli's code is), the losses of its last epoch and how many epochs it has trained.
+    None when the run has saved nothing yet; a state of another run is refused (ResumeError)."""
+    state = checkpoint.load()
+    if state is None:
+        return None
+    device = torch.device(device)
+    model = seeded_model(arch, width, config, device)
+    trainee = OneModel(member(model, config, device, data.train, data.num_groups, data.val), device)
+    trainee.load_state_dict(state["trainee"])
+    trainee.finish()
+    train_loss, reg_loss = state["results"][0]
+    return model, FitResult(train_loss, reg_loss), int(state["epoch"])
 
 
 def training_data(spec: ZooSpec, config: ModelConfig, data_dir: str | Path | None = None) -> TrainingData:

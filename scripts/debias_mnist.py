@@ -23,7 +23,9 @@ stopped when given the same settings) and ``<task>.png`` under ``--out``, then p
 JSON on one line. A model in training saves its state after every epoch under ``--out``/state
 (:mod:`modelzoo.resume`), so a run killed mid-model loses at most one epoch; with a warm-up,
 the row also gives the unbiased accuracy the network had when the warm-up ended
-(``warmup_unbiased_acc``: LNTL's pretrained baseline).
+(``warmup_unbiased_acc``: LNTL's pretrained baseline). ``--interim``, given the same command
+while a run trains (or after it stopped), trains nothing: it evaluates each unfinished model as
+its last saved epoch left it and writes ``<task>.interim.json`` (rows with ``epochs_done``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from modelzoo.datasets import SPLITS, ImageSet, load_imageset
 from modelzoo.resume import EpochCheckpoint, run_key
 from modelzoo.sources import load_mnist
 from modelzoo.tasks import get_task
-from modelzoo.training import TrainingData, predict, train_model
+from modelzoo.training import TrainingData, evaluate, predict, saved_model, train_model
 
 # Every regularizer that uses the colour labels, then the one that discovers groups itself.
 REGULARIZERS = ("none", "ndr", "end", "grad", "lntl", "sensitive_nets", "binary_bernoulli", "binary_mi",
@@ -119,6 +121,17 @@ class WarmupKeeper(EpochCheckpoint):
     def clear(self) -> None:
         super().clear()
         self.kept.unlink(missing_ok=True)
+
+
+def row_metrics(metrics: dict, args: argparse.Namespace, state: WarmupKeeper, data: TrainingData) -> dict:
+    """A row's accuracies, leakage and regularizer term (and the warm-up's accuracy, if any)."""
+    return {**{k: metrics[k] for k in ("val_acc", "best_epoch") if k in metrics},
+            **({"warmup_unbiased_acc": state.baseline_accuracy(args.arch, data.test_unbiased, args.eval_size)}
+               if args.warmup_epochs else {}),
+            "unbiased_acc": round(metrics["unbiased_acc"], 4),
+            "biased_acc": round(metrics["biased_acc"], 4),
+            "color_leakage": round(metrics["leakage"], 4),
+            "reg_loss": round(metrics["reg_loss"], 4)}
 
 
 def grayscale(images: ImageSet) -> ImageSet:
@@ -219,6 +232,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="models per cell, seeds seed..seed+N-1")
     parser.add_argument("--gray", action="store_true",
                         help="train and test on the images in grayscale (Kim et al.'s Gray control)")
+    parser.add_argument("--interim", action="store_true",
+                        help="train nothing: evaluate each unfinished model at its last saved epoch")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS),
                         help="a source's recipe (epochs, batch size, lr, optimizer, schedule, weight "
                              "decay, validation, warm-up) as the defaults; flags given override them")
@@ -251,6 +266,7 @@ def main() -> None:
               "settings": settings, "data": mnist.origin, "rows": done}
     seeds = range(args.seed, args.seed + args.seeds)
     cells = [(level, name, seed) for level in levels for name in args.regularizers for seed in seeds]
+    interim = []
     for level, name, seed in tqdm(cells, desc=f"{args.task} models", unit="model"):
         if any(r["level"] == level and r["regularizer"] == name and r["gamma"] == gammas[name]
                and r.get("seed", args.seed) == seed for r in done):
@@ -266,22 +282,28 @@ def main() -> None:
                              reg_options={**OPTIONS.get(name, {}), **options.get(name, {})}, **recipe)
         state = WarmupKeeper(args.out / "state" / f"{level}-{name}-{seed}.pt",
                              run_key(settings, level, name, gammas[name], seed), args.warmup_epochs)
+        cell = {"level": level, "regularizer": name, "gamma": gammas[name], "seed": seed}
+        if args.interim:
+            saved = saved_model(args.arch, 1.0, config, data, state)
+            if saved is not None:
+                model, fitted, epochs_done = saved
+                metrics = evaluate(model, data, fitted, torch.device("cpu"), args.eval_size).metrics
+                interim.append({**cell, "epochs_done": epochs_done, **row_metrics(metrics, args, state, data),
+                                "trained_seconds": round(state.earlier_seconds, 1)})
+            continue
         metrics = train_model(args.arch, 1.0, config, data, eval_size=args.eval_size,
                               checkpoint=state, progress=True).metrics
         paper = published(args.task, level).get(reference_name(name, args.gray))
-        done.append({"level": level, "regularizer": name, "gamma": gammas[name], "seed": seed,
-                     **{k: metrics[k] for k in ("val_acc", "best_epoch") if k in metrics},
-                     **({"warmup_unbiased_acc": state.baseline_accuracy(args.arch, data.test_unbiased,
-                                                                        args.eval_size)}
-                        if args.warmup_epochs else {}),
-                     "unbiased_acc": round(metrics["unbiased_acc"], 4),
-                     "biased_acc": round(metrics["biased_acc"], 4),
-                     "color_leakage": round(metrics["leakage"], 4),
-                     "reg_loss": round(metrics["reg_loss"], 4),
+        done.append({**cell, **row_metrics(metrics, args, state, data),
                      "wall_seconds": round(metrics["wall_seconds"], 1),
                      "published_acc": paper / 100 if paper is not None else None})
         write_text_atomic(json_path, json.dumps(result, indent=2))
         state.clear()
+    if args.interim:
+        report = {**{k: v for k, v in result.items() if k != "rows"}, "rows": interim}
+        write_text_atomic(args.out / f"{args.task}.interim.json", json.dumps(report, indent=2))
+        print(json.dumps(report))
+        return
     # The file keeps every row run with these settings (other levels, regularizers, γ); the
     # summary and the plot speak for this command's cells.
     rows = [r for r in done if r["level"] in levels and r["regularizer"] in args.regularizers

@@ -13,7 +13,7 @@ import modelzoo
 from modelzoo.loop import train_loop
 from modelzoo.resume import EpochCheckpoint, ResumeError, run_key
 from modelzoo.spec import parse_spec
-from modelzoo.training import OneModel, fit, member, seeded_model
+from modelzoo.training import OneModel, evaluate, fit, member, saved_model, seeded_model, train_model
 from tests.conftest import tiny_spec_dict
 
 
@@ -58,12 +58,14 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_weights_of_one_never_stopped
     path, key = tmp_path / "state.pt", run_key(config, spec.arch)
     with pytest.raises(Killed):
         train(spec, config, data, KilledAfter(path, key, last=2))
-    assert EpochCheckpoint(path, key).load()["epoch"] == 2
+    killed = EpochCheckpoint(path, key).load()
+    assert killed["epoch"] == 2 and killed["seconds"] > 0
     resumed, resumed_fit = train(spec, config, data, EpochCheckpoint(path, key))
     assert resumed_fit == whole_fit and resumed_fit.best_epoch is not None
     for name, tensor in whole.state_dict().items():
         assert torch.equal(tensor, resumed.state_dict()[name]), name
-    assert EpochCheckpoint(path, key).load()["epoch"] == 3  # the caller clears it once stored
+    ended = EpochCheckpoint(path, key).load()  # the caller clears it once stored
+    assert ended["epoch"] == 3 and ended["seconds"] > killed["seconds"]  # both processes' time
     # A different start would not have matched: the weights after 2 epochs differ from the end.
     with pytest.raises(Killed):
         train(spec, config, data, KilledAfter(tmp_path / "early.pt", key, last=1))
@@ -92,3 +94,25 @@ def test_a_checkpoint_of_another_run_or_unreadable_is_refused_and_left_as_it_was
     with pytest.raises(ValueError, match="epoch checkpoints resume one model at a time, not a bank"):
         train_loop(OneModel(one, torch.device("cpu")), [one, one], torch.device("cpu"),
                    EpochCheckpoint(tmp_path / "bank.pt", "k"))
+
+
+def test_a_saved_state_evaluates_as_the_network_the_run_ends_on(lntl_run, tmp_path: Path,
+                                                                 one_torch_thread) -> None:
+    """``saved_model`` (debias_mnist --interim) rebuilds the network from the last saved epoch,
+    with a tap that is part of the forward pass (BinaryBernoulli's binary code) back in place."""
+    spec, config, data = lntl_run
+    coded = config.replace(regularizer="binary_bernoulli", gamma=0.5, epochs=1, warmup_epochs=0, val_size=0,
+                           select="last", lr_schedule="constant")
+    checkpoint = EpochCheckpoint(tmp_path / "state.pt", run_key(coded))
+    assert saved_model(spec.arch, spec.width, coded, data, checkpoint) is None
+    ended = train_model(spec.arch, spec.width, coded, data, eval_size=500, checkpoint=checkpoint)
+    model, fitted, epochs_done = saved_model(spec.arch, spec.width, coded, data, checkpoint)
+    again = evaluate(model, data, fitted, torch.device("cpu"), eval_size=500).metrics
+    assert epochs_done == 1 and fitted.train_loss == ended.metrics["train_loss"]
+    assert again["unbiased_acc"] == ended.metrics["unbiased_acc"]
+    assert again["leakage"] == ended.metrics["leakage"]
+    assert ended.metrics["wall_seconds"] >= checkpoint.load()["seconds"] > 0
+    bare = seeded_model(spec.arch, spec.width, coded, torch.device("cpu"))
+    bare.load_state_dict(model.state_dict())  # the same weights without the code's hook
+    unhooked = evaluate(bare, data, fitted, torch.device("cpu"), eval_size=500).metrics
+    assert unhooked["leakage"] != again["leakage"]
