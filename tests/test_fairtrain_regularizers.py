@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -26,6 +27,7 @@ from fairtrain.regularizers import (
     reverse_gradient,
 )
 from modelzoo.architectures import build_model
+from modelzoo.datasets import lntl_color_target, load_imageset
 
 HEAD_OPTIONS = {"feature_dim": 16, "num_groups": 3}
 OPTIONS = {
@@ -591,3 +593,17 @@ def test_digit_cnn_trains_with_a_regularizer(name: str, one_thread: None) -> Non
             optimizer.step()
     assert not torch.equal(model_before, model.fc1.weight)
     assert all(not torch.equal(before, p) for before, p in zip(heads_before, reg.parameters(), strict=True))
+
+
+def test_lntl_reads_the_same_target_from_its_tap_as_the_dataset_gives(mnist, tmp_path) -> None:
+    """The regularizer (torch, from the captured input, any map size) and the data stage
+    (``datasets.lntl_color_target``, numpy) build one target: equal on real ColoredMNIST."""
+    images = load_imageset(mnist, "colored_mnist", "test_unbiased", 0.02, cache_dir=tmp_path).images[:64]
+    model = build_model("lntl-cnn")
+    reg = regularizer_for_network("lntl", 1.0, model, (3, 28, 28), num_groups=10, num_classes=10)
+    with reg.attach(model):
+        model(torch.from_numpy(images).float() / 255)
+    from_tap = reg.pixel_colours((14, 14)).numpy()
+    from_data = lntl_color_target(images)
+    assert (from_data >= 0).any() and (from_data == -1).any()  # colour and ignored background both occur
+    np.testing.assert_array_equal(from_tap, np.where(from_data == -1, -100, from_data))
