@@ -283,20 +283,20 @@ def main() -> None:
         state = WarmupKeeper(args.out / "state" / f"{level}-{name}-{seed}.pt",
                              run_key(settings, level, name, gammas[name], seed), args.warmup_epochs)
         cell = {"level": level, "regularizer": name, "gamma": gammas[name], "seed": seed}
+        paper = published(args.task, level).get(reference_name(name, args.gray))
+        reference = {"published_acc": paper / 100 if paper is not None else None}
         if args.interim:
             saved = saved_model(args.arch, 1.0, config, data, state)
             if saved is not None:
                 model, fitted, epochs_done = saved
                 metrics = evaluate(model, data, fitted, torch.device("cpu"), args.eval_size).metrics
                 interim.append({**cell, "epochs_done": epochs_done, **row_metrics(metrics, args, state, data),
-                                "trained_seconds": round(state.earlier_seconds, 1)})
+                                "trained_seconds": round(state.earlier_seconds, 1), **reference})
             continue
         metrics = train_model(args.arch, 1.0, config, data, eval_size=args.eval_size,
                               checkpoint=state, progress=True).metrics
-        paper = published(args.task, level).get(reference_name(name, args.gray))
         done.append({**cell, **row_metrics(metrics, args, state, data),
-                     "wall_seconds": round(metrics["wall_seconds"], 1),
-                     "published_acc": paper / 100 if paper is not None else None})
+                     "wall_seconds": round(metrics["wall_seconds"], 1), **reference})
         write_text_atomic(json_path, json.dumps(result, indent=2))
         state.clear()
     if args.interim:
