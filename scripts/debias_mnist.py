@@ -18,14 +18,16 @@ validation split and best-epoch selection, LNTL's pretraining as a warm-up) as d
 flags given override; the run is long (ReBias's 80 epochs), resumes from its JSON, and records
 each model's seed, validation accuracy and best epoch.
 
-Writes ``<task>.json`` (rewritten after every model, so an interrupted run resumes where it
-stopped when given the same settings) and ``<task>.png`` under ``--out``, then prints the
-JSON on one line. A model in training saves its state after every epoch under ``--out``/state
-(:mod:`modelzoo.resume`), so a run killed mid-model loses at most one epoch; with a warm-up,
-the row also gives the unbiased accuracy the network had when the warm-up ended
-(``warmup_unbiased_acc``: LNTL's pretrained baseline). ``--interim``, given the same command
-while a run trains (or after it stopped), trains nothing: it evaluates each unfinished model as
-its last saved epoch left it and writes ``<task>.interim.json`` (rows with ``epochs_done``).
+Each model trains as its own Ray task (an embedded instance using every core, one model per
+core by default; ``--address`` joins a cluster, ``--cpus-per-model`` / ``--gpus-per-model``
+size the tasks), so a table of levels × seeds trains side by side. ``<task>.json`` is rewritten
+as each model ends, so a run started again with the same settings skips what it holds; each
+model in training saves its state after every epoch under ``--out``/state (:mod:`modelzoo.resume`)
+and resumes there, so a kill loses at most one epoch. With a warm-up, the row also gives the
+accuracy the network had when the warm-up ended (``warmup_unbiased_acc``: LNTL's pretrained
+baseline). ``--interim``, the same command while it trains (or after it stopped), trains
+nothing: it evaluates each unfinished model at its last saved epoch into ``<task>.interim.json``.
+Then ``<task>.png``, and the JSON on one line.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
+import ray
 import torch
 from tqdm import tqdm
 
@@ -44,6 +47,7 @@ from modelzoo.architectures import build_model
 from modelzoo.atomic import write_atomic, write_text_atomic
 from modelzoo.config import ModelConfig
 from modelzoo.datasets import SPLITS, ImageSet, load_imageset
+from modelzoo.generation import TASK_RETRIES, assigned_device, start_ray, task_error
 from modelzoo.resume import EpochCheckpoint, run_key
 from modelzoo.sources import load_mnist
 from modelzoo.tasks import get_task
@@ -79,6 +83,10 @@ PUBLISHED_BIASED_MNIST = {
 PUBLISHED_COLORED_MNIST = {0.02: {"vanilla": 40.55, "lntl": 81.85, "gray": 83.74},
                            0.03: {"vanilla": 59.96, "lntl": 91.37}, 0.04: {"vanilla": 73.33, "lntl": 94.06},
                            0.05: {"vanilla": 84.50, "lntl": 96.18}}
+# The settings that are the model's recipe (ModelConfig fields besides the cell's own).
+RECIPE_FIELDS = ("lr", "epochs", "batch_size", "train_size", "optimizer", "weight_decay", "lr_schedule",
+                 "lr_step", "lr_decay", "val_size", "select", "warmup_epochs", "warmup_lr")
+POLL_SECONDS = 30  # how often the epoch bar reads the running models' states
 # The 28×28 colour networks with ten classes.
 ARCHS = ("digit-cnn", "lntl-cnn")
 TASKS = {
@@ -123,11 +131,11 @@ class WarmupKeeper(EpochCheckpoint):
         self.kept.unlink(missing_ok=True)
 
 
-def row_metrics(metrics: dict, args: argparse.Namespace, state: WarmupKeeper, data: TrainingData) -> dict:
+def row_metrics(metrics: dict, arch: str, state: WarmupKeeper, data: TrainingData, eval_size: int) -> dict:
     """A row's accuracies, leakage and regularizer term (and the warm-up's accuracy, if any)."""
     return {**{k: metrics[k] for k in ("val_acc", "best_epoch") if k in metrics},
-            **({"warmup_unbiased_acc": state.baseline_accuracy(args.arch, data.test_unbiased, args.eval_size)}
-               if args.warmup_epochs else {}),
+            **({"warmup_unbiased_acc": state.baseline_accuracy(arch, data.test_unbiased, eval_size)}
+               if state.warmup_epochs else {}),
             "unbiased_acc": round(metrics["unbiased_acc"], 4),
             "biased_acc": round(metrics["biased_acc"], 4),
             "color_leakage": round(metrics["leakage"], 4),
@@ -200,6 +208,108 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Cell:
+    """One model of the table, all a Ray task needs to train it (or evaluate its saved state)."""
+
+    settings: dict
+    level_name: str
+    level: float
+    regularizer: str
+    gamma: float
+    seed: int
+    data_dir: str | None
+    out: str
+
+    def state(self) -> WarmupKeeper:
+        """Its epoch state under ``out``/state; the key makes another setting's state refused."""
+        path = Path(self.out) / "state" / f"{self.level}-{self.regularizer}-{self.seed}.pt"
+        key = run_key(self.settings, self.level, self.regularizer, self.gamma, self.seed)
+        return WarmupKeeper(path, key, self.settings.get("warmup_epochs", 0))
+
+    def config(self) -> ModelConfig:
+        settings, name = self.settings, self.regularizer
+        recipe = {k: settings[k] for k in RECIPE_FIELDS if k in settings}
+        return ModelConfig(index=0, task=settings["task"], seed=self.seed, pool="all",
+                           task_axes={self.level_name: self.level}, regularizer=name, gamma=self.gamma,
+                           reg_options={**OPTIONS.get(name, {}), **settings["reg_options"].get(name, {})},
+                           **recipe)
+
+    def data(self) -> TrainingData:
+        task, val_size = self.settings["task"], self.settings["val_size"]
+        mnist = load_mnist(self.data_dir)
+        sets = {split: load_imageset(mnist, task, split, self.level, "all")
+                for split in SPLITS if split != "val" or val_size}
+        if self.settings.get("gray"):
+            sets = {split: grayscale(images) for split, images in sets.items()}
+        return TrainingData(sets["train"], sets["test_biased"], sets["test_unbiased"], val=sets.get("val"))
+
+
+def run_cell(cell: Cell, interim: bool = False) -> dict | None:
+    """Train ``cell``'s model, resuming from its epoch state, and return its row; with
+    ``interim``, train nothing and return the row of its last saved epoch (None if none)."""
+    state = cell.state()
+    if interim and not state.path.is_file():
+        return None
+    settings, data, config = cell.settings, cell.data(), cell.config()
+    arch, eval_size = settings.get("arch", "digit-cnn"), settings["eval_size"]
+    name = reference_name(cell.regularizer, settings.get("gray", False))
+    paper = published(settings["task"], cell.level).get(name)
+    head = {"level": cell.level, "regularizer": cell.regularizer, "gamma": cell.gamma, "seed": cell.seed}
+    reference = {"published_acc": round(paper / 100, 4) if paper is not None else None}
+    if interim:
+        saved = saved_model(arch, 1.0, config, data, state)
+        if saved is None:
+            return None
+        model, fitted, epochs_done = saved
+        metrics = evaluate(model, data, fitted, torch.device("cpu"), eval_size).metrics
+        return {**head, "epochs_done": epochs_done, **row_metrics(metrics, arch, state, data, eval_size),
+                "trained_seconds": round(state.earlier_seconds, 1), **reference}
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
+    torch.set_num_threads(max(1, int(cpus)))
+    metrics = train_model(arch, 1.0, config, data, device=assigned_device(), eval_size=eval_size,
+                          checkpoint=state).metrics
+    return {**head, **row_metrics(metrics, arch, state, data, eval_size),
+            "wall_seconds": round(metrics["wall_seconds"], 1), **reference}
+
+
+def train_cells(cells: list[Cell], store, address: str | None, num_cpus: int | None,
+                cpus_per_model: float, gpus_per_model: float) -> None:
+    """Train every cell as its own Ray task (an embedded instance, or the cluster at
+    ``address``), calling ``store(cell, row)`` as each ends; a bar follows their epochs."""
+    if not cells:
+        return
+    started = start_ray(address, num_cpus)
+    task = ray.remote(max_retries=TASK_RETRIES)(run_cell)
+    futures = {task.options(num_cpus=cpus_per_model, num_gpus=gpus_per_model).remote(cell): cell
+               for cell in cells}
+    epochs = cells[0].settings["epochs"]
+    try:
+        with tqdm(total=epochs * len(cells), desc="epochs", unit="epoch") as bar:
+            while futures:
+                ready, _ = ray.wait(list(futures), num_returns=1, timeout=POLL_SECONDS)
+                for ref in ready:
+                    cell = futures.pop(ref)
+                    try:
+                        row = ray.get(ref)
+                    except ray.exceptions.RayTaskError as err:
+                        raise task_error(err) from None
+                    store(cell, row)
+                bar.n = epochs * (len(cells) - len(futures)) + sum(map(epochs_saved, futures.values()))
+                bar.refresh()
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def epochs_saved(cell: Cell) -> int:
+    """How many epochs a running cell has saved (0 before its first, or if the file is mid-swap)."""
+    try:
+        return int(torch.load(cell.state().path, map_location="cpu", weights_only=True)["epoch"])
+    except (OSError, RuntimeError, KeyError, EOFError):
+        return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="biased_mnist")
@@ -232,6 +342,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="models per cell, seeds seed..seed+N-1")
     parser.add_argument("--gray", action="store_true",
                         help="train and test on the images in grayscale (Kim et al.'s Gray control)")
+    parser.add_argument("--address", help="join the Ray cluster there (default: an embedded local instance)")
+    parser.add_argument("--num-cpus", type=int, help="CPUs of the embedded instance (default: all)")
+    parser.add_argument("--cpus-per-model", type=float, default=1.0,
+                        help="CPUs each model's task takes (its torch threads); models train side by side")
+    parser.add_argument("--gpus-per-model", type=float, default=0.0, help="GPU share of each model's task")
     parser.add_argument("--interim", action="store_true",
                         help="train nothing: evaluate each unfinished model at its last saved epoch")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS),
@@ -265,45 +380,25 @@ def main() -> None:
               "levels": list(levels), "regularizers": args.regularizers,
               "settings": settings, "data": mnist.origin, "rows": done}
     seeds = range(args.seed, args.seed + args.seeds)
-    cells = [(level, name, seed) for level in levels for name in args.regularizers for seed in seeds]
-    interim = []
-    for level, name, seed in tqdm(cells, desc=f"{args.task} models", unit="model"):
-        if any(r["level"] == level and r["regularizer"] == name and r["gamma"] == gammas[name]
-               and r.get("seed", args.seed) == seed for r in done):
-            continue
-        sets = {split: load_imageset(mnist, args.task, split, level, "all")
-                for split in SPLITS if split != "val" or args.val_size}
-        if args.gray:
-            sets = {split: grayscale(images) for split, images in sets.items()}
-        data = TrainingData(sets["train"], sets["test_biased"], sets["test_unbiased"], val=sets.get("val"))
-        config = ModelConfig(index=0, task=args.task, seed=seed, task_axes={level_name: level},
-                             pool="all", lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                             train_size=args.train_size, regularizer=name, gamma=gammas[name],
-                             reg_options={**OPTIONS.get(name, {}), **options.get(name, {})}, **recipe)
-        state = WarmupKeeper(args.out / "state" / f"{level}-{name}-{seed}.pt",
-                             run_key(settings, level, name, gammas[name], seed), args.warmup_epochs)
-        cell = {"level": level, "regularizer": name, "gamma": gammas[name], "seed": seed}
-        paper = published(args.task, level).get(reference_name(name, args.gray))
-        reference = {"published_acc": paper / 100 if paper is not None else None}
-        if args.interim:
-            saved = saved_model(args.arch, 1.0, config, data, state)
-            if saved is not None:
-                model, fitted, epochs_done = saved
-                metrics = evaluate(model, data, fitted, torch.device("cpu"), args.eval_size).metrics
-                interim.append({**cell, "epochs_done": epochs_done, **row_metrics(metrics, args, state, data),
-                                "trained_seconds": round(state.earlier_seconds, 1), **reference})
-            continue
-        metrics = train_model(args.arch, 1.0, config, data, eval_size=args.eval_size,
-                              checkpoint=state, progress=True).metrics
-        done.append({**cell, **row_metrics(metrics, args, state, data),
-                     "wall_seconds": round(metrics["wall_seconds"], 1), **reference})
-        write_text_atomic(json_path, json.dumps(result, indent=2))
-        state.clear()
+    data_dir = None if args.data_dir is None else str(args.data_dir)
+    pending = [Cell(settings, level_name, level, name, gammas[name], seed, data_dir, str(args.out))
+               for level in levels for name in args.regularizers for seed in seeds
+               if not any(r["level"] == level and r["regularizer"] == name and r["gamma"] == gammas[name]
+                          and r.get("seed", args.seed) == seed for r in done)]
     if args.interim:
-        report = {**{k: v for k, v in result.items() if k != "rows"}, "rows": interim}
+        saved = (run_cell(cell, interim=True) for cell in tqdm(pending, desc="saved states", unit="model"))
+        rows = [row for row in saved if row is not None]
+        report = {**{k: v for k, v in result.items() if k != "rows"}, "rows": rows}
         write_text_atomic(args.out / f"{args.task}.interim.json", json.dumps(report, indent=2))
         print(json.dumps(report))
         return
+
+    def store(cell: Cell, row: dict) -> None:
+        done.append(row)
+        write_text_atomic(json_path, json.dumps(result, indent=2))
+        cell.state().clear()  # only once its row is on disk
+
+    train_cells(pending, store, args.address, args.num_cpus, args.cpus_per_model, args.gpus_per_model)
     # The file keeps every row run with these settings (other levels, regularizers, γ); the
     # summary and the plot speak for this command's cells.
     rows = [r for r in done if r["level"] in levels and r["regularizer"] in args.regularizers
