@@ -60,7 +60,7 @@ _EXPORTS = {
     "DetectorFileError": "detector.files",
     "score_checkpoint": "detector.scoring", "checkpoint_weights": "detector.scoring",
     "checkpoint_insidebias": "detector.scoring", "score_checkpoints": "detector.scoring",
-    "Scorer": "detector.scoring", "verdict_lines": "detector.scoring",
+    "Scorer": "detector.scoring", "verdict_lines": "detector.verdicts",
     "Reference": "detector.applicability", "wilson_interval": "detector.calibration",
     "calibrate": "detector.calibration", "TreeEnsemble": "detector.trees",
     "insidebias": "detector.activations", "InsideBiasResult": "detector.activations",

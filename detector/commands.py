@@ -195,7 +195,7 @@ def _scores_lines(scores: dict[str, Any]) -> list[str]:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from detector.scoring import FEW_PER_CLASS
+    from detector.verdicts import FEW_PER_CLASS
     from detector.workflow import train_detector
 
     _, info = train_detector(args.store, detector=args.detector, target=args.target, split=args.split,
@@ -234,7 +234,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from detector.scoring import score_checkpoints, summary_lines, verdict_lines
+    from detector.scoring import score_checkpoints
+    from detector.verdicts import summary_lines, verdict_lines
 
     results = []
     for result in score_checkpoints(args.checkpoints, args.detector, arch=args.arch, probes=args.probes,

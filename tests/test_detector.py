@@ -23,7 +23,8 @@ from detector.evaluate import labels, rows_at_levels, score_detector, split_rows
 from detector.files import DetectorFileError, load_detector, save_detector
 from detector.models import DETECTORS, DetectorError, for_layout, make_detector, runs_networks
 from detector.recalibrate import recalibrate_detector, reference_spec
-from detector.scoring import score_checkpoint, verdict_lines
+from detector.scoring import score_checkpoint
+from detector.verdicts import verdict_lines
 from detector.workflow import evaluate_detector, train_detector
 from modelzoo.architectures import build_model, flatten, layout
 from modelzoo.generation import generate

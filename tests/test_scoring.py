@@ -32,10 +32,11 @@ from detector.calibration import (
 from detector.cli import main
 from detector.files import save_detector
 from detector.models import for_layout, make_detector
-from detector.scoring import Scorer, score_checkpoints, verdict_lines
+from detector.scoring import Scorer, score_checkpoints
 from detector.sethead import SetHead
 from detector.transform import WeightFeatures
 from detector.trees import TreeEnsemble, export_trees
+from detector.verdicts import verdict_lines
 from detector.workflow import train_detector
 from modelzoo.architectures import build_model, flatten, layout, unflatten
 from modelzoo.datasets import render_colored_mnist
