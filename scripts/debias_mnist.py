@@ -284,8 +284,9 @@ def train_cells(cells: list[Cell], store, address: str | None, num_cpus: int | N
     futures = {task.options(num_cpus=cpus_per_model, num_gpus=gpus_per_model).remote(cell): cell
                for cell in cells}
     epochs = cells[0].settings["epochs"]
+    resumed = sum(map(epochs_saved, cells))  # so the bar's rate and ETA count this process's epochs
     try:
-        with tqdm(total=epochs * len(cells), desc="epochs", unit="epoch") as bar:
+        with tqdm(total=epochs * len(cells), initial=resumed, desc="epochs", unit="epoch") as bar:
             while futures:
                 ready, _ = ray.wait(list(futures), num_returns=1, timeout=POLL_SECONDS)
                 for ref in ready:
