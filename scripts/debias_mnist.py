@@ -279,12 +279,12 @@ def train_cells(cells: list[Cell], store, address: str | None, num_cpus: int | N
     ``address``), calling ``store(cell, row)`` as each ends; a bar follows their epochs."""
     if not cells:
         return
+    epochs = cells[0].settings["epochs"]
+    resumed = sum(map(epochs_saved, cells))  # so the bar's rate and ETA count this process's epochs
     started = start_ray(address, num_cpus)
     task = ray.remote(max_retries=TASK_RETRIES)(run_cell)
     futures = {task.options(num_cpus=cpus_per_model, num_gpus=gpus_per_model).remote(cell): cell
                for cell in cells}
-    epochs = cells[0].settings["epochs"]
-    resumed = sum(map(epochs_saved, cells))  # so the bar's rate and ETA count this process's epochs
     try:
         with tqdm(total=epochs * len(cells), initial=resumed, desc="epochs", unit="epoch") as bar:
             while futures:
