@@ -102,12 +102,6 @@ def choose_baseline(groups: list[Group], min_models: int) -> tuple[Group, str | 
 # ---------------------------------------------------------------- energy distance
 
 
-def energy_distance(x: np.ndarray, y: np.ndarray) -> float:
-    """Energy distance 2·E‖X−Y‖ − E‖X−X′‖ − E‖Y−Y′‖ (V-statistic, so never negative) of two
-    samples given as rows of the same width."""
-    return energy_test(x, y, n_permutations=0).statistic
-
-
 def energy_test(x: np.ndarray, y: np.ndarray, n_permutations: int = DEFAULT_PERMUTATIONS,
                 seed: int = 0) -> EnergyTest:
     """Energy distance of samples ``x`` and ``y`` and the p-value of a permutation test.
