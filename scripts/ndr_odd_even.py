@@ -17,7 +17,11 @@ attaches its own tap, and one regularizer call per step.
     python scripts/ndr_odd_even.py --data-dir ../shared/data --out results/ndr_odd_even
 
 Writes ``ndr_odd_even.json`` and, for γ = 0 and the largest γ, a PNG of the distances between
-the ten digits' feature centroids, then prints the JSON on one line.
+the ten digits' feature centroids, then prints the JSON on one line. Each γ saves its state
+after every epoch under ``--out``/state and resumes there, so Table I's 500 epochs span
+sessions; the same command with a larger ``--epochs`` extends a finished run (the learning
+rate is constant). ``--eval-every N`` records the test readings every N epochs in the JSON's
+``trajectory`` and, while the run goes on, in ``ndr_odd_even.progress.json``.
 """
 
 from __future__ import annotations
@@ -35,11 +39,14 @@ from tqdm import tqdm
 
 from fairtrain.metrics import centroid_recoverability, representation_leakage
 from fairtrain.regularizers import get_regularizer, ndr_penalty
+from modelzoo.atomic import write_text_atomic
+from modelzoo.resume import EpochCheckpoint, run_key
 from modelzoo.sources import load_mnist
 
 GAMMAS = (0.0, 0.1, 1.0)
 PUBLISHED = {0.0: {"accuracy": 0.9932, "R": 0.61}, 0.1: {"accuracy": 0.9915, "R": 0.11},
              1.0: {"accuracy": 0.9323, "R": 0.03}}  # Table I, NDR at fc1
+TRAJECTORY_KEYS = ("parity_acc", "ndr_R", "digit_leakage", "kmeans_adjusted_rand")
 
 
 class LeNet5Caffe(nn.Module):
@@ -65,15 +72,30 @@ def as_gray(digits: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(digits).float().div_(255.0)[:, None]
 
 
-def train(gamma: float, images: torch.Tensor, digits: torch.Tensor, args: argparse.Namespace) -> nn.Module:
+def train(gamma: float, images: torch.Tensor, digits: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor],
+          args: argparse.Namespace) -> tuple[nn.Module, list[dict]]:
+    """Train one γ, resuming from its epoch state under ``--out``/state; every ``--eval-every``
+    epochs the test readings join the run's trajectory (kept in the state, so a resumed or
+    extended run keeps its history)."""
     torch.manual_seed(args.seed)
     model = LeNet5Caffe()
     ndr = get_regularizer("ndr", gamma)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     shuffler = torch.Generator().manual_seed(args.seed)
-    model.train()
+    # The learning rate is constant, so the key leaves out the epochs: a run extends to more.
+    checkpoint = EpochCheckpoint(args.out / "state" / f"gamma{gamma:g}.pt",
+                                 run_key("ndr_odd_even", gamma, len(digits), args.batch_size, args.lr,
+                                         args.weight_decay, args.seed))
+    state, done, trajectory = checkpoint.load(), 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        shuffler.set_state(state["shuffler"])
+        done, trajectory = state["epoch"], state["trajectory"]
     with ndr.attach(model) as tap:
-        for _ in tqdm(range(args.epochs), desc=f"γ = {gamma:g}", unit="epoch", leave=False):
+        for epoch in tqdm(range(done, args.epochs), desc=f"γ = {gamma:g}", unit="epoch", leave=False,
+                          initial=done, total=args.epochs):
+            model.train()
             for batch in torch.randperm(len(digits), generator=shuffler).split(args.batch_size):
                 logits = model(images[batch])
                 parity = digits[batch] % 2
@@ -82,7 +104,22 @@ def train(gamma: float, images: torch.Tensor, digits: torch.Tensor, args: argpar
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-    return model
+            if args.eval_every and (epoch + 1) % args.eval_every == 0:
+                reading = evaluate(model, *test, args.batch_size)
+                trajectory.append({"epoch": epoch + 1, **{k: round(reading[k], 4) for k in TRAJECTORY_KEYS}})
+                write_progress(args.out, gamma, trajectory)
+            checkpoint.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "shuffler": shuffler.get_state(), "epoch": epoch + 1, "trajectory": trajectory})
+    return model, trajectory
+
+
+def write_progress(out: Path, gamma: float, trajectory: list[dict]) -> None:
+    """``ndr_odd_even.progress.json``: each γ's trajectory so far, readable while the runs go on."""
+    path = out / "ndr_odd_even.progress.json"
+    out.mkdir(parents=True, exist_ok=True)
+    progress = json.loads(path.read_text()) if path.is_file() else {}
+    progress[f"{gamma:g}"] = trajectory
+    write_text_atomic(path, json.dumps(progress, indent=1))
 
 
 def _sum_form(features: torch.Tensor, digits: torch.Tensor) -> float:
@@ -153,6 +190,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--weight-decay", type=float, default=1e-5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=0,
+                        help="record the test readings every N epochs (0: never)")
     args = parser.parse_args()
 
     mnist = load_mnist(args.data_dir)
@@ -163,9 +202,9 @@ def main() -> None:
 
     rows = []
     for gamma in tqdm(sorted(args.gammas), desc="NDR γ", unit="model"):
-        model = train(gamma, train_images, train_digits, args)
+        model, trajectory = train(gamma, train_images, train_digits, (test_images, test_digits), args)
         rows.append({"gamma": gamma, **evaluate(model, test_images, test_digits, args.batch_size),
-                     "published": PUBLISHED.get(gamma)})
+                     "published": PUBLISHED.get(gamma), "trajectory": trajectory})
     r_values = [row["ndr_R"] for row in rows]
     result = {
         "benchmark": "ndr_odd_even", "data": mnist.origin, "network": "LeNet5-caffe, 1 output",
@@ -181,7 +220,7 @@ def main() -> None:
     (args.out / "ndr_odd_even.json").write_text(json.dumps(result, indent=2))
     summary = {k: v for k, v in result.items() if k != "rows"}
     summary["rows"] = [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
-                        if k != "centroid_distances"} for row in rows]
+                        if k not in ("centroid_distances", "trajectory")} for row in rows]
     print(json.dumps(summary))
 
 
