@@ -1,6 +1,7 @@
-"""scripts/debias_mnist.py end to end on real MNIST: Kim et al.'s network under LNTL at two
-levels, each model a Ray task beside the other, each row recorded with its warm-up's baseline,
-and the per-epoch state each kept while training cleared once its row is stored."""
+"""The evidence scripts end to end on real MNIST: scripts/debias_mnist.py trains Kim et al.'s
+network under LNTL at two levels, each model a Ray task beside the other, each row recorded with
+its warm-up's baseline, the per-epoch state each kept cleared once its row is stored;
+scripts/ndr_odd_even.py extends a finished run to more epochs."""
 
 from __future__ import annotations
 
@@ -40,3 +41,27 @@ def test_debias_mnist_trains_lntl_on_kim_et_als_network_and_clears_its_epoch_sta
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "colored_mnist.interim.json").read_text())["rows"] == []
+
+
+def _ndr_run(out: Path, epochs: int) -> dict:
+    command = [sys.executable, str(ROOT / "scripts" / "ndr_odd_even.py"), "--gammas", "1",
+               "--train-size", "1000", "--epochs", str(epochs), "--eval-every", "1", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads((out / "ndr_odd_even.json").read_text())["rows"][0]
+
+
+@pytest.mark.slow
+def test_ndr_odd_even_extends_a_finished_run_to_the_weights_of_a_longer_one(tmp_path: Path) -> None:
+    """Table I's 500 epochs span sessions: a 1-epoch run extended to 2 ends where a 2-epoch run
+    does, and keeps the test readings of its first epoch in its trajectory."""
+    _ndr_run(tmp_path / "extended", 1)
+    extended = _ndr_run(tmp_path / "extended", 2)
+    straight = _ndr_run(tmp_path / "straight", 2)
+    assert [reading["epoch"] for reading in extended["trajectory"]] == [1, 2]
+    assert extended["trajectory"] == straight["trajectory"]
+    for key in ("parity_acc", "ndr_R", "digit_leakage"):
+        assert extended[key] == straight[key]
+    progress = json.loads((tmp_path / "extended" / "ndr_odd_even.progress.json").read_text())
+    assert progress["1"] == extended["trajectory"]
