@@ -395,7 +395,8 @@ def main() -> None:
         return
 
     def store(cell: Cell, row: dict) -> None:
-        done.append(row)
+        done.append(row)  # in table order, whichever model finishes first
+        done.sort(key=lambda r: (r["level"], r["regularizer"], r["gamma"], r.get("seed", args.seed)))
         write_text_atomic(json_path, json.dumps(result, indent=2))
         cell.state().clear()  # only once its row is on disk
 
