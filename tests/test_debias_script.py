@@ -16,6 +16,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(command: list[str]) -> None:
+    """Run an evidence script single-threaded from the repository root; it must exit 0."""
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_debias_mnist_trains_lntl_on_kim_et_als_network_and_clears_its_epoch_state(tmp_path: Path) -> None:
     out = tmp_path / "run"
@@ -23,9 +30,7 @@ def test_debias_mnist_trains_lntl_on_kim_et_als_network_and_clears_its_epoch_sta
                "--arch", "lntl-cnn", "--regularizers", "lntl", "--levels", "0.05", "0.03", "--epochs", "2",
                "--warmup-epochs", "1", "--optimizer", "sgd", "--lr", "0.01", "--train-size", "512",
                "--eval-size", "500", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_script(command)
     result = json.loads((out / "colored_mnist.json").read_text())
     assert result["settings"]["arch"] == "lntl-cnn" and result["settings"]["warmup_epochs"] == 1
     assert [row["level"] for row in result["rows"]] == [0.03, 0.05]  # table order, not finish order
@@ -37,18 +42,14 @@ def test_debias_mnist_trains_lntl_on_kim_et_als_network_and_clears_its_epoch_sta
     assert rows[0.03]["published_acc"] == pytest.approx(0.9137)
     assert not list((out / "state").iterdir())  # each epoch state went once its row was written
     # Nothing is left unfinished, so an interim reading of the same command has no row.
-    done = subprocess.run([*command, "--interim"], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_script([*command, "--interim"])
     assert json.loads((out / "colored_mnist.interim.json").read_text())["rows"] == []
 
 
 def _ndr_run(out: Path, epochs: int) -> dict:
     command = [sys.executable, str(ROOT / "scripts" / "ndr_odd_even.py"), "--gammas", "1",
                "--train-size", "1000", "--epochs", str(epochs), "--eval-every", "1", "--out", str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
+    run_script(command)
     return json.loads((out / "ndr_odd_even.json").read_text())["rows"][0]
 
 
