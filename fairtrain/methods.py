@@ -60,38 +60,64 @@ class NDR(Regularizer):
 class EnD(Regularizer):
     """Tartaglione, Barbano & Grangetto, CVPR 2021: R = α·R_⊥ + β·R_∥ on normalized features.
 
-    R_⊥ ("disentangle") is :class:`NDR`'s term over same-bias pairs. R_∥ ("entangle") pulls
-    together same-class pairs of different bias: per target class y, the mean of (1 − g_ij)/2
-    over its pairs i<j with s_i ≠ s_j, averaged over the classes that have such pairs. It is
-    the reference implementation's 1 − mean (1 + g)/2, so it lies in [0, 1] and is 0 when those
-    pairs are aligned. α = β = 0.1 by default; DESIGN notes larger β, smaller α works better.
+    With g_ij the cosine of samples i, j, the default ``form="source"`` follows the authors'
+    ``EnD.py``: R_⊥ ("disentangle") = Σ_b |Σ_{i<j ∈ b} g_ij| / Σ_b M_b over the bias groups b,
+    the absolute value of each group's *summed* cosines over all groups' pairs together, so
+    positive and negative cosines of signed features cancel; R_∥ ("entangle") is the mean of
+    (1 − g_ij)/2 over all same-class pairs of different bias, 1 − mean (1 + g)/2 as the source
+    writes it (the source's masks count one ordered half of those pairs, whose mean has the same
+    expectation). Each term is 0 when it has no pairs. ``form="pairwise"`` is the earlier form
+    kept for its recorded runs: R_⊥ is :class:`NDR`'s per-pair |g| averaged per group, R_∥ the
+    per-class means averaged over classes. α = β = 0.1 by default; DESIGN notes larger β,
+    smaller α works better. Still departs: the source's classifier reads the L2-normalised
+    tanh features; here it keeps the network's own bottleneck (docs/fairtrain.md).
     """
 
     name = "end"
     # EnD's network ends in tanh and normalises after it; here tanh of the bottleneck's
     # pre-activation is what the term reads (the classifier itself keeps digit-cnn's ReLU).
     default_tap = Tap(None, "tanh")
+    forms = ("source", "pairwise")
 
-    def __init__(self, gamma: float = 1.0, *, alpha: float = 0.1, beta: float = 0.1) -> None:
+    def __init__(self, gamma: float = 1.0, *, alpha: float = 0.1, beta: float = 0.1,
+                 form: str = "source") -> None:
         super().__init__(gamma)
         self.alpha = check_gamma(alpha, "alpha")
         self.beta = check_gamma(beta, "beta")
+        if form not in self.forms:
+            raise RegularizerError(f"form must be one of {list(self.forms)} for end, got {form!r}")
+        self.form = form
+
+    def orthogonal_term(self, features: torch.Tensor, sensitive: torch.Tensor) -> torch.Tensor:
+        """R_⊥ over same-bias pairs, in this regularizer's form."""
+        if self.form == "pairwise":
+            return ndr_penalty(features, sensitive)
+        gram = pairwise_cosine(features)
+        mask = (sensitive[:, None] == sensitive[None, :]) & lower_pairs(len(sensitive), gram.device)
+        n_groups = int(sensitive.max()) + 1
+        group_sums = gram.new_zeros(n_groups).index_add(0, sensitive, (gram * mask).sum(1))
+        pairs = mask.sum()
+        return group_sums.abs().sum() / pairs if pairs > 0 else gram.new_zeros(())
 
     def parallel_term(self, features: torch.Tensor, targets: torch.Tensor,
                       sensitive: torch.Tensor) -> torch.Tensor:
-        """R_∥: mean (1 − g_ij)/2 over same-class, different-bias pairs, averaged per class."""
+        """R_∥: the mean of (1 − g_ij)/2 over same-class, different-bias pairs i<j (per class,
+        then over classes, in the pairwise form)."""
         gram = pairwise_cosine(features)
         mask = ((targets[:, None] == targets[None, :]) & (sensitive[:, None] != sensitive[None, :])
                 & lower_pairs(len(targets), gram.device))
-        return mean_over_labels((1 - gram) / 2, mask, targets)
+        if self.form == "pairwise":
+            return mean_over_labels((1 - gram) / 2, mask, targets)
+        pairs = mask.sum()
+        return ((1 - gram) / 2 * mask).sum() / pairs if pairs > 0 else gram.new_zeros(())
 
     def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                 sensitive: torch.Tensor | None) -> torch.Tensor:
-        return (self.alpha * ndr_penalty(features, sensitive)
+        return (self.alpha * self.orthogonal_term(features, sensitive)
                 + self.beta * self.parallel_term(features, targets, sensitive))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, alpha={self.alpha}, beta={self.beta}"
+        return f"{super().extra_repr()}, alpha={self.alpha}, beta={self.beta}, form={self.form!r}"
 
 
 class BinaryBernoulli(Regularizer):

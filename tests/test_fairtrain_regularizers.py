@@ -135,8 +135,9 @@ def test_ndr_cannot_cancel_signed_cosines() -> None:
     assert reg_of("ndr")(features, *dummy(4), torch.zeros(4, dtype=torch.long)).item() > 0.3
 
 
-def test_end_pulls_same_class_pairs_across_bias_groups() -> None:
-    end = get_regularizer("end", 1.0, alpha=0.0, beta=1.0)
+@pytest.mark.parametrize("form", ["source", "pairwise"])
+def test_end_pulls_same_class_pairs_across_bias_groups(form: str) -> None:
+    end = get_regularizer("end", 1.0, alpha=0.0, beta=1.0, form=form)
     targets, bias = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 0, 1])
     logits = torch.zeros(4, 10)
     aligned = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0]])
@@ -144,11 +145,51 @@ def test_end_pulls_same_class_pairs_across_bias_groups() -> None:
     orthogonal = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     assert end(orthogonal, logits, targets, bias).item() == pytest.approx(0.5)
     features, logits, targets, sensitive = batch()
-    both = get_regularizer("end", 1.0, alpha=0.3, beta=0.7)
-    alone = get_regularizer("ndr", 1.0)(features, logits, targets, sensitive)
-    parallel = both.parallel_term(features, targets, sensitive)
-    expected = 0.3 * alone + 0.7 * parallel
+    both = get_regularizer("end", 1.0, alpha=0.3, beta=0.7, form=form)
+    expected = (0.3 * both.orthogonal_term(features, sensitive)
+                + 0.7 * both.parallel_term(features, targets, sensitive))
     assert both(features, logits, targets, sensitive).item() == pytest.approx(expected.item())
+    if form == "pairwise":
+        alone = get_regularizer("ndr", 1.0)(features, logits, targets, sensitive)
+        assert both.orthogonal_term(features, sensitive).item() == pytest.approx(alone.item())
+
+
+def source_end_terms(features: torch.Tensor, targets: torch.Tensor,
+                     bias: torch.Tensor) -> tuple[float, float]:
+    """EnD's two terms written out pair by pair, as the authors' EnD.py defines them."""
+    z = F.normalize(features.detach(), dim=1)
+    same_sums, same_pairs, cross, cross_pairs = {}, 0, 0.0, 0
+    for i in range(len(z)):
+        for j in range(i):
+            g = float(z[i] @ z[j])
+            if bias[i] == bias[j]:
+                same_sums[int(bias[i])] = same_sums.get(int(bias[i]), 0.0) + g
+                same_pairs += 1
+            elif targets[i] == targets[j]:
+                cross += (1 + g) / 2
+                cross_pairs += 1
+    orthogonal = sum(abs(v) for v in same_sums.values()) / same_pairs if same_pairs else 0.0
+    return orthogonal, (1 - cross / cross_pairs) if cross_pairs else 0.0
+
+
+def test_end_source_form_matches_the_reference_terms_and_lets_signed_cosines_cancel() -> None:
+    features, _, targets, sensitive = batch(n=40)
+    end = get_regularizer("end", 1.0)
+    assert end.form == "source"
+    orthogonal, parallel = source_end_terms(features, targets, sensitive)
+    assert orthogonal > 0 and parallel > 0
+    assert end.orthogonal_term(features, sensitive).item() == pytest.approx(orthogonal, rel=1e-5)
+    assert end.parallel_term(features, targets, sensitive).item() == pytest.approx(parallel, rel=1e-5)
+    a, b = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    signed = torch.stack([a, -a, b, -b])  # one group: cosines -1 twice and 0 four times
+    one_group = torch.zeros(4, dtype=torch.long)
+    assert end.orthogonal_term(signed, one_group).item() == pytest.approx(2 / 6)
+    cancelling = torch.stack([a, a, b, -b])  # cosines +1 and -1 (and four 0): the sum is 0
+    assert end.orthogonal_term(cancelling, one_group).item() == pytest.approx(0.0, abs=1e-6)
+    pairwise = get_regularizer("end", 1.0, form="pairwise")
+    assert pairwise.orthogonal_term(cancelling, one_group).item() == pytest.approx(2 / 6)
+    with pytest.raises(RegularizerError, match="form must be one of"):
+        get_regularizer("end", 1.0, form="paper")
 
 
 # ----------------------------------------------------------------------------- adversarial heads

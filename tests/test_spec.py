@@ -204,3 +204,14 @@ def test_a_range_from_zero_to_minus_zero_is_the_point_zero() -> None:
     raw["sample"] = {"gamma": {"uniform": [0.0, -0.0]}}
     spec = parse_spec(raw)
     assert [spec.config(i).gamma for i in range(2)] == [0.0, 0.0]
+
+
+def test_ends_form_is_a_spec_option_checked_by_the_regularizer() -> None:
+    raw = tiny_spec_dict(regularizer="end")
+    raw["sweep"]["reg.form"] = ["source", "pairwise"]
+    spec = parse_spec(raw)
+    assert {spec.config(i).reg_options["form"] for i in range(spec.n_models)} == {"source", "pairwise"}
+    raw["sweep"]["reg.form"] = ["source", "paper"]
+    with pytest.raises(SpecError, match=r"^sweep\.reg\.form: regularizer end refuses 'paper' "
+                                        r"\(form must be one of"):
+        parse_spec(raw)
