@@ -83,11 +83,20 @@ def mean_over_labels(values: torch.Tensor, mask: torch.Tensor, labels: torch.Ten
     return (sums[present] / counts[present]).mean()
 
 
+def same_label_pairs(labels: torch.Tensor) -> torch.Tensor:
+    """(N, N) mask of the pairs i > j whose samples share a label."""
+    return (labels[:, None] == labels[None, :]) & lower_pairs(len(labels), labels.device)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over ``mask``; 0 when the mask is empty."""
+    count = mask.sum()
+    return (values * mask).sum() / count if count > 0 else values.new_zeros(())
+
+
 def ndr_penalty(features: torch.Tensor, sensitive: torch.Tensor) -> torch.Tensor:
     """R = (1/C) Σ_c (1/M_c) Σ_{i<j ∈ c} |g_ij| on normalized features (see :class:`NDR`)."""
-    gram = pairwise_cosine(features)
-    same = sensitive[:, None] == sensitive[None, :]
-    return mean_over_labels(gram.abs(), same & lower_pairs(len(sensitive), gram.device), sensitive)
+    return mean_over_labels(pairwise_cosine(features).abs(), same_label_pairs(sensitive), sensitive)
 
 
 def binary_entropy(p: torch.Tensor) -> torch.Tensor:

@@ -23,9 +23,11 @@ from fairtrain.base import (
     check_unit,
     group_onehot,
     lower_pairs,
+    masked_mean,
     mean_over_labels,
     ndr_penalty,
     pairwise_cosine,
+    same_label_pairs,
 )
 from fairtrain.interface import Regularizer
 from fairtrain.taps import ACTIVATIONS, FeatureTap, Tap
@@ -92,10 +94,8 @@ class EnD(Regularizer):
         """R_⊥ over same-bias pairs, in this regularizer's form."""
         if self.form == "pairwise":
             return ndr_penalty(features, sensitive)
-        gram = pairwise_cosine(features)
-        mask = (sensitive[:, None] == sensitive[None, :]) & lower_pairs(len(sensitive), gram.device)
-        n_groups = int(sensitive.max()) + 1
-        group_sums = gram.new_zeros(n_groups).index_add(0, sensitive, (gram * mask).sum(1))
+        gram, mask = pairwise_cosine(features), same_label_pairs(sensitive)
+        group_sums = gram.new_zeros(int(sensitive.max()) + 1).index_add(0, sensitive, (gram * mask).sum(1))
         pairs = mask.sum()
         return group_sums.abs().sum() / pairs if pairs > 0 else gram.new_zeros(())
 
@@ -108,8 +108,7 @@ class EnD(Regularizer):
                 & lower_pairs(len(targets), gram.device))
         if self.form == "pairwise":
             return mean_over_labels((1 - gram) / 2, mask, targets)
-        pairs = mask.sum()
-        return ((1 - gram) / 2 * mask).sum() / pairs if pairs > 0 else gram.new_zeros(())
+        return masked_mean((1 - gram) / 2, mask)
 
     def penalty(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
                 sensitive: torch.Tensor | None) -> torch.Tensor:
