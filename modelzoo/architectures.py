@@ -25,8 +25,8 @@ from torch import nn
 from modelzoo.layouts import ArchitectureError, TensorSlot, arch_info, check_width, layout_records
 from modelzoo.layouts import scaled as _scaled
 
-__all__ = ["ARCHITECTURES", "ArchitectureError", "DigitCNN", "GenderCNN", "LNTLConvNet", "TensorSlot",
-           "build_model", "flatten", "layout", "layout_records", "n_params", "unflatten"]
+__all__ = ["ARCHITECTURES", "ArchitectureError", "DigitCNN", "GenderCNN", "LNTLConvNet", "SimpleConvNet",
+           "TensorSlot", "build_model", "flatten", "layout", "layout_records", "n_params", "unflatten"]
 
 
 class DigitCNN(nn.Module):
@@ -134,8 +134,63 @@ class LNTLConvNet(nn.Module):
         return self.fc(self.pool(x))
 
 
+class UnitNorm(nn.Module):
+    """Scales each sample's feature vector to unit L2 norm (EnD's ``pattern_norm``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.normalize(x, dim=1)
+
+
+class SimpleConvNet(nn.Module):
+    """ReBias's Biased-MNIST classifier (Bahng et al., ICML 2020; clovaai/rebias
+    ``SimpleConvNet``), for reproducing the Biased-MNIST tables on their network: 28×28×3 input,
+    531,210 parameters (and 484 batch-norm statistics) at width 1.
+
+    four convolutions 16, 32, 64, 128 @7×7 ('same' padding, no pooling), each followed by batch
+    norm and ReLU → global average pool (the bottleneck ``pool``, 128 features) → dense 10. The
+    source feeds images normalised to [−1, 1]; ``forward`` maps the trainer's [0, 1] there.
+    Convolutions start He-normal over their fan-out, as the source initialises them.
+
+    ``end_variant`` is EnD's network (Tartaglione et al., CVPR 2021; EIDOSLAB
+    ``simple_convnet``): the last activation is tanh and the pooled features are L2-normalised
+    inside ``pool``, so the classifier and EnD's term (tapped at ``pool``) read the same
+    unit-norm vectors. Not vectorizable (batch norm keeps running statistics).
+    """
+
+    input_shape = (3, 28, 28)
+    num_classes = 10
+    bottleneck = "pool"
+
+    def __init__(self, width: float = 1.0, end_variant: bool = False) -> None:
+        super().__init__()
+        channels = [_scaled(c, width) for c in (16, 32, 64, 128)]
+        self.end_variant = end_variant
+        previous = 3
+        for k, out in enumerate(channels, start=1):
+            setattr(self, f"conv{k}", nn.Conv2d(previous, out, 7, padding=3))
+            setattr(self, f"bn{k}", nn.BatchNorm2d(out))
+            previous = out
+        norm = [UnitNorm()] if end_variant else []
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), *norm)
+        self.fc = nn.Linear(previous, self.num_classes)
+        for k in range(1, 5):
+            nn.init.kaiming_normal_(getattr(self, f"conv{k}").weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = 2 * x - 1
+        for k in range(1, 5):
+            x = getattr(self, f"bn{k}")(getattr(self, f"conv{k}")(x))
+            x = torch.tanh(x) if self.end_variant and k == 4 else torch.relu(x)
+        return self.fc(self.pool(x))
+
+
+def _end_convnet(width: float = 1.0) -> SimpleConvNet:
+    return SimpleConvNet(width, end_variant=True)
+
+
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"digit-cnn": DigitCNN, "gender-cnn": GenderCNN,
-                                                      "lntl-cnn": LNTLConvNet}
+                                                      "lntl-cnn": LNTLConvNet, "rebias-cnn": SimpleConvNet,
+                                                      "end-cnn": _end_convnet}
 
 
 def build_model(arch: str, width: float = 1.0) -> nn.Module:

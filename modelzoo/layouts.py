@@ -61,6 +61,18 @@ def _lntl_cnn(width: float) -> list[tuple[str, tuple[int, ...]]]:
             ("fc.weight", (10, widths[-1])), ("fc.bias", (10,))]
 
 
+def _simple_convnet(width: float) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of ReBias's SimpleConvNet (and EnD's variant, which has the same tensors):
+    four 7×7 convolutions, each with its batch norm, and one dense layer on the pooled map."""
+    widths = [scaled(c, width) for c in (16, 32, 64, 128)]
+    convs = _convs(widths, (7, 7, 7, 7))
+    shapes: list[tuple[str, tuple[int, ...]]] = []
+    for k, out in enumerate(widths, start=1):
+        norm = [(f"bn{k}.{name}", (out,)) for name in ("weight", "bias", "running_mean", "running_var")]
+        shapes += [*convs[2 * k - 2 : 2 * k], *norm, (f"bn{k}.num_batches_tracked", ())]
+    return [*shapes, ("fc.weight", (10, widths[-1])), ("fc.bias", (10,))]
+
+
 @dataclass(frozen=True)
 class ArchInfo:
     """What the light layers need to know of one architecture."""
@@ -78,6 +90,8 @@ ARCH_INFO: dict[str, ArchInfo] = {
     "gender-cnn": ArchInfo("gender-cnn", (3, 48, 48), 2, "fc1",
                            lambda w: _conv_stack((24, 48, 48, 64, 64), (5, 3, 3, 3, 3), 128, 2, w)),
     "lntl-cnn": ArchInfo("lntl-cnn", (3, 28, 28), 10, "pool", _lntl_cnn),
+    "rebias-cnn": ArchInfo("rebias-cnn", (3, 28, 28), 10, "pool", _simple_convnet),
+    "end-cnn": ArchInfo("end-cnn", (3, 28, 28), 10, "pool", _simple_convnet),
 }
 
 

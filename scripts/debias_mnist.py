@@ -20,9 +20,12 @@ each model's seed, validation accuracy and best epoch.
 
 Each model trains as its own Ray task (an embedded instance using every core, one model per
 core by default; ``--address`` joins a cluster, ``--cpus-per-model`` / ``--gpus-per-model``
-size the tasks), so a table of levels × seeds trains side by side. ``<task>.json`` is rewritten
-as each model ends, so a run started again with the same settings skips what it holds; each
-model in training saves its state after every epoch under ``--out``/state (:mod:`modelzoo.resume`)
+size the tasks), so a table of levels × seeds trains side by side. ``--in-process`` trains the
+cells one after another in this process on ``--device`` instead, without importing Ray: for
+one GPU machine, where several such commands (one per cell and ``--out``) share the card
+(scripts/debias_gpu.sh). ``<task>.json`` is rewritten as each model ends, so a run started
+again with the same settings skips what it holds; each model in training saves its state after
+every epoch under ``--out``/state (:mod:`modelzoo.resume`)
 and resumes there, so a kill loses at most one epoch. With a warm-up, the row also gives the
 accuracy the network had when the warm-up ended (``warmup_unbiased_acc``: LNTL's pretrained
 baseline). ``--interim``, the same command while it trains (or after it stopped), trains
@@ -39,7 +42,6 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
-import ray
 import torch
 from tqdm import tqdm
 
@@ -47,7 +49,6 @@ from modelzoo.architectures import build_model
 from modelzoo.atomic import write_atomic, write_text_atomic
 from modelzoo.config import ModelConfig
 from modelzoo.datasets import SPLITS, ImageSet, load_imageset
-from modelzoo.generation import TASK_RETRIES, assigned_device, start_ray, task_error
 from modelzoo.resume import EpochCheckpoint, run_key
 from modelzoo.sources import load_mnist
 from modelzoo.tasks import get_task
@@ -88,7 +89,7 @@ RECIPE_FIELDS = ("lr", "epochs", "batch_size", "train_size", "optimizer", "weigh
                  "lr_step", "lr_decay", "val_size", "select", "warmup_epochs", "warmup_lr")
 POLL_SECONDS = 30  # how often the epoch bar reads the running models' states
 # The 28×28 colour networks with ten classes.
-ARCHS = ("digit-cnn", "lntl-cnn")
+ARCHS = ("digit-cnn", "lntl-cnn", "rebias-cnn", "end-cnn")
 TASKS = {
     "biased_mnist": {"levels": (0.99, 0.995), "published": PUBLISHED_BIASED_MNIST},
     "colored_mnist": {"levels": (0.02,), "published": PUBLISHED_COLORED_MNIST},
@@ -245,9 +246,10 @@ class Cell:
         return TrainingData(sets["train"], sets["test_biased"], sets["test_unbiased"], val=sets.get("val"))
 
 
-def run_cell(cell: Cell, interim: bool = False) -> dict | None:
-    """Train ``cell``'s model, resuming from its epoch state, and return its row; with
-    ``interim``, train nothing and return the row of its last saved epoch (None if none)."""
+def run_cell(cell: Cell, interim: bool = False, device: str | None = None) -> dict | None:
+    """Train ``cell``'s model on ``device`` (default: the Ray task's), resuming from its epoch
+    state, and return its row; with ``interim``, train nothing and return the row of its last
+    saved epoch (None if none)."""
     state = cell.state()
     if interim and not state.path.is_file():
         return None
@@ -262,12 +264,19 @@ def run_cell(cell: Cell, interim: bool = False) -> dict | None:
         if saved is None:
             return None
         model, fitted, epochs_done = saved
-        metrics = evaluate(model, data, fitted, torch.device("cpu"), eval_size).metrics
+        metrics = evaluate(model.to(device or "cpu"), data, fitted, torch.device(device or "cpu"),
+                           eval_size).metrics
         return {**head, "epochs_done": epochs_done, **row_metrics(metrics, arch, state, data, eval_size),
                 "trained_seconds": round(state.earlier_seconds, 1), **reference}
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
-    torch.set_num_threads(max(1, int(cpus)))
-    metrics = train_model(arch, 1.0, config, data, device=assigned_device(), eval_size=eval_size,
+    if device is None:
+        import ray
+
+        from modelzoo.generation import assigned_device
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1) if ray.is_initialized() else 1
+        torch.set_num_threads(max(1, int(cpus)))
+        device = assigned_device()
+    metrics = train_model(arch, 1.0, config, data, device=device, eval_size=eval_size,
                           checkpoint=state).metrics
     return {**head, **row_metrics(metrics, arch, state, data, eval_size),
             "wall_seconds": round(metrics["wall_seconds"], 1), **reference}
@@ -279,6 +288,10 @@ def train_cells(cells: list[Cell], store, address: str | None, num_cpus: int | N
     ``address``), calling ``store(cell, row)`` as each ends; a bar follows their epochs."""
     if not cells:
         return
+    import ray  # here, so that --in-process runs where Ray is not installed
+
+    from modelzoo.generation import TASK_RETRIES, start_ray, task_error
+
     epochs = cells[0].settings["epochs"]
     resumed = sum(map(epochs_saved, cells))  # so the bar's rate and ETA count this process's epochs
     started = start_ray(address, num_cpus)
@@ -348,6 +361,10 @@ def main() -> None:
     parser.add_argument("--cpus-per-model", type=float, default=1.0,
                         help="CPUs each model's task takes (its torch threads); models train side by side")
     parser.add_argument("--gpus-per-model", type=float, default=0.0, help="GPU share of each model's task")
+    parser.add_argument("--in-process", action="store_true",
+                        help="train the cells one after another in this process on --device, without Ray")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="with --in-process or --interim: the torch device (default: cuda if any)")
     parser.add_argument("--interim", action="store_true",
                         help="train nothing: evaluate each unfinished model at its last saved epoch")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS),
@@ -387,7 +404,8 @@ def main() -> None:
                if not any(r["level"] == level and r["regularizer"] == name and r["gamma"] == gammas[name]
                           and r.get("seed", args.seed) == seed for r in done)]
     if args.interim:
-        saved = (run_cell(cell, interim=True) for cell in tqdm(pending, desc="saved states", unit="model"))
+        saved = (run_cell(cell, interim=True, device=args.device)
+                 for cell in tqdm(pending, desc="saved states", unit="model"))
         rows = [row for row in saved if row is not None]
         report = {**{k: v for k, v in result.items() if k != "rows"}, "rows": rows}
         write_text_atomic(args.out / f"{args.task}.interim.json", json.dumps(report, indent=2))
@@ -400,7 +418,13 @@ def main() -> None:
         write_text_atomic(json_path, json.dumps(result, indent=2))
         cell.state().clear()  # only once its row is on disk
 
-    train_cells(pending, store, args.address, args.num_cpus, args.cpus_per_model, args.gpus_per_model)
+    if args.in_process:
+        if args.device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its kernels
+        for cell in tqdm(pending, desc="models", unit="model"):
+            store(cell, run_cell(cell, device=args.device))
+    else:
+        train_cells(pending, store, args.address, args.num_cpus, args.cpus_per_model, args.gpus_per_model)
     # The file keeps every row run with these settings (other levels, regularizers, γ); the
     # summary and the plot speak for this command's cells.
     rows = [r for r in done if r["level"] in levels and r["regularizer"] in args.regularizers

@@ -103,3 +103,28 @@ def test_lntl_cnn_is_kim_et_als_network_with_lntls_heads_on_its_14x14_map() -> N
     assert not vectorizable_architecture(model)  # its batch norm keeps running statistics
     # He-normal over the fan-out, the source's initialisation: std sqrt(2 / (5·5·32)) = 0.05.
     assert float(model.conv1.weight.detach().std()) == pytest.approx(0.05, rel=0.15)
+
+
+@pytest.mark.parametrize("arch", ["rebias-cnn", "end-cnn"])
+def test_rebias_and_end_networks_are_the_sources_simple_convnet(arch: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    assert n_params(model) == 531_694  # 531,210 parameters and four batch norms' 484 statistics
+    assert [s.name for s in layout(model)][:3] == ["conv1.weight", "conv1.bias", "bn1.weight"]
+    assert model.conv4.weight.shape == (128, 64, 7, 7)
+    x = torch.rand(3, 3, 28, 28)
+    with FeatureTap(model) as bottleneck:
+        assert model(x).shape == (3, 10)
+        features = bottleneck.features
+    assert features.shape == (3, 128)
+    if arch == "end-cnn":  # tanh, pooled, then unit norm: what EnD's classifier and term read
+        torch.testing.assert_close(features.norm(dim=1), torch.ones(3))
+        assert bool((features < 0).any())
+    else:
+        assert bool((features >= 0).all()) and not torch.allclose(features.norm(dim=1), torch.ones(3))
+    # The source's inputs lie in [-1, 1]: an all-black image reaches conv1 as -1 everywhere.
+    seen = []
+    model.conv1.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]) and None)
+    model(torch.zeros(1, 3, 28, 28))
+    assert float(seen[0].min()) == float(seen[0].max()) == -1.0
+    assert not vectorizable_architecture(model)

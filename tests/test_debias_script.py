@@ -1,6 +1,7 @@
 """The evidence scripts end to end on real MNIST: scripts/debias_mnist.py trains Kim et al.'s
 network under LNTL at two levels, each model a Ray task beside the other, each row recorded with
-its warm-up's baseline, the per-epoch state each kept cleared once its row is stored;
+its warm-up's baseline, the per-epoch state each kept cleared once its row is stored; with
+``--in-process`` it trains EnD on EnD's own network where Ray is not installed (a GPU box);
 scripts/ndr_odd_even.py extends a finished run to more epochs."""
 
 from __future__ import annotations
@@ -44,6 +45,24 @@ def test_debias_mnist_trains_lntl_on_kim_et_als_network_and_clears_its_epoch_sta
     # Nothing is left unfinished, so an interim reading of the same command has no row.
     run_script([*command, "--interim"])
     assert json.loads((out / "colored_mnist.interim.json").read_text())["rows"] == []
+
+
+@pytest.mark.slow
+def test_debias_mnist_in_process_trains_without_ray_on_ends_network(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    arguments = ["--task", "biased_mnist", "--protocol", "rebias", "--arch", "end-cnn", "--regularizers", "end",
+                 "--levels", "0.99", "--reg-option", "end.activation=pre", "--epochs", "1", "--train-size", "128",
+                 "--val-size", "64", "--eval-size", "100", "--in-process", "--device", "cpu", "--out", str(out)]
+    # Importing Ray (or Zarr) fails in this interpreter, as on a machine that lacks them.
+    blocked = ("import runpy, sys; sys.modules['ray'] = sys.modules['zarr'] = None; "
+               f"sys.argv = ['debias_mnist.py', *{arguments!r}]; "
+               "runpy.run_path('scripts/debias_mnist.py', run_name='__main__')")
+    run_script([sys.executable, "-c", blocked])
+    result = json.loads((out / "biased_mnist.json").read_text())
+    assert result["settings"]["arch"] == "end-cnn" and result["settings"]["select"] == "best_val"
+    (row,) = result["rows"]
+    assert row["regularizer"] == "end" and row["reg_loss"] > 0 and row["best_epoch"] == 1
+    assert row["published_acc"] == pytest.approx(0.96)
 
 
 def _ndr_run(out: Path, epochs: int) -> dict:

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Biased-MNIST on the sources' own networks, on one GPU machine without Ray: ReBias's
+# SimpleConvNet trained plain (`rebias-cnn`, beside ReBias's vanilla row) and EnD's variant
+# trained with EnD (`end-cnn`, its term on the unit-norm pooled features the classifier reads),
+# at rho 0.99 and 0.995 under the ReBias protocol (80 epochs, best validation epoch). The four
+# models share the card, each an `--in-process` run of scripts/debias_mnist.py with its own
+# --out. With DEADLINE (seconds), a run still training then is stopped and read at its last
+# saved epoch (`--interim`); the same command again resumes every run from its saved epoch.
+#
+#   scripts/debias_gpu.sh DATA_ROOT OUT [DEADLINE]
+#
+# PYTHON (environment) names the interpreter (default python3); EXTRA is appended to every run's flags, e.g. EXTRA="--epochs 2 --device cpu".
+set -u
+data=$1 out=$2 deadline=${3:-0}
+cells=("rebias-cnn none 0.99" "end-cnn end 0.99" "rebias-cnn none 0.995" "end-cnn end 0.995")
+here=$(dirname "$0")
+python=${PYTHON:-python3}
+export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"  # the packages, where they are not installed
+run() {  # limit arch regularizer level [flags...]; a limit of 0 is none
+  local limit=$1 arch=$2 reg=$3 level=$4
+  shift 4
+  timeout "$limit" "$python" "$here/debias_mnist.py" --task biased_mnist --protocol rebias --arch "$arch" --regularizers "$reg" \
+    --levels "$level" --reg-option end.activation=pre --in-process --data-dir "$data" \
+    --out "$out/${arch}_${reg}_${level}" ${EXTRA:-} "$@"
+}
+# Render each level's images into the cache once, before four processes want them.
+"$python" -c "
+import sys
+from modelzoo.datasets import SPLITS, load_imageset
+from modelzoo.sources import load_mnist
+mnist = load_mnist(sys.argv[1])
+for level in (0.99, 0.995):
+    for split in SPLITS:
+        load_imageset(mnist, 'biased_mnist', split, level, 'all')
+" "$data" || exit 1
+for cell in "${cells[@]}"; do
+  read -r arch reg level <<<"$cell"
+  mkdir -p "$out/${arch}_${reg}_${level}"
+  run "$deadline" "$arch" "$reg" "$level" >"$out/${arch}_${reg}_${level}/log" 2>&1 &
+done
+wait
+for cell in "${cells[@]}"; do
+  read -r arch reg level <<<"$cell"
+  if ! grep -q '"unbiased_acc"' "$out/${arch}_${reg}_${level}/biased_mnist.json" 2>/dev/null; then
+    run 0 "$arch" "$reg" "$level" --interim >>"$out/${arch}_${reg}_${level}/log" 2>&1
+  fi
+done
+for cell in "${cells[@]}"; do
+  read -r arch reg level <<<"$cell"
+  for name in biased_mnist.json biased_mnist.interim.json; do
+    [ -f "$out/${arch}_${reg}_${level}/$name" ] && echo "$arch $reg $level $name" \
+      && "$python" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['rows']))" "$out/${arch}_${reg}_${level}/$name"
+  done
+done
