@@ -50,9 +50,10 @@ def test_debias_mnist_trains_lntl_on_kim_et_als_network_and_clears_its_epoch_sta
 @pytest.mark.slow
 def test_debias_mnist_in_process_trains_without_ray_on_ends_network(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    arguments = ["--task", "biased_mnist", "--protocol", "rebias", "--arch", "end-cnn", "--regularizers", "end",
-                 "--levels", "0.99", "--reg-option", "end.activation=pre", "--epochs", "1", "--train-size", "128",
-                 "--val-size", "64", "--eval-size", "100", "--in-process", "--device", "cpu", "--out", str(out)]
+    arguments = ["--task", "biased_mnist", "--protocol", "rebias", "--arch", "end-cnn",
+                 "--regularizers", "end", "--levels", "0.99", "--reg-option", "end.activation=pre",
+                 "--epochs", "1", "--train-size", "128", "--val-size", "64", "--eval-size", "100",
+                 "--in-process", "--device", "cpu", "--out", str(out)]
     # Importing Ray (or Zarr) fails in this interpreter, as on a machine that lacks them.
     blocked = ("import runpy, sys; sys.modules['ray'] = sys.modules['zarr'] = None; "
                f"sys.argv = ['debias_mnist.py', *{arguments!r}]; "
