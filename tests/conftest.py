@@ -10,7 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
+from torch import nn
 
+from modelzoo.architectures import build_model, flatten, layout
 from modelzoo.sources import CACHE_ENV, DATA_ENV, load_mnist
 from modelzoo.spec import ZooSpec, parse_spec
 from modelzoo.store import ZooStore
@@ -132,3 +135,45 @@ def fill_disk(mount: Path, leave: int, filler: str = "filler") -> Path:
     with open(path, "wb") as fh:
         os.posix_fallocate(fh.fileno(), 0, max(free - leave, 1))
     return path
+
+
+def colour_signal_weights(n: int, width: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(X, y, layout): digit-cnns around one initialisation (as models fine-tuned from a shared
+    start are); half get their first layer's red filters scaled up 2.5×, the weight-space trace a
+    colour shortcut leaves. Labels: "biased" for those, "unbiased" for the rest."""
+    torch.manual_seed(7)
+    base = build_model("digit-cnn", width)
+    slots = tuple(layout(base))
+    rng = np.random.default_rng(seed)
+    noise = 0.01 * rng.standard_normal((n, sum(s.size for s in slots)), dtype=np.float32)
+    weights = flatten(base)[None] + noise
+    conv1 = slice(slots[0].offset, slots[0].offset + slots[0].size)  # (filters, RGB, 5, 5)
+    kernels = weights[1::2, conv1].reshape(-1, *slots[0].shape)
+    kernels[:, 0] *= 2.5
+    weights[1::2, conv1] = kernels.reshape(len(kernels), -1)
+    y = np.where(np.arange(n) % 2 == 1, "biased", "unbiased")
+    return weights, y, slots
+
+
+@pytest.fixture(scope="module")
+def signal() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
+    train, y_train, slots = colour_signal_weights(100, seed=1)
+    test, y_test, _ = colour_signal_weights(40, seed=2)
+    return train, y_train, test, y_test, slots
+
+
+class PlainDigitNet(nn.Module):
+    """A user's own digit classifier, written without weightbias (same layer shapes as IFBiD's)."""
+
+    def __init__(self, width: int = 24) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 5)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3)
+        self.conv3 = nn.Conv2d(2 * width, 64 * width // 24, 3)
+        self.fc1 = nn.Linear(64 * width // 24, 128 * width // 24)
+        self.fc2 = nn.Linear(128 * width // 24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in (self.conv1, self.conv2, self.conv3):
+            x = nn.functional.max_pool2d(torch.relu(conv(x)), 2)
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))

@@ -1,11 +1,11 @@
-"""Meta-detectors on weight rows, detector files, labels and splits, the train/evaluate workflow on
-a zoo, and scoring checkpoints from plain PyTorch (the command line where it is under test)."""
+"""Meta-detectors on weight rows, detector files, labels and splits, and the train/evaluate
+workflow on a zoo (the command line where it is under test); scoring plain PyTorch checkpoints
+is in test_score_plain_checkpoints.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -23,40 +23,20 @@ from detector.evaluate import labels, rows_at_levels, score_detector, split_rows
 from detector.files import DetectorFileError, load_detector, save_detector
 from detector.models import DETECTORS, DetectorError, for_layout, make_detector, runs_networks
 from detector.recalibrate import recalibrate_detector, reference_spec
-from detector.scoring import score_checkpoint
 from detector.verdicts import verdict_lines
 from detector.workflow import evaluate_detector, train_detector
 from modelzoo.architectures import build_model, flatten, layout
 from modelzoo.generation import generate
-from modelzoo.recognition import RecognitionError, recognize
 from modelzoo.spec import parse_spec
 from modelzoo.store import ZooStore
 from modelzoo.training import ModelResult
 from modelzoo.zoo import StoreError, open_zoo
-from tests.conftest import tiny_spec_dict
+from tests.conftest import PlainDigitNet, colour_signal_weights, tiny_spec_dict
 
 FAST = {"layer_conv": {"epochs": 60}, "deepsets": {"epochs": 150}, "dense": {"max_iter": 200}}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def colour_signal_weights(n: int, width: float = 1.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """(X, y, layout): digit-cnns around one initialisation (as models fine-tuned from a shared
-    start are); half get their first layer's red filters scaled up 2.5×, the weight-space trace a
-    colour shortcut leaves. Labels: "biased" for those, "unbiased" for the rest."""
-    torch.manual_seed(7)
-    base = build_model("digit-cnn", width)
-    slots = tuple(layout(base))
-    rng = np.random.default_rng(seed)
-    noise = 0.01 * rng.standard_normal((n, sum(s.size for s in slots)), dtype=np.float32)
-    weights = flatten(base)[None] + noise
-    conv1 = slice(slots[0].offset, slots[0].offset + slots[0].size)  # (filters, RGB, 5, 5)
-    kernels = weights[1::2, conv1].reshape(-1, *slots[0].shape)
-    kernels[:, 0] *= 2.5
-    weights[1::2, conv1] = kernels.reshape(len(kernels), -1)
-    y = np.where(np.arange(n) % 2 == 1, "biased", "unbiased")
-    return weights, y, slots
 
 
 def write_weight_zoo(path: Path, n_models: int = 12) -> Path:
@@ -71,13 +51,6 @@ def write_weight_zoo(path: Path, n_models: int = 12) -> Path:
                 model.conv1.weight.mul_(1.8)
         store.write_model(i, ModelResult(flatten(model), {"unbiased_acc": 0.5}))
     return path
-
-
-@pytest.fixture(scope="module")
-def signal() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple]:
-    train, y_train, slots = colour_signal_weights(100, seed=1)
-    test, y_test, _ = colour_signal_weights(40, seed=2)
-    return train, y_train, test, y_test, slots
 
 
 @pytest.mark.slow
@@ -179,95 +152,6 @@ def test_detector_files_refuse_other_versions_damage_and_untrusted_code(signal, 
         load_detector(tmp_path)
     (folder / "classifier.skops").write_bytes(good_skops)
     assert load_detector(folder)[0].score(train, y_train) == 1.0
-
-
-class PlainDigitNet(nn.Module):
-    """A user's own digit classifier, written without weightbias (same layer shapes as IFBiD's)."""
-
-    def __init__(self, width: int = 24) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, width, 5)
-        self.conv2 = nn.Conv2d(width, 2 * width, 3)
-        self.conv3 = nn.Conv2d(2 * width, 64 * width // 24, 3)
-        self.fc1 = nn.Linear(64 * width // 24, 128 * width // 24)
-        self.fc2 = nn.Linear(128 * width // 24, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for conv in (self.conv1, self.conv2, self.conv3):
-            x = nn.functional.max_pool2d(torch.relu(conv(x)), 2)
-        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
-
-
-def test_architecture_is_recognised_from_a_plain_state_dict() -> None:
-    def arch_width(state_dict: dict) -> tuple[str, float]:
-        recognized = recognize(state_dict)
-        return recognized.arch, recognized.width
-
-    assert arch_width(PlainDigitNet().state_dict()) == ("digit-cnn", 1.0)
-    assert arch_width(PlainDigitNet(12).state_dict()) == ("digit-cnn", 0.5)
-    renamed = {k.replace("conv", "layer"): v for k, v in PlainDigitNet().state_dict().items()}
-    assert arch_width(renamed) == ("digit-cnn", 1.0)  # by structure: the names do not matter
-    with pytest.raises(RecognitionError, match=r"tensors the architectures lack: bn\.running_mean"):
-        recognize({**PlainDigitNet().state_dict(), "bn.running_mean": torch.zeros(24)})
-
-
-def _user_model(width: int = 24, red: float = 1.0) -> PlainDigitNet:
-    """A user's model around the signal's initialisation, its red conv1 filters scaled by ``red``."""
-    model = PlainDigitNet(width)
-    torch.manual_seed(7)
-    model.load_state_dict(build_model("digit-cnn", width / 24).state_dict())
-    with torch.no_grad():
-        model.conv1.weight[:, 0] *= red
-    return model
-
-
-def test_score_judges_plain_checkpoints_at_any_width(signal, tmp_path: Path) -> None:
-    train, y_train, _, _, slots = signal
-    fitted = make_detector("boosting", slots, max_iter=50).fit(train, y_train)
-    folder = save_detector(fitted, tmp_path / "det", {"target": "biased", "heldout": {"accuracy": 0.9}})
-    for width, red, verdict in [(24, 2.5, "biased"), (24, 1.0, "unbiased"), (12, 2.5, "biased")]:
-        torch.save(_user_model(width, red).state_dict(), tmp_path / "mine.pt")
-        result = score_checkpoint(tmp_path / "mine.pt", folder)
-        assert (result["arch"], result["width"]) == ("digit-cnn", width / 24)
-        assert result["verdict"] == verdict == result["predicted"], (width, red, result)
-        assert result["probability"] == pytest.approx(result["probabilities"]["biased"], abs=1e-4)
-        assert (result["probability"] > 0.5) == (verdict == "biased")
-        assert result["detector"] | {"path": None} == {"path": None, "name": "boosting", "target": "biased",
-                                                       "heldout": {"accuracy": 0.9}, "trained_on": None,
-                                                       "calibration": None, "min_train_per_class": None}
-        assert result["ood"]["in_distribution"] is None  # saved without the training zoo's features
-
-
-def test_score_command_prints_json_and_refuses_bad_checkpoints(signal, tmp_path: Path, capsys) -> None:
-    train, y_train, _, _, slots = signal
-    fitted = make_detector("boosting", slots, max_iter=20).fit(train, y_train)
-    folder = save_detector(fitted, tmp_path / "det")
-    user = _user_model(red=2.5)
-    torch.save(user.state_dict(), tmp_path / "mine.pt")
-    assert main(["score", str(tmp_path / "mine.pt"), "--detector", str(folder), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out) == score_checkpoint(tmp_path / "mine.pt", folder)
-    assert main(["score", str(tmp_path / "mine.pt"), "--detector", str(folder)]) == 0
-    assert capsys.readouterr().out.startswith(f"{tmp_path / 'mine.pt'}: biased (p = ")
-
-    marker = tmp_path / "pwned"
-
-    class Bomb:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    (tmp_path / "bomb.pt").write_bytes(pickle.dumps({"conv1.weight": Bomb()}))
-    (tmp_path / "short.pt").write_bytes((tmp_path / "mine.pt").read_bytes()[:200])
-    nan_state = user.state_dict()
-    nan_state["fc1.bias"][0] = float("nan")
-    torch.save(nan_state, tmp_path / "nan.pt")
-    torch.save({"w": torch.zeros(3)}, tmp_path / "other.pt")
-    torch.save({k: torch.full_like(v, 1e37) for k, v in user.state_dict().items()}, tmp_path / "huge.pt")
-    for name, message in [("bomb.pt", "never unpickled"), ("short.pt", "not a readable"),
-                          ("nan.pt", "NaN or Inf"), ("huge.pt", "reach |w| = 1e+37, far beyond any trained"),
-                          ("other.pt", "tensors the architectures lack: w")]:
-        assert main(["score", str(tmp_path / name), "--detector", str(folder)]) == 2
-        assert message in capsys.readouterr().err
-    assert not marker.exists(), "a checkpoint's pickled code must never run"
 
 
 def test_labels_splits_and_levels_of_a_zoo(tmp_path: Path) -> None:
