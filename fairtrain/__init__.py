@@ -4,7 +4,9 @@ Regularizers plug into the trainer stage of the flow (dataset → **trainer + re
 store): :mod:`fairtrain.regularizers` holds a registry of ``nn.Module`` loss terms, each of
 which declares and hooks its own tap (a layer and an activation, after its source paper),
 :mod:`fairtrain.metrics` the group, individual and representation fairness
-measures the store records and the reports compare. Names are imported on first use.
+measures the store records and the reports compare, and :mod:`fairtrain.references` the
+sources' published numbers and training recipes the evidence compares against. Names are
+imported on first use.
 
 Example
 -------

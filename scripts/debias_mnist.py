@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fairtrain.references import PROTOCOLS, published
 from modelzoo.architectures import build_model
 from modelzoo.atomic import write_atomic, write_text_atomic
 from modelzoo.config import ModelConfig
@@ -62,44 +63,15 @@ REGULARIZERS = ("none", "ndr", "end", "grad", "lntl", "sensitive_nets", "binary_
 # here because a linear-head GRAD diverged at γ = 1 on these tasks in short runs.
 DEFAULT_GAMMA = {"none": 0.0, "ndr": 1.0, "end": 1.0, "grad": 0.1, "lntl": 1.0, "sensitive_nets": 1.0,
                  "binary_bernoulli": 0.5, "binary_mi": 1.0, "group_balanced": 1.0, "unsupervised": 1.0}
-# The sources' recipes (DESIGN §4, reference protocols): ReBias/EnD on Biased-MNIST, and LNTL.
-PROTOCOLS = {
-    "rebias": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 1e-4, "batch_size": 256, "epochs": 80,
-               "lr_schedule": "step", "lr_step": 20, "lr_decay": 0.1, "val_size": 5000, "select": "best_val"},
-    # LNTL unlearns from a baseline trained 100 epochs at lr 0.01 (its baseline_train.sh), then
-    # trains 100 more at 1e-3 (train.sh), each with ×0.1 every 40 epochs: a 100-epoch warm-up.
-    "lntl": {"optimizer": "sgd", "lr": 1e-3, "weight_decay": 5e-4, "batch_size": 128, "epochs": 200,
-             "warmup_epochs": 100, "warmup_lr": 1e-2, "lr_schedule": "step", "lr_step": 40, "lr_decay": 0.1},
-}
 # Colour is equally common overall, so balancing must happen inside each digit class.
 OPTIONS = {"group_balanced": {"per_class": True}}
-# Unbiased-test accuracy (%) by ρ, DESIGN §2 (Bahng et al. 2020; Tartaglione et al. 2021;
-# Cerrato et al. 2023).
-PUBLISHED_BIASED_MNIST = {
-    0.995: {"vanilla": 72.1, "rebias": 76.0, "rubi": 90.4, "end": 93.9, "binary_bernoulli": 90.64},
-    0.990: {"vanilla": 89.1, "rebias": 88.1, "rubi": 93.6, "end": 96.0, "binary_bernoulli": 96.02},
-}
-# Kim et al. 2019 (DESIGN §2; the feidfoe/learning-not-to-learn README table): baseline, LNTL,
-# and "Gray", the baseline trained and tested on the images in grayscale.
-PUBLISHED_COLORED_MNIST = {0.02: {"vanilla": 40.55, "lntl": 81.85, "gray": 83.74},
-                           0.03: {"vanilla": 59.96, "lntl": 91.37}, 0.04: {"vanilla": 73.33, "lntl": 94.06},
-                           0.05: {"vanilla": 84.50, "lntl": 96.18}}
 # The settings that are the model's recipe (ModelConfig fields besides the cell's own).
 RECIPE_FIELDS = ("lr", "epochs", "batch_size", "train_size", "optimizer", "weight_decay", "lr_schedule",
                  "lr_step", "lr_decay", "val_size", "select", "warmup_epochs", "warmup_lr")
 POLL_SECONDS = 30  # how often the epoch bar reads the running models' states
 # The 28×28 colour networks with ten classes.
 ARCHS = ("digit-cnn", "lntl-cnn", "rebias-cnn", "end-cnn")
-TASKS = {
-    "biased_mnist": {"levels": (0.99, 0.995), "published": PUBLISHED_BIASED_MNIST},
-    "colored_mnist": {"levels": (0.02,), "published": PUBLISHED_COLORED_MNIST},
-}
-
-
-def published(task: str, level: float) -> dict[str, float]:
-    table = TASKS[task]["published"]
-    match = [v for k, v in table.items() if np.isclose(k, level)]
-    return match[0] if match else {}
+DEFAULT_LEVELS = {"biased_mnist": (0.99, 0.995), "colored_mnist": (0.02,)}
 
 
 class WarmupKeeper(EpochCheckpoint):
@@ -326,7 +298,7 @@ def epochs_saved(cell: Cell) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", choices=sorted(TASKS), default="biased_mnist")
+    parser.add_argument("--task", choices=sorted(DEFAULT_LEVELS), default="biased_mnist")
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--out", type=Path, default=Path("results/debias_mnist"))
     parser.add_argument("--levels", type=float, nargs="+", help="ρ or σ² values (default: the task's)")
@@ -373,7 +345,7 @@ def main() -> None:
     parser.set_defaults(**PROTOCOLS.get(parser.parse_known_args()[0].protocol, {}))
     args = parser.parse_args()
 
-    levels = args.levels or TASKS[args.task]["levels"]
+    levels = args.levels or DEFAULT_LEVELS[args.task]
     gammas = parse_gammas(args.gamma)
     options = parse_options(args.reg_option)
     recipe = {"optimizer": args.optimizer, "weight_decay": args.weight_decay,

@@ -39,14 +39,13 @@ from torch import nn
 from tqdm import tqdm
 
 from fairtrain.metrics import centroid_recoverability, representation_leakage
+from fairtrain.references import NDR_TABLE_I
 from fairtrain.regularizers import get_regularizer, ndr_penalty
 from modelzoo.atomic import write_text_atomic
 from modelzoo.resume import EpochCheckpoint, run_key
 from modelzoo.sources import load_mnist
 
 GAMMAS = (0.0, 0.1, 1.0)
-PUBLISHED = {0.0: {"accuracy": 0.9932, "R": 0.61}, 0.1: {"accuracy": 0.9915, "R": 0.11},
-             1.0: {"accuracy": 0.9323, "R": 0.03}}  # Table I, NDR at fc1
 TRAJECTORY_KEYS = ("parity_acc", "ndr_R", "digit_leakage", "kmeans_adjusted_rand")
 
 
@@ -214,7 +213,7 @@ def main() -> None:
     for gamma in tqdm(sorted(args.gammas), desc="NDR γ", unit="model"):
         model, trajectory = train(gamma, train_images, train_digits, (test_images, test_digits), args)
         rows.append({"gamma": gamma, **evaluate(model, test_images, test_digits, args.batch_size),
-                     "published": PUBLISHED.get(gamma), "trajectory": trajectory})
+                     "published": NDR_TABLE_I.get(gamma), "trajectory": trajectory})
     r_values = [row["ndr_R"] for row in rows]
     result = {
         "benchmark": "ndr_odd_even", "data": mnist.origin, "network": "LeNet5-caffe, 1 output",
