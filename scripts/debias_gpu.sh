@@ -9,10 +9,14 @@
 #
 #   scripts/debias_gpu.sh DATA_ROOT OUT [DEADLINE]
 #
-# PYTHON (environment) names the interpreter (default python3); EXTRA is appended to every run's flags, e.g. EXTRA="--epochs 2 --device cpu".
+# Environment: CELLS replaces the four runs ("ARCH REGULARIZER RHO;..."), e.g. CELLS="rebias-cnn
+# group_balanced 0.99;rebias-cnn sensitive_nets 0.99"; EXTRA is appended to every run's flags
+# (e.g. EXTRA="--epochs 2 --device cpu", or --gamma / --reg-option); PYTHON names the
+# interpreter (default python3).
 set -u
 data=$1 out=$2 deadline=${3:-0}
 cells=("rebias-cnn none 0.99" "end-cnn end 0.99" "rebias-cnn none 0.995" "end-cnn end 0.995")
+if [ -n "${CELLS:-}" ]; then IFS=';' read -r -a cells <<<"$CELLS"; fi
 here=$(dirname "$0")
 python=${PYTHON:-python3}
 export PYTHONPATH="$here/..${PYTHONPATH:+:$PYTHONPATH}"  # the packages, where they are not installed
