@@ -308,7 +308,7 @@ def main() -> None:
     parser.add_argument("--gamma", nargs="*", action="extend", default=[], metavar="NAME=VALUE",
                         help="override a γ (the flag may repeat)")
     parser.add_argument("--reg-option", nargs="*", action="extend", default=[], metavar="NAME.KEY=VALUE",
-                        help="a regularizer option, e.g. grad.ramp=true (a spec's reg.KEY; the flag may repeat)")
+                        help="a regularizer option, e.g. grad.ramp=true (a spec's reg.KEY; may repeat)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--train-size", type=int, default=0, help="training images (0: all 60,000)")
     parser.add_argument("--batch-size", type=int, default=128)
