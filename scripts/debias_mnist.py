@@ -1,6 +1,7 @@
 """Evidence: fairtrain's regularizers against colour bias, beside the published numbers.
 
-Trains one digit-cnn (or ``--arch lntl-cnn``, Kim et al.'s own network) per (bias level,
+Trains one digit-cnn (or a source's own network: ``--arch lntl-cnn``, Kim et al.'s;
+``rebias-cnn`` / ``end-cnn``, ReBias's SimpleConvNet and EnD's variant) per (bias level,
 regularizer) with the product's trainer and reports its
 unbiased-test accuracy, its colour leakage (a fresh probe recovering the colour from the
 frozen bottleneck) and the regularizer's final term.
@@ -303,7 +304,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/debias_mnist"))
     parser.add_argument("--levels", type=float, nargs="+", help="ρ or σ² values (default: the task's)")
     parser.add_argument("--arch", choices=ARCHS, default="digit-cnn",
-                        help="the network: the zoo's digit-cnn, or lntl-cnn (Kim et al.'s ColoredMNIST net)")
+                        help="the network: the zoo's digit-cnn, or a source's own: lntl-cnn (Kim et al.'s "
+                             "ColoredMNIST net), rebias-cnn (ReBias's SimpleConvNet), end-cnn (EnD's variant)")
     parser.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS))
     parser.add_argument("--gamma", nargs="*", action="extend", default=[], metavar="NAME=VALUE",
                         help="override a γ (the flag may repeat)")
