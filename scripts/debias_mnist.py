@@ -304,8 +304,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/debias_mnist"))
     parser.add_argument("--levels", type=float, nargs="+", help="ρ or σ² values (default: the task's)")
     parser.add_argument("--arch", choices=ARCHS, default="digit-cnn",
-                        help="the network: the zoo's digit-cnn, or a source's own: lntl-cnn (Kim et al.'s "
-                             "ColoredMNIST net), rebias-cnn (ReBias's SimpleConvNet), end-cnn (EnD's variant)")
+                        help="the network: the zoo's digit-cnn, or a source's own: lntl-cnn (Kim et "
+                             "al.'s), rebias-cnn (ReBias's SimpleConvNet), end-cnn (its EnD variant)")
     parser.add_argument("--regularizers", nargs="+", default=list(REGULARIZERS))
     parser.add_argument("--gamma", nargs="*", action="extend", default=[], metavar="NAME=VALUE",
                         help="override a γ (the flag may repeat)")
