@@ -3,8 +3,8 @@ cosines, balanced weights, binary entropy, gradient reversal, attribute heads.
 
 Part of the trainer stage (dataset → **trainer + regularizer** → store). Where a regularizer
 reads its features is :mod:`fairtrain.taps`, the interface :mod:`fairtrain.interface`, the
-methods :mod:`fairtrain.methods` and :mod:`fairtrain.adversaries`, the registry and builders
-:mod:`fairtrain.regularizers`.
+methods :mod:`fairtrain.methods`, :mod:`fairtrain.adversaries` and :mod:`fairtrain.reweighting`,
+the registry and builders :mod:`fairtrain.regularizers`.
 """
 
 from __future__ import annotations

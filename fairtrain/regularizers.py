@@ -36,14 +36,8 @@ from fairtrain.base import (  # re-exported: the regularizer API in one place
     reverse_gradient,
 )
 from fairtrain.interface import Regularizer
-from fairtrain.methods import (
-    NDR,
-    BinaryBernoulli,
-    BinaryMI,
-    EnD,
-    GroupBalanced,
-    UnsupervisedGroups,
-)
+from fairtrain.methods import NDR, BinaryBernoulli, BinaryMI, EnD
+from fairtrain.reweighting import GroupBalanced, UnsupervisedGroups
 from fairtrain.taps import ACTIVATIONS, FeatureTap, Tap
 
 __all__ = [
