@@ -52,7 +52,10 @@ done
 for cell in "${cells[@]}"; do
   read -r arch reg level <<<"$cell"
   for name in biased_mnist.json biased_mnist.interim.json; do
-    [ -f "$out/${arch}_${reg}_${level}/$name" ] && echo "$arch $reg $level $name" \
-      && "$python" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['rows']))" "$out/${arch}_${reg}_${level}/$name"
+    if [ -f "$out/${arch}_${reg}_${level}/$name" ]; then
+      echo "$arch $reg $level $name"
+      "$python" -c "import json,sys; print(json.dumps(json.load(open(sys.argv[1]))['rows']))" \
+        "$out/${arch}_${reg}_${level}/$name"
+    fi
   done
 done

@@ -66,6 +66,24 @@ def test_debias_mnist_in_process_trains_without_ray_on_ends_network(tmp_path: Pa
     assert row["published_acc"] == pytest.approx(0.96)
 
 
+@pytest.mark.slow
+def test_the_gpu_harness_runs_the_cells_it_is_given(tmp_path: Path, data_root: Path) -> None:
+    """scripts/debias_gpu.sh, here on the CPU: CELLS picks the runs, EXTRA's flags join the
+    script's (its --reg-option adds to end.activation=pre), and each run's row is printed."""
+    extra = ("--epochs 1 --train-size 128 --val-size 64 --eval-size 100 --device cpu "
+             "--reg-option end.alpha=0.2")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "CELLS": "end-cnn end 0.99",
+           "EXTRA": extra}
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "debias_gpu.sh"), str(data_root), str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("end-cnn end 0.99 biased_mnist.json")
+    result = json.loads((tmp_path / "end-cnn_end_0.99" / "biased_mnist.json").read_text())
+    assert result["settings"]["reg_options"] == {"end": {"activation": "pre", "alpha": 0.2}}
+    assert [row["regularizer"] for row in result["rows"]] == ["end"]
+    assert not (tmp_path / "rebias-cnn_none_0.99").exists()  # only the cell it was given
+
+
 def _ndr_run(out: Path, epochs: int) -> dict:
     command = [sys.executable, str(ROOT / "scripts" / "ndr_odd_even.py"), "--gammas", "1",
                "--train-size", "1000", "--epochs", str(epochs), "--eval-every", "1", "--out", str(out)]
