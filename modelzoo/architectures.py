@@ -146,7 +146,7 @@ class SimpleConvNet(nn.Module):
     ``SimpleConvNet``), for reproducing the Biased-MNIST tables on their network: 28×28×3 input,
     531,210 parameters (and 484 batch-norm statistics) at width 1.
 
-    four convolutions 16, 32, 64, 128 @7×7 ('same' padding, no pooling), each followed by batch
+    Four convolutions 16, 32, 64, 128 @7×7 ('same' padding, no pooling), each followed by batch
     norm and ReLU → global average pool (the bottleneck ``pool``, 128 features) → dense 10. The
     source feeds images normalised to [−1, 1]; ``forward`` maps the trainer's [0, 1] there.
     Convolutions start He-normal over their fan-out, as the source initialises them.
