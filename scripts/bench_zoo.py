@@ -13,11 +13,11 @@ noisy, absolute numbers are not).
     python scripts/bench_zoo.py --data-dir ../shared/data --task faces --n-models 16
 
 With ``--vectorized N`` (implied, with N = --n-models, by ``--device cuda``) both sides run in
-this process on the same device, without Ray: one side trains the models one at a time
-(:func:`~modelzoo.training.train_model`'s steps), the other in groups of up to N
-(:mod:`modelzoo.vectorized`). Each model is then evaluated by the same code on both sides.
-It prints models/hour for training alone and for training plus evaluation (what a zoo stores),
-and how far the two sides' weights and accuracies lie apart:
+this process on the same device, without Ray or Zarr (so also where neither is installed): one
+side trains the models one at a time (:func:`~modelzoo.training.train_model`'s steps), the
+other in groups of up to N (:mod:`modelzoo.vectorized`). Each model is then evaluated by the
+same code on both sides. It prints models/hour for training alone and for training plus
+evaluation (what a zoo stores), and how far the two sides' weights and accuracies lie apart:
 
     python scripts/bench_zoo.py --data-dir ../shared/data --vectorized 16 --n-models 16 \
         --train-size 2048 --eval-size 500
@@ -35,18 +35,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 from threadpoolctl import threadpool_limits
 from torch import nn
 
 from fairtrain.metrics import representation_leakage
 from modelzoo.architectures import build_model
-from modelzoo.generation import block_data_keys, generate, load_datasets, start_ray
 from modelzoo.spec import ZooSpec, parse_spec
 from modelzoo.training import TrainingData, evaluate, fit, seeded_model, training_subset
 from modelzoo.vectorized import ModelJob, fit_jobs, plan_groups
-from modelzoo.zoo import open_zoo
 
 
 def bench_spec(task: str, n_models: int, train_size: int, eval_size: int, models_per_task: int) -> ZooSpec:
@@ -128,6 +125,12 @@ def interleaved(spec: ZooSpec, datasets: dict, data_dir: Path | None, num_cpus: 
     The zoo side joins one embedded Ray instance started here (its start-up counted in the
     zoo's time) and resumes the same store each round with ``max_models`` = the round's slice.
     """
+    # Here, not at the top: the vectorized path runs where Ray and Zarr are not installed.
+    import ray
+
+    from modelzoo.generation import generate, start_ray
+    from modelzoo.zoo import open_zoo
+
     torch.set_num_threads(num_cpus)
     block = spec.models_per_task
     per_round = max(block, -(-spec.n_models // rounds // block) * block)  # whole store blocks
@@ -274,8 +277,10 @@ def main() -> None:
 
     train_size = args.train_size or (300 if args.task == "faces" else 4000)
     spec = bench_spec(args.task, args.n_models, train_size, args.eval_size, args.models_per_task)
-    needed = block_data_keys(spec, list(range(spec.n_models)))
-    datasets, _, _ = load_datasets(spec, needed, args.data_dir)
+    task = spec.task_info
+    needed = {key for index in range(spec.n_models) for key in task.data_keys(spec.config(index)).values()}
+    datasets, _, _ = task.load_datasets(needed, data_seed=spec.data_seed, arch=spec.arch,
+                                        dataset=spec.dataset, data_dir=args.data_dir)
     if args.vectorized is not None:
         device = torch.device(args.device)
         figures = bench_vectorized(spec, datasets, device, args.vectorized, args.num_cpus)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -271,3 +276,23 @@ def test_generate_vectorized_matches_one_at_a_time(ray_local, colored, tmp_path)
     assert any(not np.array_equal(a.model_weights(i), b.model_weights(i)) for i in range(2))
     # The spec digest ignores vectorize, so the vectorized store resumes as a plain one (nothing left).
     assert generate(plain, tmp_path / "vectorized.zarr", progress=False).n_trained == 0
+
+
+@pytest.mark.slow
+def test_the_vectorized_benchmark_runs_where_ray_and_zarr_are_not_installed(data_root) -> None:
+    """``scripts/bench_zoo.py --vectorized`` is the GPU benchmark; GPU machines may lack Ray and
+    Zarr, so its vectorized path must not import them. It prints one JSON line whose two sides
+    trained the same models."""
+    arguments = ["--data-dir", str(data_root), "--vectorized", "2", "--n-models", "2",
+                 "--train-size", "128", "--eval-size", "100", "--num-cpus", "1"]
+    blocked = ("import runpy, sys; sys.modules['ray'] = sys.modules['zarr'] = None; "
+               f"sys.argv = ['bench_zoo.py', *{arguments!r}]; "
+               "runpy.run_path('scripts/bench_zoo.py', run_name='__main__')")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=root,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = done.stdout.strip().splitlines()
+    figures = json.loads(line)
+    assert figures["benchmark"] == "vectorized_vs_one_at_a_time" and figures["group_sizes"] == [2]
+    assert figures["max_abs_weight_diff"] < 1e-4 and figures["ratio_vectorized_over_one"] > 0
