@@ -68,20 +68,25 @@ def test_debias_mnist_in_process_trains_without_ray_on_ends_network(tmp_path: Pa
 
 @pytest.mark.slow
 def test_the_gpu_harness_runs_the_cells_it_is_given(tmp_path: Path, data_root: Path) -> None:
-    """scripts/debias_gpu.sh, here on the CPU: CELLS picks the runs, EXTRA's flags join the
-    script's (its --reg-option adds to end.activation=pre), and each run's row is printed."""
+    """scripts/debias_gpu.sh, here on the CPU: CELLS picks the runs, each cell's own flags (one
+    point each of an α/β search) name its folder, EXTRA's flags join every run's (its and the
+    cells' --reg-option add to end.activation=pre), and each run's row is printed."""
     extra = ("--epochs 1 --train-size 128 --val-size 64 --eval-size 100 --device cpu "
-             "--reg-option end.alpha=0.2")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "CELLS": "end-cnn end 0.99",
-           "EXTRA": extra}
+             "--reg-option end.beta=0.4")
+    cells = "end-cnn end 0.99 --reg-option end.alpha=0.2;end-cnn end 0.99 --reg-option end.alpha=0.3"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, "CELLS": cells, "EXTRA": extra}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "debias_gpu.sh"), str(data_root), str(tmp_path)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.startswith("end-cnn end 0.99 biased_mnist.json")
-    result = json.loads((tmp_path / "end-cnn_end_0.99" / "biased_mnist.json").read_text())
-    assert result["settings"]["reg_options"] == {"end": {"activation": "pre", "alpha": 0.2}}
-    assert [row["regularizer"] for row in result["rows"]] == ["end"]
-    assert not (tmp_path / "rebias-cnn_none_0.99").exists()  # only the cell it was given
+    assert done.stdout.startswith("end-cnn end 0.99 --reg-option end.alpha=0.2 biased_mnist.json")
+    for alpha in (0.2, 0.3):
+        folder = tmp_path / f"end-cnn_end_0.99_reg-option_end.alpha={alpha}"
+        result = json.loads((folder / "biased_mnist.json").read_text())
+        options = result["settings"]["reg_options"]
+        assert options == {"end": {"activation": "pre", "alpha": alpha, "beta": 0.4}}
+        assert [row["regularizer"] for row in result["rows"]] == ["end"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == [  # only the cells it was given
+        "end-cnn_end_0.99_reg-option_end.alpha=0.2", "end-cnn_end_0.99_reg-option_end.alpha=0.3"]
 
 
 def _ndr_run(out: Path, epochs: int) -> dict:
