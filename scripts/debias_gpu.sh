@@ -4,8 +4,9 @@
 # trained with EnD (`end-cnn`, its term on the unit-norm pooled features the classifier reads),
 # at rho 0.99 and 0.995 under the ReBias protocol (80 epochs, best validation epoch). The four
 # models (or the cells CELLS names) share the card, each an `--in-process` run of
-# scripts/debias_mnist.py with its own --out. With DEADLINE (seconds), a run still training then is stopped and read at its last
-# saved epoch (`--interim`); the same command again resumes every run from its saved epoch.
+# scripts/debias_mnist.py with its own --out. With DEADLINE (seconds), a run still training
+# then is stopped and read at its last saved epoch (`--interim`); the same command again
+# resumes every run from its saved epoch.
 #
 #   scripts/debias_gpu.sh DATA_ROOT OUT [DEADLINE]
 #
