@@ -295,4 +295,7 @@ def test_the_vectorized_benchmark_runs_where_ray_and_zarr_are_not_installed(data
     (line,) = done.stdout.strip().splitlines()
     figures = json.loads(line)
     assert figures["benchmark"] == "vectorized_vs_one_at_a_time" and figures["group_sizes"] == [2]
-    assert figures["max_abs_weight_diff"] < 1e-4 and figures["ratio_vectorized_over_one"] > 0
+    # Adam's tolerance (above): no weight further than the steps could move it; lr is drawn up to
+    # 3e-3, and 128 images in batches of 64 are 2 steps.
+    assert figures["max_abs_weight_diff"] <= 2 * 3e-3 * 2 and figures["max_unbiased_acc_diff"] <= 2 / 100
+    assert figures["ratio_vectorized_over_one"] > 0
