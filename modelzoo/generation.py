@@ -76,12 +76,6 @@ class GenerateSummary:
         return 3600.0 * self.n_trained / self.seconds if self.seconds > 0 else 0.0
 
 
-def block_data_keys(spec: ZooSpec, block: list[int]) -> set[DataKey]:
-    """Every dataset the models of ``block`` need."""
-    task = spec.task_info
-    return {key for index in block for key in task.data_keys(spec.config(index)).values()}
-
-
 def assigned_device() -> torch.device:
     """CUDA when Ray gave this task a GPU, else CPU."""
     if ray.get_gpu_ids() and torch.cuda.is_available():
@@ -235,7 +229,7 @@ def _train_pending(spec: ZooSpec, out: str | Path, store: ZooStore, blocks: list
         futures = {}
         for block in blocks:
             future = task.remote(spec_dict, block, str(Path(out).resolve()), run_id,
-                                 {key: refs[key] for key in block_data_keys(spec, block)})
+                                 {key: refs[key] for key in spec.data_keys(block)})
             futures[future] = block
         started = time.perf_counter()
         total = sum(len(b) for b in blocks)
@@ -309,21 +303,14 @@ def put_datasets(spec: ZooSpec, blocks: list[list[int]], store: ZooStore,
                  data_dir: str | Path | None) -> dict[DataKey, ray.ObjectRef]:
     """Build every dataset the pending models need and put each once; record in the store
     where the data came from (which refuses a resume on other data)."""
-    needed = set().union(*(block_data_keys(spec, block) for block in blocks))
-    datasets, origin, fingerprint = load_datasets(spec, needed, data_dir)
+    needed = spec.data_keys(index for block in blocks for index in block)
+    datasets, origin, fingerprint = spec.load_datasets(needed, data_dir)
     notes = spec.task_info.data_notes(data_seed=spec.data_seed, arch=spec.arch, dataset=spec.dataset,
                                       data_dir=data_dir)
     store.record_data_source(origin, fingerprint, notes)
     check_training_sets(spec, blocks, datasets)
     return {key: ray.put(imageset) for key, imageset in datasets.items()}
 
-
-def load_datasets(spec: ZooSpec, keys: set[DataKey], data_dir: str | Path | None = None,
-                  ) -> tuple[dict[DataKey, ImageSet], str, str]:
-    """The datasets named by ``keys`` (rendered or read from the cache), and the origin and
-    fingerprint of the data they came from."""
-    return spec.task_info.load_datasets(keys, data_seed=spec.data_seed, arch=spec.arch, dataset=spec.dataset,
-                                        data_dir=data_dir)
 
 
 def check_training_sets(spec: ZooSpec, blocks: list[list[int]], datasets: dict[DataKey, ImageSet]) -> None:

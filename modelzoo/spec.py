@@ -38,10 +38,11 @@ import itertools
 import json
 import math
 import tomllib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -63,7 +64,10 @@ from modelzoo.spec_rules import (
     values_given,
 )
 from modelzoo.spec_rules import build_regularizers as check_by_building
-from modelzoo.tasks import Task, get_task
+from modelzoo.tasks import DataKey, Task, get_task
+
+if TYPE_CHECKING:
+    from modelzoo.datasets import ImageSet
 
 __all__ = ["AXES", "RECIPE_AXES", "ZOO_KEYS", "SpecError", "ZooSpec", "common_axes", "load_spec",
            "parse_spec"]
@@ -184,6 +188,18 @@ class ZooSpec:
         """Model indices grouped by store chunk; one Ray task writes one block at a time."""
         size = self.models_per_task
         return [range(s, min(s + size, self.n_models)) for s in range(0, self.n_models, size)]
+
+    def data_keys(self, indices: Iterable[int]) -> set[DataKey]:
+        """Every dataset the models ``indices`` train, validate and are tested on."""
+        task = self.task_info
+        return {key for index in indices for key in task.data_keys(self.config(index)).values()}
+
+    def load_datasets(self, keys: set[DataKey], data_dir: str | Path | None = None,
+                      ) -> tuple[dict[DataKey, ImageSet], str, str]:
+        """The datasets named by ``keys``, rendered as this zoo renders them (or read from the
+        cache), and the origin and fingerprint of the data they came from."""
+        return self.task_info.load_datasets(keys, data_seed=self.data_seed, arch=self.arch,
+                                            dataset=self.dataset, data_dir=data_dir)
 
 
 def _draw(sampler: dict[str, list], rng: np.random.Generator, kind: type) -> Any:

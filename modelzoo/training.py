@@ -321,8 +321,6 @@ def saved_model(arch: str, width: float, config: ModelConfig, data: TrainingData
 def training_data(spec: ZooSpec, config: ModelConfig, data_dir: str | Path | None = None) -> TrainingData:
     """The three image sets ``config``'s model needs, rendered (or read from the cache) as its
     zoo's task does it: what :func:`train_model` takes, for training one model outside Ray."""
-    task = spec.task_info
-    keys = task.data_keys(config)
-    datasets, _, _ = task.load_datasets(set(keys.values()), data_seed=spec.data_seed, arch=spec.arch,
-                                        dataset=spec.dataset, data_dir=data_dir)
-    return TrainingData(**{role: datasets[key] for role, key in keys.items()}, num_groups=task.num_groups)
+    keys = spec.task_info.data_keys(config)
+    datasets, _, _ = spec.load_datasets(set(keys.values()), data_dir)
+    return TrainingData(**{role: datasets[key] for role, key in keys.items()}, num_groups=spec.num_groups)

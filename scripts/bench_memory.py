@@ -37,7 +37,7 @@ import threading
 import time
 from pathlib import Path
 
-from modelzoo.generation import block_data_keys, generate, load_datasets, start_ray
+from modelzoo.generation import generate, start_ray
 from modelzoo.spec import ZooSpec, parse_spec
 
 
@@ -173,8 +173,7 @@ def main() -> None:
     sizes = (args.n, args.factor * args.n)
     # Render (or read) every dataset into the cache first, so neither run pays for it.
     spec = bench_spec(sizes[1], args.width, args.train_size, args.eval_size, args.models_per_task)
-    datasets, _, _ = load_datasets(spec, set().union(*(block_data_keys(spec, b) for b in spec.blocks())),
-                                   args.data_dir)
+    datasets, _, _ = spec.load_datasets(spec.data_keys(range(spec.n_models)), args.data_dir)
     shared_bytes = sum(d.images.nbytes + d.labels.nbytes + d.bias.nbytes for d in datasets.values())
     del datasets
     forwarded = [f"--{name.replace('_', '-')}={getattr(args, name)}"

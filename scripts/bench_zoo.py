@@ -277,10 +277,7 @@ def main() -> None:
 
     train_size = args.train_size or (300 if args.task == "faces" else 4000)
     spec = bench_spec(args.task, args.n_models, train_size, args.eval_size, args.models_per_task)
-    task = spec.task_info
-    needed = {key for index in range(spec.n_models) for key in task.data_keys(spec.config(index)).values()}
-    datasets, _, _ = task.load_datasets(needed, data_seed=spec.data_seed, arch=spec.arch,
-                                        dataset=spec.dataset, data_dir=args.data_dir)
+    datasets, _, _ = spec.load_datasets(spec.data_keys(range(spec.n_models)), args.data_dir)
     if args.vectorized is not None:
         device = torch.device(args.device)
         figures = bench_vectorized(spec, datasets, device, args.vectorized, args.num_cpus)
