@@ -69,8 +69,10 @@ class EnD(Regularizer):
     expectation). Each term is 0 when it has no pairs. ``form="pairwise"`` is the earlier form
     kept for its recorded runs: R_⊥ is :class:`NDR`'s per-pair |g| averaged per group, R_∥ the
     per-class means averaged over classes. α = β = 0.1 by default; DESIGN notes larger β,
-    smaller α works better. Still departs: the source's classifier reads the L2-normalised
-    tanh features; here it keeps the network's own bottleneck (docs/fairtrain.md).
+    smaller α works better. On digit-cnn it still departs: the source's classifier reads the
+    L2-normalised tanh features, digit-cnn's keeps its own bottleneck; ``end-cnn`` is the
+    source's network, whose classifier and term (``activation="pre"``) read the same unit-norm
+    features (docs/fairtrain.md).
     """
 
     name = "end"
