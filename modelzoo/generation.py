@@ -312,7 +312,6 @@ def put_datasets(spec: ZooSpec, blocks: list[list[int]], store: ZooStore,
     return {key: ray.put(imageset) for key, imageset in datasets.items()}
 
 
-
 def check_training_sets(spec: ZooSpec, blocks: list[list[int]], datasets: dict[DataKey, ImageSet]) -> None:
     """Draw each distinct training set the pending models ask for once, here in the driver, so a
     train_size the pool cannot supply fails before any task starts (naming the model)."""
