@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +140,14 @@ def lntl_color_target(images: np.ndarray) -> np.ndarray:
     cols = ((np.arange(LNTL_SIZE) + 0.5) * width / LNTL_SIZE).astype(np.int64)
     picked = images[:, :, rows][:, :, :, cols].astype(np.int64)
     return np.where(picked == 0, -1, picked // (256 // LNTL_BINS))
+
+
+def grayscale(images: ImageSet) -> ImageSet:
+    """The same images in gray (ITU-R 601 luma, PIL's "L"), kept in three channels: the colour
+    networks take them unchanged (Kim et al.'s "Gray" control)."""
+    luma = np.tensordot(np.array([0.299, 0.587, 0.114]), images.images.astype(np.float64), axes=(0, 1))
+    gray = np.repeat(np.rint(luma).astype(np.uint8)[:, None], 3, axis=1)
+    return replace(images, images=gray)
 
 
 def render_biased_mnist(gray: np.ndarray, labels: np.ndarray, rho: float,

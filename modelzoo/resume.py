@@ -78,6 +78,35 @@ class EpochCheckpoint:
         self.path.unlink(missing_ok=True)
 
 
+class WarmupCheckpoint(EpochCheckpoint):
+    """An epoch checkpoint that also keeps the network as it stood when the warm-up ended.
+
+    That network is the pretrained baseline a regularizer such as LNTL unlearns from, whose
+    accuracy Kim et al. report beside the debiased one. Its weights alone go to
+    ``<path>.warmup.pt`` when epoch ``warmup_epochs`` is saved, and :meth:`clear` removes both.
+    """
+
+    def __init__(self, path: str | Path, key: str, warmup_epochs: int) -> None:
+        super().__init__(path, key)
+        self.warmup_epochs, self.kept = warmup_epochs, self.path.with_suffix(".warmup.pt")
+
+    def save(self, state: dict[str, Any]) -> None:
+        super().save(state)
+        if self.warmup_epochs and state["epoch"] == self.warmup_epochs:
+            weights = state["trainee"]["model"]
+            write_atomic(self.kept, lambda handle: torch.save(weights, handle))
+
+    def warmup_weights(self) -> dict[str, torch.Tensor] | None:
+        """The network's ``state_dict`` when the warm-up ended (None if this run never kept it)."""
+        if not self.kept.is_file():
+            return None
+        return torch.load(self.kept, map_location="cpu", weights_only=True)
+
+    def clear(self) -> None:
+        super().clear()
+        self.kept.unlink(missing_ok=True)
+
+
 def random_state(device: torch.device) -> dict[str, torch.Tensor]:
     """The global random streams a training step draws from (dropout, a regularizer's samples)."""
     state = {"cpu": torch.get_rng_state()}

@@ -48,10 +48,10 @@ from tqdm import tqdm
 
 from fairtrain.references import PROTOCOLS, published
 from modelzoo.architectures import build_model
-from modelzoo.atomic import write_atomic, write_text_atomic
+from modelzoo.atomic import write_text_atomic
 from modelzoo.config import ModelConfig
-from modelzoo.datasets import SPLITS, ImageSet, load_imageset
-from modelzoo.resume import EpochCheckpoint, run_key
+from modelzoo.datasets import SPLITS, ImageSet, grayscale, load_imageset
+from modelzoo.resume import WarmupCheckpoint, run_key
 from modelzoo.sources import load_mnist
 from modelzoo.tasks import get_task
 from modelzoo.training import TrainingData, evaluate, predict, saved_model, train_model
@@ -75,52 +75,28 @@ ARCHS = ("digit-cnn", "lntl-cnn", "rebias-cnn", "end-cnn")
 DEFAULT_LEVELS = {"biased_mnist": (0.99, 0.995), "colored_mnist": (0.02,)}
 
 
-class WarmupKeeper(EpochCheckpoint):
-    """The run's epoch state, which also keeps the network as it stood when the warm-up ended:
-    the pretrained baseline LNTL unlearns from, whose accuracy the row records beside the
-    debiased one (Kim et al. report both)."""
-
-    def __init__(self, path: Path, key: str, warmup_epochs: int) -> None:
-        super().__init__(path, key)
-        self.warmup_epochs, self.kept = warmup_epochs, path.with_suffix(".warmup.pt")
-
-    def save(self, state: dict) -> None:
-        super().save(state)
-        if state["epoch"] == self.warmup_epochs:
-            weights = state["trainee"]["model"]
-            write_atomic(self.kept, lambda handle: torch.save(weights, handle))
-
-    def baseline_accuracy(self, arch: str, images: ImageSet, eval_size: int) -> float | None:
-        """Unbiased-test accuracy of the warm-up's network (None if this run never kept it)."""
-        if not self.kept.is_file():
-            return None
-        model = build_model(arch)
-        model.load_state_dict(torch.load(self.kept, map_location="cpu", weights_only=True))
-        n = min(eval_size or len(images), len(images))
-        predicted, _ = predict(model, images.images[:n], torch.device("cpu"))
-        return round(float((predicted == images.labels[:n]).mean()), 4)
-
-    def clear(self) -> None:
-        super().clear()
-        self.kept.unlink(missing_ok=True)
+def baseline_accuracy(arch: str, state: WarmupCheckpoint, images: ImageSet, eval_size: int) -> float | None:
+    """Unbiased-test accuracy of the network the warm-up ended on (None if the run never kept it)."""
+    weights = state.warmup_weights()
+    if weights is None:
+        return None
+    model = build_model(arch)
+    model.load_state_dict(weights)
+    n = min(eval_size or len(images), len(images))
+    predicted, _ = predict(model, images.images[:n], torch.device("cpu"))
+    return round(float((predicted == images.labels[:n]).mean()), 4)
 
 
-def row_metrics(metrics: dict, arch: str, state: WarmupKeeper, data: TrainingData, eval_size: int) -> dict:
+def row_metrics(metrics: dict, arch: str, state: WarmupCheckpoint, data: TrainingData,
+                eval_size: int) -> dict:
     """A row's accuracies, leakage and regularizer term (and the warm-up's accuracy, if any)."""
     return {**{k: metrics[k] for k in ("val_acc", "best_epoch") if k in metrics},
-            **({"warmup_unbiased_acc": state.baseline_accuracy(arch, data.test_unbiased, eval_size)}
+            **({"warmup_unbiased_acc": baseline_accuracy(arch, state, data.test_unbiased, eval_size)}
                if state.warmup_epochs else {}),
             "unbiased_acc": round(metrics["unbiased_acc"], 4),
             "biased_acc": round(metrics["biased_acc"], 4),
             "color_leakage": round(metrics["leakage"], 4),
             "reg_loss": round(metrics["reg_loss"], 4)}
-
-
-def grayscale(images: ImageSet) -> ImageSet:
-    """The same images in gray (ITU-R 601 luma, PIL's "L"), kept in three channels for digit-cnn."""
-    luma = np.tensordot(np.array([0.299, 0.587, 0.114]), images.images.astype(np.float64), axes=(0, 1))
-    gray = np.repeat(np.rint(luma).astype(np.uint8)[:, None], 3, axis=1)
-    return dataclasses.replace(images, images=gray)
 
 
 def reference_name(regularizer: str, gray: bool) -> str:
@@ -195,11 +171,11 @@ class Cell:
     data_dir: str | None
     out: str
 
-    def state(self) -> WarmupKeeper:
+    def state(self) -> WarmupCheckpoint:
         """Its epoch state under ``out``/state; the key makes another setting's state refused."""
         path = Path(self.out) / "state" / f"{self.level}-{self.regularizer}-{self.seed}.pt"
         key = run_key(self.settings, self.level, self.regularizer, self.gamma, self.seed)
-        return WarmupKeeper(path, key, self.settings.get("warmup_epochs", 0))
+        return WarmupCheckpoint(path, key, self.settings.get("warmup_epochs", 0))
 
     def config(self) -> ModelConfig:
         settings, name = self.settings, self.regularizer

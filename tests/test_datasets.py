@@ -14,6 +14,7 @@ from modelzoo.datasets import (
     KIM_COLORS,
     DatasetError,
     cache_path,
+    grayscale,
     jittered_colors,
     lntl_color_target,
     load_imageset,
@@ -75,6 +76,21 @@ def test_colored_mnist_unbiased_test_ignores_label(mnist) -> None:
     # Every colour group is well represented (the nearest-colour groups are not exactly tenths:
     # some mean colours sit closer together than others).
     assert np.bincount(test.bias, minlength=10).min() > 500
+
+
+def test_grayscale_keeps_each_images_digit_and_group_and_takes_its_luma(mnist) -> None:
+    """Kim et al.'s Gray control: the same images without their colour, in three equal channels."""
+    colored = render_colored_mnist(mnist.train_images[:200], mnist.train_labels[:200], 0.02, False,
+                                   np.random.default_rng(0))
+    gray = grayscale(colored)
+    assert gray.images.shape == colored.images.shape and gray.images.dtype == np.uint8
+    assert (gray.images == gray.images[:, :1]).all()
+    r, g, b = colored.images[7, :, 14, 14].astype(float)  # a stroke pixel
+    assert colored.images[7, :, 14, 14].any()
+    assert abs(int(gray.images[7, 0, 14, 14]) - (0.299 * r + 0.587 * g + 0.114 * b)) <= 0.5
+    assert (gray.labels == colored.labels).all() and (gray.bias == colored.bias).all()
+    background = colored.images.max(axis=1) == 0
+    assert (gray.images[:, 0][background] == 0).all() and (gray.images[:, 0][~background] > 0).mean() > 0.9
 
 
 def test_biased_mnist_follows_bahng(mnist) -> None:

@@ -11,7 +11,7 @@ import torch
 
 import modelzoo
 from modelzoo.loop import train_loop
-from modelzoo.resume import EpochCheckpoint, ResumeError, run_key
+from modelzoo.resume import EpochCheckpoint, ResumeError, WarmupCheckpoint, run_key
 from modelzoo.spec import parse_spec
 from modelzoo.training import OneModel, evaluate, fit, member, saved_model, seeded_model, train_model
 from tests.conftest import tiny_spec_dict
@@ -71,6 +71,27 @@ def test_a_run_killed_after_an_epoch_resumes_to_the_weights_of_one_never_stopped
         train(spec, config, data, KilledAfter(tmp_path / "early.pt", key, last=1))
     early = EpochCheckpoint(tmp_path / "early.pt", key).load()["trainee"]["model"]
     assert not torch.equal(early["conv1.weight"], whole.state_dict()["conv1.weight"])
+
+
+def test_a_warmup_checkpoint_keeps_the_network_the_warmup_ended_on_until_cleared(
+        lntl_run, tmp_path: Path, one_torch_thread) -> None:
+    """LNTL's pretrained baseline: the weights after the warm-up's last epoch, kept beside the
+    run's state, and gone with it once the run is stored."""
+    spec, config, data = lntl_run
+    key = run_key(config, spec.arch)
+    with pytest.raises(Killed):
+        train(spec, config, data, KilledAfter(tmp_path / "early.pt", key, last=config.warmup_epochs))
+    warmed = EpochCheckpoint(tmp_path / "early.pt", key).load()["trainee"]["model"]
+    checkpoint = WarmupCheckpoint(tmp_path / "state.pt", key, config.warmup_epochs)
+    assert checkpoint.warmup_weights() is None
+    ended, _ = train(spec, config, data, checkpoint)
+    kept = checkpoint.warmup_weights()
+    assert checkpoint.kept == tmp_path / "state.warmup.pt" and kept.keys() == warmed.keys()
+    for name, tensor in warmed.items():
+        assert torch.equal(tensor, kept[name]), name
+    assert not torch.equal(kept["conv1.weight"], ended.state_dict()["conv1.weight"])
+    checkpoint.clear()
+    assert not checkpoint.path.exists() and not checkpoint.kept.exists()
 
 
 def test_a_checkpoint_of_another_run_or_unreadable_is_refused_and_left_as_it_was(
