@@ -17,6 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import detector
+import fairtrain
+import modelzoo
 from detector.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,15 +28,15 @@ SHELL = {"bash", "sh", "shell", "console"}
 OPERATORS = ";&|<>"
 
 
-def shell_blocks(text: str) -> Iterator[str]:
-    """The bodies of the fenced code blocks marked as shell."""
+def code_blocks(text: str, languages: set[str]) -> Iterator[str]:
+    """The bodies of the fenced code blocks marked as one of ``languages``."""
     language, lines = None, []
     for line in text.splitlines():
         if line.lstrip().startswith("```"):
             if language is None:
                 language, lines = line.strip()[3:].strip() or "text", []
             else:
-                if language in SHELL:
+                if language in languages:
                     yield "\n".join(lines)
                 language = None
         elif language is not None:
@@ -59,9 +62,14 @@ def shell_commands(block: str) -> Iterator[list[str]]:
             yield words
 
 
+def documented_blocks(languages: set[str]) -> list[tuple[str, str]]:
+    """(file name, block) for every such block in the README and docs/."""
+    return [(path.name, block) for path in DOCS
+            for block in code_blocks(path.read_text(encoding="utf-8"), languages)]
+
+
 def documented_commands() -> list[tuple[str, list[str]]]:
-    return [(path.name, words) for path in DOCS for block in shell_blocks(path.read_text(encoding="utf-8"))
-            for words in shell_commands(block)]
+    return [(where, words) for where, block in documented_blocks(SHELL) for words in shell_commands(block)]
 
 
 def test_the_docs_show_commands_of_both_kinds() -> None:
@@ -98,3 +106,17 @@ def test_every_documented_script_exists_and_takes_its_flags() -> None:
                              (w.split("=")[0] for w in words if w.startswith("--"))
                              if f'"{flag}"' not in source]
     assert not problems, "\n".join(problems)
+
+
+def test_every_package_name_a_documented_python_block_uses_is_public_api() -> None:
+    packages = {"modelzoo": modelzoo, "detector": detector, "fairtrain": fairtrain}
+    used = set()
+    for where, block in documented_blocks({"python"}):
+        used |= {(where, package, name)
+                 for package, name in re.findall(r"\b(modelzoo|detector|fairtrain)\.([A-Za-z_]\w*)", block)}
+        for package, names in re.findall(r"^from (modelzoo|detector|fairtrain) import (.+)$", block, re.M):
+            used |= {(where, package, name.strip(" ()")) for name in names.split(",")}
+    assert len(used) >= 20
+    missing = [f"{where}: {package}.{name}" for where, package, name in sorted(used)
+               if name not in packages[package].__all__]
+    assert not missing, missing
