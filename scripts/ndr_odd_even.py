@@ -83,9 +83,11 @@ def train(gamma: float, images: torch.Tensor, digits: torch.Tensor, test: tuple[
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     shuffler = torch.Generator().manual_seed(args.seed)
     # The learning rate is constant, so the key leaves out the epochs: a run extends to more.
-    checkpoint = EpochCheckpoint(args.out / "state" / f"gamma{gamma:g}.pt",
-                                 run_key("ndr_odd_even", gamma, args.gamma_form, len(digits), args.batch_size,
-                                         args.lr, args.weight_decay, args.seed))
+    # A subset of the test digits reads the trajectory on other images, so it joins the key
+    # (only when asked for: the runs carried from before --test-size keep their keys).
+    parts = ("ndr_odd_even", gamma, args.gamma_form, len(digits), args.batch_size, args.lr, args.weight_decay,
+             args.seed, *(("test", len(test[1])) if args.test_size else ()))
+    checkpoint = EpochCheckpoint(args.out / "state" / f"gamma{gamma:g}.pt", run_key(*parts))
     state, done, trajectory = checkpoint.load(), 0, []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -192,6 +194,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results/ndr_odd_even"))
     parser.add_argument("--gammas", type=float, nargs="+", default=list(GAMMAS))
     parser.add_argument("--train-size", type=int, default=0, help="training digits (0: all 60,000)")
+    parser.add_argument("--test-size", type=int, default=0, help="test digits read (0: all 10,000)")
     parser.add_argument("--epochs", type=int, default=15, help="Table I trains 500")
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--lr", type=float, default=0.01)
@@ -207,7 +210,9 @@ def main() -> None:
     n_train = args.train_size or len(mnist.train_labels)
     train_images = as_gray(mnist.train_images[:n_train])
     train_digits = torch.from_numpy(mnist.train_labels[:n_train]).long()
-    test_images, test_digits = as_gray(mnist.test_images), torch.from_numpy(mnist.test_labels).long()
+    n_test = args.test_size or len(mnist.test_labels)
+    test_images = as_gray(mnist.test_images[:n_test])
+    test_digits = torch.from_numpy(mnist.test_labels[:n_test]).long()
 
     rows = []
     for gamma in tqdm(sorted(args.gammas), desc="NDR γ", unit="model"):
@@ -217,7 +222,8 @@ def main() -> None:
     r_values = [row["ndr_R"] for row in rows]
     result = {
         "benchmark": "ndr_odd_even", "data": mnist.origin, "network": "LeNet5-caffe, 1 output",
-        "optimizer": "sgd", "train_size": n_train, "epochs": args.epochs, "batch_size": args.batch_size,
+        "optimizer": "sgd", "train_size": n_train, "test_size": n_test, "epochs": args.epochs,
+        "batch_size": args.batch_size,
         "lr": args.lr, "weight_decay": args.weight_decay, "seed": args.seed, "gamma_form": args.gamma_form,
         "R_falls_with_gamma": all(b < a for a, b in itertools.pairwise(r_values)),
         "rows": rows,

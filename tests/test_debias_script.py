@@ -91,7 +91,8 @@ def test_the_gpu_harness_runs_the_cells_it_is_given(tmp_path: Path, data_root: P
 
 def _ndr_run(out: Path, epochs: int) -> dict:
     command = [sys.executable, str(ROOT / "scripts" / "ndr_odd_even.py"), "--gammas", "1",
-               "--train-size", "1000", "--epochs", str(epochs), "--eval-every", "1", "--out", str(out)]
+               "--train-size", "1000", "--test-size", "1000", "--epochs", str(epochs), "--eval-every", "1",
+               "--out", str(out)]
     run_script(command)
     return json.loads((out / "ndr_odd_even.json").read_text())["rows"][0]
 
