@@ -1,6 +1,7 @@
-"""The commands the README and docs/ show are commands that run: every ``weightbias`` line
+"""The commands and code the README and docs/ show are ones that run: every ``weightbias`` line
 parses with the CLI's own parser, every ``python scripts/X.py`` line names a script that takes
-each flag it is given, and every example spec or script a command names exists.
+each flag it is given, every example spec or script a command names exists, and every
+``modelzoo.X`` / ``detector.X`` / ``fairtrain.X`` a Python block uses is public API.
 
 Usage notation (``[--json]``) counts as the flags inside it; shell operators split a line into
 its commands, and a redirect ends one.
